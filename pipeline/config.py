@@ -1,0 +1,137 @@
+"""Typed, strict view of `params.yaml`: one dataclass per section.
+
+Loading rejects unknown keys and wrong types with the dotted key in the message, so a
+typo in `params.yaml` fails before any work instead of being silently ignored.
+`params.yaml` is the only source of truth; there is no second config system.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A params value is missing, unknown or of the wrong type; the message names the key."""
+
+
+@dataclass(frozen=True)
+class IngestConfig:
+    root: str = "data/demo"  # dataset root in the MER2025 layout
+    video_dir: str = "video"
+    audio_dir: str = "audio"
+    face_dir: str = "openface_face"
+    subtitle_file: str = "subtitle_chieng.csv"
+    label_file: str = "track1_train_disdim.csv"
+    candidate_file: str = "track_all_candidates.csv"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How extraction runs; none of these change the values written."""
+
+    device: str = "auto"  # auto | cpu | cuda
+    batch_size: int = 8  # clips per model call
+    decode_workers: int = 2  # background threads decoding media
+    flush_every: int = 16  # clips buffered before a segment is committed to disk
+    flush_seconds: float = 30.0  # ...or this many seconds, whichever comes first
+    max_failed_fraction: float = 0.1  # the stage fails above this fraction of failed clips
+
+
+@dataclass(frozen=True)
+class ExtractorSpec:
+    """One feature store: `extract.<store name>` in params."""
+
+    extractor: str  # registry name, see `mer extractors`
+    options: dict[str, Any] = field(default_factory=dict)  # checked by the extractor's own Options
+
+
+@dataclass(frozen=True)
+class Params:
+    ingest: IngestConfig = field(default_factory=IngestConfig)
+    engine: EngineConfig = field(default_factory=EngineConfig)
+    extract: dict[str, ExtractorSpec] = field(default_factory=dict)
+
+
+def _check_type(value: Any, hint: Any, key: str) -> Any:
+    origin = typing.get_origin(hint)
+    if hint is Any:
+        return value
+    if dataclasses.is_dataclass(hint):
+        if not isinstance(value, dict):
+            raise ConfigError(f"params key '{key}' must be a mapping, got {type(value).__name__}")
+        return from_dict(hint, value, key)
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"params key '{key}' must be a mapping, got {type(value).__name__}")
+        _, value_hint = typing.get_args(hint)
+        return {str(k): _check_type(v, value_hint, f"{key}.{k}") for k, v in value.items()}
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"params key '{key}' must be a list, got {type(value).__name__}")
+        (item_hint,) = typing.get_args(hint)
+        return [_check_type(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
+    if origin in (typing.Union, types.UnionType):
+        args = typing.get_args(hint)
+        if value is None and type(None) in args:
+            return None
+        for arg in args:
+            if arg is not type(None):
+                try:
+                    return _check_type(value, arg, key)
+                except ConfigError:
+                    continue
+        raise ConfigError(f"params key '{key}' has value {value!r}, expected {hint}")
+    if hint is float and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(hint, type) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
+        raise ConfigError(
+            f"params key '{key}' must be {hint.__name__}, got {type(value).__name__} ({value!r})"
+        )
+    return value
+
+
+def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
+    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
+    if data is None:
+        data = {}
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        where = f"'{prefix}'" if prefix else "the top level"
+        raise ConfigError(
+            f"unknown params key(s) {', '.join(repr(f'{prefix}.{k}'.lstrip('.')) for k in unknown)} "
+            f"in {where}; known keys: {', '.join(sorted(names))}"
+        )
+    kwargs = {}
+    for f in dataclasses.fields(cls):
+        key = f"{prefix}.{f.name}".lstrip(".")
+        if f.name in data:
+            kwargs[f.name] = _check_type(data[f.name], hints[f.name], key)
+        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
+            raise ConfigError(f"params key '{key}' is required")
+    return cls(**kwargs)
+
+
+def load_params(path: str | Path = "params.yaml") -> Params:
+    """Read and validate `params.yaml`."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; run from the repository root or pass --params")
+    with path.open(encoding="utf-8") as fh:
+        data = yaml.safe_load(fh) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path} must hold a mapping of sections")
+    return from_dict(Params, data)
+
+
+def as_dict(obj: Any) -> Any:
+    """Plain-JSON form of a config dataclass (for fingerprints and reports)."""
+    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj

@@ -1,0 +1,225 @@
+"""The local extraction engine: manifest -> one extractor -> one resumable HDF5 store.
+
+Decoding runs in background threads a few batches ahead, so the model rarely waits;
+the model sees batches across clips. Per clip, an error is recorded and the run goes on;
+the stage fails only when the failed fraction passes `engine.max_failed_fraction`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+from tqdm import tqdm
+
+from pipeline.config import EngineConfig, ExtractorSpec, as_dict
+from pipeline.extractors.base import Extractor, NotApplicable, get_extractor
+from pipeline.manifest import Clip, read_manifest
+from pipeline.media import MediaError, NoAudioError, NoVideoError
+from pipeline.store import StoreIdentity, StoreWriter, write_failures
+
+log = logging.getLogger(__name__)
+
+
+class ExtractionFailed(RuntimeError):
+    """Too many clips failed; finished clips are kept and a rerun retries the rest."""
+
+
+@dataclass
+class ExtractSummary:
+    store: str
+    extractor: str
+    device: str
+    clips: int = 0  # in the manifest
+    not_applicable: int = 0  # clips without this modality
+    skipped: int = 0  # already in the store from an earlier run
+    done: int = 0  # extracted by this run
+    failed: int = 0
+    seconds: float = 0.0
+    decode_seconds: float = 0.0  # summed over decode threads
+    model_seconds: float = 0.0
+    write_seconds: float = 0.0
+
+    @property
+    def clips_per_second(self) -> float:
+        return self.done / self.seconds if self.seconds else 0.0
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` picks cuda when present; asking for cuda without one is an error, never a fallback."""
+    if requested not in ("auto", "cpu", "cuda") and not requested.startswith("cuda:"):
+        raise ValueError(f"params key 'engine.device' is {requested!r}; use auto, cpu or cuda")
+    if requested == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda" if requested == "auto" else requested
+    if requested == "auto":
+        return "cpu"
+    raise RuntimeError("params key 'engine.device' is 'cuda' but no CUDA device is visible; "
+                       "set it to 'cpu' or 'auto'")
+
+
+def _failure_kind(err: BaseException) -> str:
+    if isinstance(err, NoAudioError):
+        return "no_audio_track"
+    if isinstance(err, NoVideoError):
+        return "no_video_track"
+    if isinstance(err, MediaError):
+        return "unreadable_media"
+    return "extractor_error"
+
+
+def _timed_prepare(extractor: Extractor, clip: Clip) -> tuple[Any, float]:
+    start = time.perf_counter()
+    item = extractor.prepare(clip)
+    return item, time.perf_counter() - start
+
+
+def _prefetch(extractor: Extractor, clips: list[Clip], workers: int,
+              depth: int) -> Iterator[tuple[Clip, Future]]:
+    """Yield (clip, future of prepared item) in manifest order, keeping `depth` in flight."""
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+        queue: deque[tuple[Clip, Future]] = deque()
+        it = iter(clips)
+        for clip in it:
+            queue.append((clip, pool.submit(_timed_prepare, extractor, clip)))
+            if len(queue) >= depth:
+                break
+        while queue:
+            yield queue.popleft()
+            nxt = next(it, None)
+            if nxt is not None:
+                queue.append((nxt, pool.submit(_timed_prepare, extractor, nxt)))
+
+
+class _Run:
+    """State of one extraction run; split out so `run_extraction` reads top to bottom."""
+
+    def __init__(self, store: str, extractor: Extractor, writer: StoreWriter,
+                 engine: EngineConfig, summary: ExtractSummary):
+        self.store, self.extractor, self.writer = store, extractor, writer
+        self.engine, self.summary = engine, summary
+        self.failures: list[dict[str, Any]] = []
+        self.last_flush = time.monotonic()
+
+    def fail(self, clip: Clip, err: BaseException) -> None:
+        self.summary.failed += 1
+        self.failures.append({"id": clip.name, "stage": f"extract.{self.store}",
+                              "modality": self.extractor.modality, "kind": _failure_kind(err),
+                              "error": str(err) or type(err).__name__})
+        log.debug("clip %s failed: %s", clip.name, err)
+
+    def process(self, batch: list[tuple[Clip, Any]]) -> None:
+        """Run the model on a batch and write the results; errors are isolated per clip."""
+        start = time.perf_counter()
+        try:
+            outputs = self.extractor.extract_batch([item for _, item in batch])
+            missing = [sorted(set(self.extractor.output_keys) - set(o)) for o in outputs]
+            if len(outputs) != len(batch) or any(missing):
+                raise RuntimeError(f"extractor {self.extractor.name} broke its output contract "
+                                   f"(missing {next((m for m in missing if m), [])})")
+        except Exception as err:  # noqa: BLE001 - per-clip boundary: record and go on
+            if len(batch) == 1:
+                self.fail(batch[0][0], err)
+                return
+            for pair in batch:  # one bad clip must not sink its batch: find it
+                self.process([pair])
+            return
+        self.summary.model_seconds += time.perf_counter() - start
+        for (clip, _), out in zip(batch, outputs):
+            self.write(clip, out)
+
+    def write(self, clip: Clip, out: dict[str, Any]) -> None:
+        start = time.perf_counter()
+        self.writer.add(clip.name, out)
+        self.summary.done += 1
+        if (self.writer.pending >= self.engine.flush_every
+                or time.monotonic() - self.last_flush >= self.engine.flush_seconds):
+            self.writer.flush()
+            self.last_flush = time.monotonic()
+        self.summary.write_seconds += time.perf_counter() - start
+
+
+def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manifest_path: str | Path,
+                   store_path: str | Path, summary_path: str | Path | None = None,
+                   failures_path: str | Path | None = None, restart: bool = False,
+                   progress: bool = True) -> ExtractSummary:
+    """Extract every clip of the manifest that is not yet in the store."""
+    start = time.perf_counter()
+    clips = read_manifest(manifest_path)
+    extractor = get_extractor(spec.extractor)(spec.options)
+    device = resolve_device(engine.device)
+    identity = StoreIdentity(store=store, extractor=spec.extractor, params=as_dict(extractor.options),
+                             model=extractor.model_identity(), versions=extractor.versions())
+    writer = StoreWriter(store_path, identity, extractor.sequence_keys, restart=restart)
+    summary = ExtractSummary(store=store, extractor=spec.extractor, device=device, clips=len(clips))
+    todo = [c for c in clips if c.name not in writer.done]
+    summary.skipped = len(clips) - len(todo)
+    extractor.load(device)  # after the fingerprint check: wrong settings fail before a model loads
+    run = _Run(store, extractor, writer, engine, summary)
+    batch: list[tuple[Clip, Any]] = []
+    bar = tqdm(total=len(todo), desc=f"extract {store}", unit="clip", disable=not progress)
+    try:
+        for clip, future in _prefetch(extractor, todo, engine.decode_workers, 2 * engine.batch_size):
+            try:
+                item, seconds = future.result()
+                summary.decode_seconds += seconds
+                batch.append((clip, item))
+            except NotApplicable:
+                summary.not_applicable += 1
+            except Exception as err:  # noqa: BLE001 - per-clip boundary
+                run.fail(clip, err)
+            if len(batch) >= engine.batch_size:
+                run.process(batch)
+                bar.update(len(batch))
+                batch = []
+        if batch:
+            run.process(batch)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        writer.flush()  # finished clips survive Ctrl-C and errors
+    summary.seconds = time.perf_counter() - start
+    _finish(run, clips, Path(store_path), failures_path, summary_path)
+    return summary
+
+
+def _finish(run: _Run, clips: list[Clip], store_path: Path, failures_path: str | Path | None,
+            summary_path: str | Path | None) -> None:
+    summary, engine = run.summary, run.engine
+    failures_path = Path(failures_path or store_path.with_suffix(".failures.jsonl"))
+    write_failures(failures_path, run.failures)
+    applicable = summary.clips - summary.not_applicable
+    fraction = summary.failed / applicable if applicable else 0.0
+    if fraction > engine.max_failed_fraction:
+        _write_summary(summary, summary_path, status="failed")
+        raise ExtractionFailed(
+            f"{summary.failed} of {applicable} clips failed ({fraction:.0%} > "
+            f"engine.max_failed_fraction={engine.max_failed_fraction}); see {failures_path}. "
+            "Finished clips are kept: fix the inputs and rerun to retry only the failed ones."
+        )
+    start = time.perf_counter()
+    rows = run.writer.finalize([c.name for c in clips])
+    summary.write_seconds += time.perf_counter() - start
+    _write_summary(summary, summary_path, status="ok")
+    log.info("%s: %d clips in store (%d new, %d skipped, %d failed, %d without the modality) in %.1fs",
+             summary.store, rows, summary.done, summary.skipped, summary.failed,
+             summary.not_applicable, summary.seconds)
+
+
+def _write_summary(summary: ExtractSummary, path: str | Path | None, status: str) -> None:
+    if path is None:
+        return
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {**asdict(summary), "status": status, "clips_per_second": summary.clips_per_second}
+    data = {k: round(v, 4) if isinstance(v, float) else v for k, v in data.items()}
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")

@@ -1,0 +1,91 @@
+"""The extractor interface and its registry.
+
+An extractor turns one clip into named arrays. `__init__` only stores settings;
+`load(device)` builds the model and imports heavy libraries, so listing or testing
+extractors never imports a model library it does not need. `prepare` decodes media and
+runs in background threads; `extract_batch` runs the model on a batch of prepared clips.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+from abc import ABC, abstractmethod
+from typing import Any, Callable, ClassVar
+
+import numpy as np
+
+from pipeline.config import from_dict
+from pipeline.manifest import Clip
+
+
+class UnknownExtractor(KeyError):
+    pass
+
+
+class NotApplicable(Exception):
+    """The clip lacks this extractor's modality (e.g. a text-only clip for audio): not a failure."""
+
+
+class Extractor(ABC):
+    name: ClassVar[str]
+    modality: ClassVar[str]  # video | face | audio | text
+    Options: ClassVar[type]  # dataclass of the extractor's own params (`extract.<store>.options`)
+    output_keys: ClassVar[tuple[str, ...]]  # what every clip gets; resume checks these
+    sequence_keys: ClassVar[tuple[str, ...]] = ()  # outputs whose first dim varies per clip
+    packages: ClassVar[tuple[str, ...]] = ("numpy",)  # libraries whose version changes values
+
+    def __init__(self, options: dict[str, Any] | None = None):
+        self.options = from_dict(self.Options, options or {}, f"extract.<store>.options[{self.name}]")
+        self.device = "cpu"
+
+    def load(self, device: str = "cpu") -> None:
+        """Build the model on `device`; a no-op for model-free extractors."""
+        self.device = device
+
+    def model_identity(self) -> dict[str, Any]:
+        """What identifies the weights (path, file hash, model name); part of the fingerprint."""
+        return {}
+
+    def versions(self) -> dict[str, str]:
+        return {pkg: importlib.metadata.version(pkg) for pkg in self.packages}
+
+    @abstractmethod
+    def prepare(self, clip: Clip) -> Any:
+        """Decode what the model needs; raise NotApplicable or pipeline.media.MediaError."""
+
+    @abstractmethod
+    def extract_batch(self, items: list[Any]) -> list[dict[str, np.ndarray]]:
+        """Run the model on prepared items; one dict of `output_keys` per item."""
+
+
+REGISTRY: dict[str, type[Extractor]] = {}
+
+
+def register(name: str) -> Callable[[type[Extractor]], type[Extractor]]:
+    def wrap(cls: type[Extractor]) -> type[Extractor]:
+        if name in REGISTRY and REGISTRY[name] is not cls:
+            raise ValueError(f"extractor name {name!r} registered twice")
+        cls.name = name
+        REGISTRY[name] = cls
+        return cls
+    return wrap
+
+
+def get_extractor(name: str) -> type[Extractor]:
+    _load_builtin()
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise UnknownExtractor(
+            f"unknown extractor {name!r}; known: {', '.join(sorted(REGISTRY))}"
+        ) from None
+
+
+def available() -> list[str]:
+    _load_builtin()
+    return sorted(REGISTRY)
+
+
+def _load_builtin() -> None:
+    # Importing the modules fills the registry; heavy libraries load later, in load().
+    from pipeline.extractors import prosody  # noqa: F401

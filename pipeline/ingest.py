@@ -1,0 +1,176 @@
+"""Read a dataset root in the MER2025 layout into a list of `Clip` records.
+
+Layout (every part optional except that each clip needs media or a subtitle):
+    video/{name}.mp4, audio/{name}.wav, openface_face/{name}/{name}.npy,
+    subtitle_chieng.csv (name,chinese,english), track1_train_disdim.csv
+    (name,discrete,valence[,group]), track_all_candidates.csv (name).
+Ingest only reads the layout; it does not decode media (extractors do, and record
+per-clip failures), so ingesting 130k clips takes seconds.
+"""
+
+from __future__ import annotations
+
+import csv
+import logging
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.config import IngestConfig
+from pipeline.labels import EMOTIONS
+from pipeline.manifest import Clip
+
+log = logging.getLogger(__name__)
+
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
+AUDIO_EXTENSIONS = (".wav", ".flac")
+
+
+class IngestError(ValueError):
+    """The dataset breaks the layout; the message names the file, the row and the fix."""
+
+
+@dataclass(frozen=True)
+class _Row:
+    line: int  # 1-based line number in the CSV file, header = line 1
+    values: dict[str, str]
+
+
+def _read_csv(path: Path, required: tuple[str, ...]) -> list[_Row]:
+    """Rows keyed by lower-cased header; utf-8 with or without BOM; quoted newlines kept."""
+    try:
+        with path.open(encoding="utf-8-sig", newline="") as fh:
+            reader = csv.DictReader(fh)
+            header = [h.strip().lower() for h in (reader.fieldnames or [])]
+            missing = [c for c in required if c not in header]
+            if missing:
+                raise IngestError(
+                    f"{path}: missing column(s) {missing}; header is {header}. "
+                    f"Fix: the first line must name the columns {list(required)}"
+                )
+            reader.fieldnames = header
+            rows = []
+            for row in reader:
+                values = {k: (v or "") for k, v in row.items() if k is not None}
+                rows.append(_Row(reader.line_num, values))
+            return rows
+    except UnicodeDecodeError as err:
+        raise IngestError(f"{path}: not UTF-8 ({err}). Fix: re-save the file as UTF-8") from err
+
+
+def _index_files(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    found: dict[str, Path] = {}
+    for path in sorted(folder.iterdir()):
+        if path.suffix.lower() in extensions and path.is_file():
+            found.setdefault(path.stem, path)  # first extension in sorted order wins
+    return found
+
+
+def _index_face_crops(folder: Path) -> dict[str, Path]:
+    if not folder.is_dir():
+        return {}
+    return {p.parent.name: p for p in sorted(folder.glob("*/*.npy")) if p.stem == p.parent.name}
+
+
+def _unique_names(rows: list[_Row], path: Path) -> dict[str, _Row]:
+    by_name: dict[str, _Row] = {}
+    for row in rows:
+        name = row.values["name"].strip()
+        if not name:
+            raise IngestError(f"{path}, line {row.line}: empty clip name. Fix: fill or delete the row")
+        if name in by_name:
+            raise IngestError(
+                f"{path}, line {row.line}: duplicate clip name {name!r} "
+                f"(first on line {by_name[name].line}). Fix: keep one row per clip"
+            )
+        by_name[name] = row
+    return by_name
+
+
+def _parse_label(row: _Row, path: Path) -> tuple[str, float | None]:
+    label = row.values["discrete"].strip().lower()
+    if label not in EMOTIONS:
+        raise IngestError(
+            f"{path}, line {row.line}: label {row.values['discrete']!r} for clip "
+            f"{row.values['name']!r} is not one of {list(EMOTIONS)}. Fix: correct the label, "
+            f"or map your corpus' labels onto these six before ingest"
+        )
+    raw = row.values.get("valence", "").strip()
+    try:
+        valence = float(raw) if raw else None
+    except ValueError as err:
+        raise IngestError(
+            f"{path}, line {row.line}: valence {raw!r} is not a number. Fix: a number or an empty cell"
+        ) from err
+    return label, valence
+
+
+def ingest(cfg: IngestConfig) -> list[Clip]:
+    """Build the manifest records for the dataset at `cfg.root`, sorted by clip name."""
+    root = Path(cfg.root)
+    if not root.is_dir():
+        raise IngestError(f"dataset root {root} does not exist. Fix: set params key 'ingest.root'")
+    videos = _index_files(root / cfg.video_dir, VIDEO_EXTENSIONS)
+    audios = _index_files(root / cfg.audio_dir, AUDIO_EXTENSIONS)
+    crops = _index_face_crops(root / cfg.face_dir)
+
+    subtitle_path, label_path, cand_path = (root / cfg.subtitle_file, root / cfg.label_file,
+                                            root / cfg.candidate_file)
+    subtitles = (_unique_names(_read_csv(subtitle_path, ("name",)), subtitle_path)
+                 if subtitle_path.is_file() else {})
+    labels = (_unique_names(_read_csv(label_path, ("name", "discrete")), label_path)
+              if label_path.is_file() else {})
+    candidates = (_unique_names(_read_csv(cand_path, ("name",)), cand_path)
+                  if cand_path.is_file() else {})
+
+    def has_content(name: str) -> bool:
+        sub = subtitles.get(name)
+        text = sub and (sub.values.get("chinese", "").strip() or sub.values.get("english", "").strip())
+        return name in videos or name in audios or name in crops or bool(text)
+
+    for table, path in ((labels, label_path), (candidates, cand_path)):
+        for name, row in table.items():
+            if not has_content(name):
+                raise IngestError(
+                    f"{path}, line {row.line}: clip {name!r} has no media and no subtitle under {root}. "
+                    f"Fix: add {cfg.video_dir}/{name}.mp4 (or audio / a subtitle row), or delete the row"
+                )
+
+    names = sorted(set(videos) | set(audios) | set(crops) | set(subtitles) | set(labels) | set(candidates))
+    clips = []
+    for name in names:
+        sub = subtitles[name].values if name in subtitles else {}
+        label, valence = _parse_label(labels[name], label_path) if name in labels else (None, None)
+        group = (labels[name].values.get("group") if name in labels else None) or sub.get("group") or None
+        clips.append(Clip(
+            name=name,
+            video=str(videos[name]) if name in videos else None,
+            audio=str(audios[name]) if name in audios else None,
+            face_crops=str(crops[name]) if name in crops else None,
+            chinese=sub.get("chinese", ""),
+            english=sub.get("english", ""),
+            label=label, valence=valence,
+            split="labelled" if label is not None else "unlabelled",
+            candidate=name in candidates,
+            group=group.strip() if group else None,
+        ))
+    clips = [c for c in clips if c.has_audio or c.has_text or c.face_crops]
+    log.info("ingested %d clips from %s", len(clips), root)
+    return clips
+
+
+def summarize(clips: list[Clip]) -> dict:
+    """Counts per split, label and modality: the ingest stage's DVC metrics."""
+    return {
+        "clips": len(clips),
+        "labelled": sum(c.split == "labelled" for c in clips),
+        "unlabelled": sum(c.split == "unlabelled" for c in clips),
+        "candidates": sum(c.candidate for c in clips),
+        "with_video": sum(c.has_video for c in clips),
+        "with_audio_file": sum(c.audio is not None for c in clips),
+        "with_face_crops": sum(c.face_crops is not None for c in clips),
+        "with_text": sum(c.has_text for c in clips),
+        "labels": {k: v for k, v in sorted(Counter(c.label for c in clips if c.label).items())},
+    }

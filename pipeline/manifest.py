@@ -1,0 +1,69 @@
+"""The manifest: one JSON line per clip, the single index every later stage reads.
+
+JSON lines (not CSV) so subtitles with commas, quotes, newlines and any Unicode
+round-trip exactly, and so the file stays readable with `pandas.read_json(lines=True)`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import asdict, dataclass, fields
+from pathlib import Path
+
+
+@dataclass(frozen=True)
+class Clip:
+    name: str
+    video: str | None = None  # path to the clip, when the dataset has video
+    audio: str | None = None  # path to a 16 kHz wav, when the dataset ships one
+    face_crops: str | None = None  # openface_face/{name}/{name}.npy, when present
+    chinese: str = ""
+    english: str = ""
+    label: str | None = None  # one of pipeline.labels.EMOTIONS, or None when unlabelled
+    valence: float | None = None
+    split: str = "unlabelled"  # labelled | unlabelled
+    candidate: bool = False  # listed in track_all_candidates.csv (clips to predict)
+    group: str | None = None  # speaker / actor / dialogue, for group-aware splits
+
+    @property
+    def has_video(self) -> bool:
+        return self.video is not None
+
+    @property
+    def has_audio(self) -> bool:
+        """Audio can come from a wav file or from the video's own track."""
+        return self.audio is not None or self.video is not None
+
+    @property
+    def has_text(self) -> bool:
+        return bool(self.chinese.strip() or self.english.strip())
+
+
+def write_manifest(clips: list[Clip], path: str | Path) -> None:
+    """Write atomically (temp file + rename) so a reader never sees half a manifest."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
+        for clip in clips:
+            fh.write(json.dumps(asdict(clip), ensure_ascii=False, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+
+
+def read_manifest(path: str | Path) -> list[Clip]:
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"manifest {path} not found; run `dvc repro ingest` first")
+    known = {f.name for f in fields(Clip)}
+    clips = []
+    with path.open(encoding="utf-8") as fh:
+        for line_no, line in enumerate(fh, 1):
+            if not line.strip():
+                continue
+            row = json.loads(line)
+            unknown = set(row) - known
+            if unknown:
+                raise ValueError(f"{path}:{line_no}: unknown manifest field(s) {sorted(unknown)}")
+            clips.append(Clip(**row))
+    return clips

@@ -1,0 +1,263 @@
+"""In-process media decoding with PyAV (bundled FFmpeg; no system ``ffmpeg`` binary).
+
+Every failure surfaces as :class:`MediaError` (or a subclass) whose message names the
+file, the reason and, where one exists, a fix; raw PyAV/OS exceptions never escape.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import av
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# PyAV 18 raises av.error.FFmpegError subclasses (some also subclass OSError/ValueError/
+# EOFError); OSError covers unreadable files; plain ValueError comes from PyAV's
+# Python-level checks (e.g. a resampler fed a frame whose format changed mid-stream).
+_DECODE_ERRORS = (av.error.FFmpegError, OSError, ValueError)
+_CORRUPT_HINT = "the file may be truncated or not a media file; re-download or re-extract it"
+
+
+class MediaError(Exception):
+    """A media file is missing, unreadable, corrupt or lacks what was asked of it."""
+
+    def __init__(self, path: str | os.PathLike[str], reason: str, hint: str | None = None) -> None:
+        self.path, self.reason, self.hint = os.fspath(path), reason, hint
+        message = f"{self.path}: {reason}"
+        super().__init__(f"{message} (hint: {hint})" if hint else message)
+
+    def __reduce__(self):  # keep picklable across worker processes despite the custom __init__
+        return (type(self), (self.path, self.reason, self.hint))
+
+
+class NoAudioError(MediaError):
+    """The file has no audio stream."""
+
+
+class NoVideoError(MediaError):
+    """The file has no video stream."""
+
+
+@dataclass(frozen=True)
+class MediaInfo:
+    """Container/stream metadata; video fields are 0 without video, sample_rate 0 without audio."""
+
+    path: str
+    duration_s: float
+    has_video: bool
+    has_audio: bool
+    width: int
+    height: int
+    fps: float
+    sample_rate: int
+
+
+@dataclass(frozen=True)
+class Frames:
+    """Sampled frames: ``images`` (N, H, W, 3) uint8 RGB and their ``timestamps_s`` (N,) float64."""
+
+    images: np.ndarray
+    timestamps_s: np.ndarray
+
+
+def _check_file(path: str | os.PathLike[str]) -> str:
+    """Reject missing/empty paths up front: FFmpeg's own errors for these are cryptic."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise MediaError(path, "file does not exist", "check the manifest path or fetch the data (dvc pull)")
+    if not os.path.isfile(path):
+        raise MediaError(path, "not a regular file")
+    if os.path.getsize(path) == 0:
+        raise MediaError(path, "file is empty (0 bytes)", "re-download or re-extract it")
+    return path
+
+
+@contextlib.contextmanager
+def _open(path: str | os.PathLike[str]) -> Iterator[av.container.InputContainer]:
+    """Open ``path`` for reading; translate any av/OS error raised inside the block."""
+    path = _check_file(path)
+    try:
+        with av.open(path, mode="r", metadata_errors="ignore") as container:
+            yield container
+    except _DECODE_ERRORS as exc:
+        reason = getattr(exc, "strerror", None) or str(exc) or type(exc).__name__
+        raise MediaError(path, f"cannot decode ({type(exc).__name__}: {reason})", _CORRUPT_HINT) from exc
+
+
+def _fps(stream: av.video.stream.VideoStream) -> float:
+    rate = stream.average_rate or stream.guessed_rate
+    return float(rate) if rate else 0.0
+
+
+def _start_s(stream: av.stream.Stream) -> float:
+    return float(stream.start_time * stream.time_base) if stream.start_time is not None else 0.0
+
+
+def _metadata_duration_s(container: av.container.InputContainer, stream: av.stream.Stream) -> float | None:
+    """Stream duration, else container duration; None when the file does not say."""
+    if stream.duration and stream.time_base:
+        return float(stream.duration * stream.time_base)
+    if container.duration and container.duration > 0:
+        return container.duration / av.time_base
+    return None
+
+
+def _scanned_duration_s(path: str, stream_index: int) -> float:
+    """Duration by demuxing (not decoding) every packet: packet end times, else count / fps."""
+    with _open(path) as container:
+        stream = container.streams[stream_index]
+        end, count = 0.0, 0
+        for packet in container.demux(stream):
+            if packet.size == 0:  # demuxer's flush packet
+                continue
+            count += 1
+            if packet.pts is not None:
+                end = max(end, float((packet.pts + (packet.duration or 0)) * stream.time_base))
+        if end > 0:
+            return end - _start_s(stream)
+        fps = _fps(stream) if stream.type == "video" else 0.0
+        return count / fps if fps else float(count)
+
+
+def _duration_s(path: str, container: av.container.InputContainer, stream: av.stream.Stream) -> float:
+    duration = _metadata_duration_s(container, stream)
+    return duration if duration is not None else _scanned_duration_s(path, stream.index)
+
+
+def probe(path: str | os.PathLike[str]) -> MediaInfo:
+    """Read metadata of ``path``; raises MediaError on missing/empty/corrupt files or no streams."""
+    path = os.fspath(path)
+    with _open(path) as container:
+        video = container.streams.video[0] if container.streams.video else None
+        audio = container.streams.audio[0] if container.streams.audio else None
+        if video is None and audio is None:
+            raise MediaError(path, "no audio or video stream", _CORRUPT_HINT)
+        return MediaInfo(
+            path=path,
+            duration_s=_duration_s(path, container, video or audio),
+            has_video=video is not None,
+            has_audio=audio is not None,
+            width=video.codec_context.width if video else 0,
+            height=video.codec_context.height if video else 0,
+            fps=_fps(video) if video else 0.0,
+            sample_rate=(audio.codec_context.sample_rate or 0) if audio else 0,
+        )
+
+
+def _out_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
+    """(width, height) scaled down so the longer side is <= max_side; never upscales."""
+    if max_side is None or max(width, height) <= max_side:
+        return width, height
+    scale = max_side / max(width, height)
+    return max(1, round(width * scale)), max(1, round(height * scale))
+
+
+def _pick_frames(
+    container: av.container.InputContainer, stream: av.video.stream.VideoStream, targets: np.ndarray
+) -> list[tuple[av.VideoFrame, float]]:
+    """For each target time, the frame on screen then (last with pts <= target), decoding sequentially.
+
+    Targets before the first frame get the first frame; targets after the stream ends get
+    the last one, so exactly len(targets) picks come back (repeats when frames are scarce).
+    """
+    fps, start = _fps(stream), _start_s(stream)
+    picks: list[tuple[av.VideoFrame, float]] = []
+    held: tuple[av.VideoFrame, float] | None = None
+    for index, frame in enumerate(container.decode(stream)):
+        # Frames without pts (rare, broken muxers) get a time from their position.
+        t = float(frame.time) if frame.time is not None else start + index / (fps or 1.0)
+        while len(picks) < len(targets) and targets[len(picks)] < t:
+            picks.append(held or (frame, t))
+        if len(picks) == len(targets):
+            return picks
+        held = (frame, t)
+    if held is None:
+        return picks
+    return picks + [held] * (len(targets) - len(picks))
+
+
+def sample_frames(path: str | os.PathLike[str], num_frames: int, max_side: int | None = None) -> Frames:
+    """Sample ``num_frames`` RGB frames uniformly over the clip (targets at segment centres).
+
+    Each target gets the frame displayed at that instant. A clip with fewer decodable
+    frames than ``num_frames`` yields repeated frames, so exactly ``num_frames`` come back.
+    ``max_side`` downsizes (keeping aspect) so that max(H, W) <= max_side.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be >= 1 or None, got {max_side}")
+    path = os.fspath(path)
+    with _open(path) as container:
+        if not container.streams.video:
+            raise NoVideoError(path, "no video stream", "use load_audio for audio-only files")
+        stream = container.streams.video[0]
+        stream.thread_type = "AUTO"  # frame threading: order is kept, decoding is faster
+        duration = _duration_s(path, container, stream)
+        targets = _start_s(stream) + (np.arange(num_frames) + 0.5) * duration / num_frames
+        picks = _pick_frames(container, stream, targets)
+        if not picks:
+            raise MediaError(path, "no video frame could be decoded", _CORRUPT_HINT)
+        _warn_if_short(path, picks[-1][1], targets[-1], duration, _fps(stream))
+        # Convert inside the block (decoder still alive); one conversion per distinct frame.
+        width, height = _out_size(picks[0][0].width, picks[0][0].height, max_side)
+        converted: dict[int, np.ndarray] = {}
+        for frame, _ in picks:
+            if id(frame) not in converted:
+                converted[id(frame)] = frame.to_ndarray(
+                    format="rgb24", width=width, height=height, interpolation="AREA"
+                )
+        images = np.stack([converted[id(frame)] for frame, _ in picks])
+    return Frames(images=images, timestamps_s=np.array([t for _, t in picks], dtype=np.float64))
+
+
+def _warn_if_short(path: str, last_t: float, last_target: float, duration: float, fps: float) -> None:
+    """Decoded video ending well before the metadata duration usually means truncation."""
+    slack = max(2.0 / fps if fps else 0.0, 0.1 * duration)
+    if last_target > last_t + slack:
+        log.warning("%s: video decodes only to %.2fs of %.2fs; repeating the last frame", path, last_t, duration)
+
+
+def load_audio(path: str | os.PathLike[str], sample_rate: int = 16000) -> np.ndarray:
+    """Decode the first audio stream to float32 mono at ``sample_rate`` (1-D, in [-1, 1]).
+
+    In-process equivalent of ``ffmpeg -ar 16000 -ac 1`` (the MER2025 baseline). A silent
+    track yields zeros; a file without an audio stream raises NoAudioError.
+    """
+    if sample_rate < 1:
+        raise ValueError(f"sample_rate must be >= 1, got {sample_rate}")
+    path = os.fspath(path)
+    with _open(path) as container:
+        if not container.streams.audio:
+            raise NoAudioError(path, "no audio stream", "pass the clip's separate .wav, or skip audio for it")
+        # rematrix_maxval=1 normalises the down-mix like ffmpeg does for s16 output
+        # (stereo -> 0.5*(L+R)); float output would otherwise use 0.707*(L+R) and can clip.
+        resampler = av.AudioResampler(
+            format="flt", layout="mono", rate=sample_rate, options={"rematrix_maxval": "1.0"}
+        )
+        chunks: list[np.ndarray] = []  # streamed: one small array per frame, one concat at the end
+        for frame in container.decode(container.streams.audio[0]):
+            chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
+        chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))  # flush
+    if not chunks:
+        raise MediaError(path, "audio stream decoded to 0 samples", _CORRUPT_HINT)
+    wav = np.concatenate(chunks).astype(np.float32, copy=False)
+    return np.clip(wav, -1.0, 1.0, out=wav)
+
+
+def clip_audio(wav_path: str | None, video_path: str | None, sample_rate: int = 16000) -> np.ndarray:
+    """A clip's audio: from ``wav_path`` when given (non-empty), else decoded from ``video_path``.
+
+    A given-but-missing wav raises MediaError rather than silently falling back to the video.
+    """
+    if wav_path:
+        return load_audio(wav_path, sample_rate)
+    if video_path:
+        return load_audio(video_path, sample_rate)
+    raise MediaError("<no path>", "clip_audio got neither a wav_path nor a video_path", "fix the manifest row")

@@ -1,0 +1,41 @@
+"""DVC stage `extract@<store>`: manifest -> features/<store>.h5 with the extractor in params."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.config import ConfigError, load_params
+from pipeline.extract import run_extraction
+from pipeline.stages import entry_point
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mer extract", description=__doc__)
+    parser.add_argument("store", help="store name, a key under `extract` in params")
+    parser.add_argument("manifest", type=Path, nargs="?", default=Path("data/manifest.jsonl"))
+    parser.add_argument("output", type=Path, nargs="?", help="default features/<store>.h5")
+    parser.add_argument("summary", type=Path, nargs="?", help="default reports/extract/<store>.json")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--restart", action="store_true",
+                        help="discard this store's finished and partial work first")
+    parser.add_argument("--no-progress", action="store_true")
+    args = parser.parse_args(argv)
+    params = load_params(args.params)
+    if args.store not in params.extract:
+        raise ConfigError(f"no store {args.store!r} under params key 'extract'; "
+                          f"known: {', '.join(sorted(params.extract)) or 'none'}")
+    output = args.output or Path("features") / f"{args.store}.h5"
+    summary = run_extraction(
+        args.store, params.extract[args.store], params.engine, args.manifest, output,
+        summary_path=args.summary or Path("reports/extract") / f"{args.store}.json",
+        restart=args.restart, progress=not args.no_progress,
+    )
+    print(f"{args.store}: {summary.done} extracted, {summary.skipped} already done, "
+          f"{summary.failed} failed, {summary.not_applicable} without {summary.store}'s modality "
+          f"-> {output}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,31 @@
+"""DVC stage `ingest`: dataset root (params `ingest.root`) -> manifest + summary metrics."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pipeline.config import load_params
+from pipeline.ingest import ingest, summarize
+from pipeline.manifest import write_manifest
+from pipeline.stages import entry_point
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="mer ingest", description=__doc__)
+    parser.add_argument("manifest", type=Path, help="manifest to write (JSON lines)")
+    parser.add_argument("summary", type=Path, nargs="?", help="metrics JSON to write")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    clips = ingest(load_params(args.params).ingest)
+    write_manifest(clips, args.manifest)
+    if args.summary:
+        args.summary.parent.mkdir(parents=True, exist_ok=True)
+        args.summary.write_text(json.dumps(summarize(clips), indent=2, sort_keys=True) + "\n")
+    print(f"{len(clips)} clips -> {args.manifest}")
+
+
+if __name__ == "__main__":
+    main()

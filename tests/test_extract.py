@@ -1,0 +1,127 @@
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+
+from pipeline.config import ExtractorSpec
+from pipeline.extract import ExtractionFailed, resolve_device, run_extraction
+from pipeline.ingest import ingest
+from pipeline.manifest import write_manifest
+from pipeline.store import FingerprintMismatch, StoreReader
+
+
+@pytest.fixture
+def manifest(ingest_cfg, tmp_path):
+    path = tmp_path / "manifest.jsonl"
+    write_manifest(ingest(ingest_cfg), path)
+    return path
+
+
+def test_prosody_on_real_clips_fills_store(manifest, engine, tmp_path):
+    spec = ExtractorSpec("numpy_prosody", {"n_mfcc": 5})
+    summary = run_extraction("prosody", spec, engine, manifest, tmp_path / "f" / "prosody.h5",
+                             summary_path=tmp_path / "r.json", progress=False)
+    assert (summary.done, summary.failed, summary.skipped) == (8, 0, 0)
+    with StoreReader(tmp_path / "f" / "prosody.h5") as reader:
+        assert len(reader.names) == 8
+        values, mask = reader.read("utterance", reader.names)
+        assert mask.all() and np.isfinite(values).all()
+        # the tones differ per clip (200 Hz + 40 Hz * i): the pitch mean follows them
+        assert np.all(np.diff(values[:5, 0]) > 0)  # 400 Hz sits at fmax: unvoiced
+        seq = reader.get(reader.names[0])["sequence"]
+        assert seq.shape[1] == 4 + 5
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["done"] == 8 and report["status"] == "ok"
+
+
+def test_corrupt_silent_and_no_audio_clips(manifest, engine, dataset, tmp_path):
+    from fixtures_media import write_clip, write_corrupt
+
+    write_corrupt(dataset / "video" / "sample_00000001.mp4")
+    write_clip(dataset / "video" / "sample_00000002.mp4", seconds=0.6, audio="silent")
+    write_clip(dataset / "video" / "sample_00000003.mp4", seconds=0.6, audio=None)
+    spec = ExtractorSpec("numpy_prosody", {})
+    summary = run_extraction("prosody", spec, engine, manifest, tmp_path / "p.h5", progress=False)
+    assert summary.failed == 2 and summary.done == 6
+    failures = [json.loads(x) for x in (tmp_path / "p.failures.jsonl").read_text().splitlines()]
+    kinds = {f["id"]: f["kind"] for f in failures}
+    assert kinds == {"sample_00000001": "unreadable_media", "sample_00000003": "no_audio_track"}
+    assert all(f["stage"] == "extract.prosody" and f["modality"] == "audio" for f in failures)
+    with StoreReader(tmp_path / "p.h5") as reader:
+        _, mask = reader.read("utterance", ["sample_00000002", "sample_00000004"])
+        assert mask.tolist() == [False, True]  # silent: stored, but not present
+
+
+def test_failure_threshold_keeps_finished_work(manifest, engine, tmp_path):
+    spec = ExtractorSpec("toy", {"fail_on": "0000000"})  # 6 of 8 clips fail
+    with pytest.raises(ExtractionFailed, match="6 of 8 clips failed"):
+        run_extraction("toy", spec, engine, manifest, tmp_path / "t.h5", progress=False)
+    assert not (tmp_path / "t.h5").exists()
+    assert len(list((tmp_path / ".partial" / "t").glob("part-*.h5"))) == 2  # flush_every=1
+
+
+def test_interrupted_run_resumes_without_redoing(manifest, engine, tmp_path, monkeypatch):
+    from toy_extractors import ToyExtractor
+
+    calls = []
+    original = ToyExtractor.extract_batch
+
+    def counting(self, items):
+        if len(calls) >= 3:
+            raise KeyboardInterrupt
+        calls.extend(items)
+        return original(self, items)
+
+    monkeypatch.setattr(ToyExtractor, "extract_batch", counting)
+    spec = ExtractorSpec("toy", {})
+    with pytest.raises(KeyboardInterrupt):
+        run_extraction("toy", spec, engine, manifest, tmp_path / "t.h5", progress=False)
+    first = list(calls)
+    calls.clear()
+    monkeypatch.setattr(ToyExtractor, "extract_batch", original)
+    monkeypatch.setattr(ToyExtractor, "extract_batch",
+                        lambda self, items: calls.extend(items) or original(self, items))
+    summary = run_extraction("toy", spec, engine, manifest, tmp_path / "t.h5", progress=False)
+    assert summary.skipped == len(first) and not set(first) & set(calls)
+    assert len(first) + len(calls) == 8
+
+    (tmp_path / "ref").mkdir()
+    run_extraction("toy", spec, engine, manifest, tmp_path / "ref" / "t.h5", progress=False)
+    assert (tmp_path / "t.h5").read_bytes() == (tmp_path / "ref" / "t.h5").read_bytes()
+
+
+def test_changed_params_after_interrupt_stop_with_message(manifest, engine, tmp_path):
+    spec = ExtractorSpec("toy", {"fail_on": "0000000"})  # 2 clips done, 6 failed
+    with pytest.raises(ExtractionFailed):
+        run_extraction("toy", spec, engine, manifest, tmp_path / "t.h5", progress=False)
+    with pytest.raises(FingerprintMismatch, match="params.fail_on: '0000000' -> ''"):
+        run_extraction("toy", ExtractorSpec("toy", {}), engine, manifest, tmp_path / "t.h5",
+                       progress=False)
+    summary = run_extraction("toy", ExtractorSpec("toy", {}), engine, manifest, tmp_path / "t.h5",
+                             restart=True, progress=False)
+    assert summary.done == 8
+
+
+def test_text_extractor_skips_clips_without_text(tmp_path, engine):
+    from conftest import build_dataset
+
+    from pipeline.config import IngestConfig
+
+    root = build_dataset(tmp_path / "d", {"a": "sad"}, ["b"], subtitles=False)
+    write_manifest(ingest(IngestConfig(root=str(root))), tmp_path / "m.jsonl")
+    summary = run_extraction("toy", ExtractorSpec("toy", {}), engine, tmp_path / "m.jsonl",
+                             tmp_path / "t.h5", progress=False)
+    assert summary.not_applicable == 2 and summary.failed == 0
+
+
+def test_device_cuda_without_gpu_is_an_error():
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(RuntimeError, match="engine.device"):
+        resolve_device("cuda")
+    assert resolve_device("auto") == "cpu"
+    with pytest.raises(ValueError, match="engine.device"):
+        resolve_device("tpu")

@@ -1,0 +1,121 @@
+import json
+
+import pytest
+from conftest import build_dataset, write_csv
+
+from pipeline.config import IngestConfig
+from pipeline.ingest import IngestError, ingest, summarize
+from pipeline.manifest import read_manifest, write_manifest
+from pipeline.stages.ingest import main as ingest_main
+
+
+def test_manifest_records_media_text_labels(ingest_cfg, tmp_path):
+    clips = ingest(ingest_cfg)
+    assert [c.name for c in clips] == sorted(c.name for c in clips)
+    by_name = {c.name: c for c in clips}
+    assert by_name["sample_00000001"].label == "angry"
+    assert by_name["sample_00000001"].split == "labelled"
+    assert by_name["sample_00000001"].valence == 0.5
+    assert by_name["sample_00000100"].split == "unlabelled"
+    assert by_name["sample_00000100"].candidate and by_name["sample_00000100"].label is None
+    assert all(c.has_video and c.has_text and c.audio is None for c in clips)
+    summary = summarize(clips)
+    assert summary["labelled"] == 6 and summary["unlabelled"] == 2 and summary["candidates"] == 2
+
+
+def test_unicode_commas_quotes_newlines_round_trip(ingest_cfg, tmp_path):
+    clips = ingest(ingest_cfg)
+    path = tmp_path / "m.jsonl"
+    write_manifest(clips, path)
+    again = read_manifest(path)
+    assert again == clips
+    assert again[0].english == 'He said "hi, sample_00000000"\nthen left.'
+    assert again[0].chinese == "你好，sample_00000000"
+
+
+def test_unicode_clip_names(tmp_path):
+    root = build_dataset(tmp_path / "u", {"片段_é01": "happy"}, ["clip, with comma"])
+    names = [c.name for c in ingest(IngestConfig(root=str(root)))]
+    assert names == sorted(["片段_é01", "clip, with comma"])
+
+
+def test_audio_only_dataset(tmp_path):
+    from fixtures_media import write_wav
+
+    root = tmp_path / "audio_only"
+    (root / "audio").mkdir(parents=True)
+    write_wav(root / "audio" / "a.wav", seconds=0.3)
+    write_csv(root / "track1_train_disdim.csv", ["name", "discrete", "valence"], [["a", "sad", ""]])
+    (clip,) = ingest(IngestConfig(root=str(root)))
+    assert clip.audio.endswith("a.wav") and clip.video is None and not clip.has_text
+    assert clip.valence is None and clip.has_audio
+
+
+def test_text_only_dataset(tmp_path):
+    root = build_dataset(tmp_path / "t", {"a": "happy", "b": "sad"}, ["c"], video=False)
+    clips = ingest(IngestConfig(root=str(root)))
+    assert len(clips) == 3 and not any(c.has_audio for c in clips)
+    assert all(c.has_text for c in clips)
+
+
+def test_no_subtitles(tmp_path):
+    root = build_dataset(tmp_path / "n", {"a": "happy"}, ["b"], subtitles=False)
+    clips = ingest(IngestConfig(root=str(root)))
+    assert [c.has_text for c in clips] == [False, False]
+
+
+def test_label_outside_six_classes_names_file_row_and_fix(dataset):
+    path = dataset / "track1_train_disdim.csv"
+    text = path.read_text(encoding="utf-8").replace("worried", "disgust")
+    path.write_text(text, encoding="utf-8")
+    with pytest.raises(IngestError) as err:
+        ingest(IngestConfig(root=str(dataset)))
+    message = str(err.value)
+    assert "track1_train_disdim.csv" in message and "line 6" in message
+    assert "'disgust'" in message and "Fix" in message
+
+
+def test_duplicate_clip_name(dataset):
+    path = dataset / "track1_train_disdim.csv"
+    with path.open("a", encoding="utf-8") as fh:
+        fh.write("sample_00000002,sad,0\n")
+    with pytest.raises(IngestError, match=r"line 8: duplicate clip name 'sample_00000002' \(first on line 4\)"):
+        ingest(IngestConfig(root=str(dataset)))
+
+
+def test_label_row_without_media_or_subtitle(dataset):
+    with (dataset / "track1_train_disdim.csv").open("a", encoding="utf-8") as fh:
+        fh.write("ghost,happy,0\n")
+    with pytest.raises(IngestError, match="'ghost' has no media and no subtitle"):
+        ingest(IngestConfig(root=str(dataset)))
+
+
+def test_missing_root_names_params_key(tmp_path):
+    with pytest.raises(IngestError, match="ingest.root"):
+        ingest(IngestConfig(root=str(tmp_path / "nope")))
+
+
+def test_bad_header_names_columns(dataset):
+    write_csv(dataset / "track1_train_disdim.csv", ["clip", "emotion"], [["sample_00000000", "sad"]])
+    with pytest.raises(IngestError, match="missing column"):
+        ingest(IngestConfig(root=str(dataset)))
+
+
+def test_stage_writes_manifest_and_metrics(dataset, tmp_path, capsys):
+    params = tmp_path / "params.yaml"
+    params.write_text(f"ingest:\n  root: {dataset}\n", encoding="utf-8")
+    ingest_main([str(tmp_path / "m.jsonl"), str(tmp_path / "s.json"), "--params", str(params)])
+    assert len(read_manifest(tmp_path / "m.jsonl")) == 8
+    assert json.loads((tmp_path / "s.json").read_text())["labels"]["angry"] == 1
+
+
+def test_stage_error_is_one_line_and_exit_1(dataset, tmp_path, capsys):
+    (dataset / "track1_train_disdim.csv").write_text("name,discrete\nsample_00000000,joy\n")
+    params = tmp_path / "params.yaml"
+    params.write_text(f"ingest:\n  root: {dataset}\n", encoding="utf-8")
+    with pytest.raises(SystemExit) as exit_info:
+        ingest_main([str(tmp_path / "m.jsonl"), "--params", str(params)])
+    assert exit_info.value.code == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "'joy'" in err and "Traceback" not in err
+    assert not (tmp_path / "m.jsonl").exists()
