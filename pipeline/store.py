@@ -26,7 +26,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -34,6 +34,7 @@ import numpy as np
 SCHEMA_VERSION = 1
 PRESENT_KEY = "present"  # optional per-clip scalar: 0 = the clip lacks this modality (no face, silence)
 _STR = h5py.string_dtype(encoding="utf-8")
+_BLOCK = 1024  # clips copied per block when writing or merging
 
 
 class FingerprintMismatch(RuntimeError):
@@ -94,29 +95,24 @@ def _check_identity(path: Path, attrs: Any, identity: StoreIdentity, restart_hin
 
 
 def _write_file(path: Path, identity: StoreIdentity, names: list[str],
-                rows: list[dict[str, np.ndarray]], sequence_keys: Iterable[str]) -> None:
-    """Write one complete store file atomically (temp name, then rename)."""
+                rows: Sequence[Mapping[str, np.ndarray]], sequence_keys: Iterable[str]) -> None:
+    """Write one complete store file atomically (temp name, then rename).
+
+    `rows` may be lazy (rows read from other stores on demand): values are copied in
+    blocks of `_BLOCK` clips, so merging a store of any size keeps memory flat.
+    """
     sequence_keys = set(sequence_keys)
-    keys = sorted({k for row in rows for k in row})
+    keys = sorted(rows[0]) if rows else []
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w", libver="earliest") as f:
         _write_attrs(f, identity, sequence_keys)
         f.create_dataset("names", data=np.array(names, dtype=object), dtype=_STR, track_times=False)
         data = f.create_group("data")
         for key in keys:
-            missing = [n for n, r in zip(names, rows) if key not in r]
-            if missing:
-                raise StoreError(f"{path}: clip {missing[0]!r} has no output {key!r}")
-            arrays = [np.asarray(r[key]) for r in rows]
             if key in sequence_keys:
-                _write_ragged(data, key, arrays)
+                _write_ragged(data, key, rows, path)
             else:
-                shapes = {a.shape for a in arrays}
-                if len(shapes) > 1:
-                    raise StoreError(f"{path}: output {key!r} has several shapes {sorted(shapes)}; "
-                                     "declare it a sequence key")
-                stacked = np.stack(arrays) if arrays else np.zeros((0,), np.float32)
-                data.create_dataset(key, data=stacked, track_times=False)
+                _write_fixed(data, key, rows, path)
         # The marker goes last: a reader trusts only rows whose marker is 1.
         f.create_dataset("complete", data=np.ones(len(names), np.uint8), track_times=False)
     os.replace(tmp, path)
@@ -132,12 +128,37 @@ def _write_attrs(f: h5py.File, identity: StoreIdentity, sequence_keys: set[str])
     f.attrs["sequence_keys_json"] = json.dumps(sorted(sequence_keys))
 
 
-def _write_ragged(group: h5py.Group, key: str, arrays: list[np.ndarray]) -> None:
-    sub = group.create_group(key)
-    lengths = np.array([len(a) for a in arrays], dtype=np.int64)
+def _value_of(row: Mapping[str, np.ndarray], key: str, path: Path) -> np.ndarray:
+    try:
+        return np.asarray(row[key])
+    except KeyError:
+        raise StoreError(f"{path}: a clip has no output {key!r}; every clip needs the same outputs") from None
+
+
+def _write_fixed(group: h5py.Group, key: str, rows: Sequence[Mapping[str, np.ndarray]], path: Path) -> None:
+    first = _value_of(rows[0], key, path)
+    ds = group.create_dataset(key, shape=(len(rows),) + first.shape, dtype=first.dtype, track_times=False)
+    for start in range(0, len(rows), _BLOCK):
+        block = [_value_of(rows[i], key, path) for i in range(start, min(start + _BLOCK, len(rows)))]
+        shapes = {b.shape for b in block} | {first.shape}
+        if len(shapes) > 1:
+            raise StoreError(f"{path}: output {key!r} has several shapes {sorted(shapes)}; "
+                             "declare it a sequence key")
+        ds[start:start + len(block)] = np.stack(block)
+
+
+def _write_ragged(group: h5py.Group, key: str, rows: Sequence[Mapping[str, np.ndarray]], path: Path) -> None:
+    lengths = np.array([len(_value_of(r, key, path)) for r in rows], dtype=np.int64)
     offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int64)
-    values = np.concatenate(arrays) if arrays else np.zeros((0,), np.float32)
-    sub.create_dataset("values", data=values, track_times=False)
+    first = _value_of(rows[0], key, path)
+    sub = group.create_group(key)
+    values = sub.create_dataset("values", shape=(int(offsets[-1]),) + first.shape[1:], dtype=first.dtype,
+                                track_times=False)
+    for start in range(0, len(rows), _BLOCK):
+        stop = min(start + _BLOCK, len(rows))
+        block = [_value_of(rows[i], key, path) for i in range(start, stop)]
+        if offsets[stop] > offsets[start]:
+            values[offsets[start]:offsets[stop]] = np.concatenate(block)
     sub.create_dataset("offsets", data=offsets, track_times=False)
 
 
@@ -158,6 +179,7 @@ class StoreReader:
         all_names = [n.decode() if isinstance(n, bytes) else n for n in f["names"][()]]
         self._row = {n: i for i, n in enumerate(all_names) if i < len(complete) and complete[i]}
         self.attrs = dict(f.attrs)
+        self._keys = sorted(f["data"].keys()) if "data" in f else []
         self.sequence_keys = set(json.loads(self.attrs.get("sequence_keys_json", "[]")))
 
     def __enter__(self) -> "StoreReader":
@@ -175,7 +197,7 @@ class StoreReader:
 
     @property
     def keys(self) -> list[str]:
-        return sorted(self._file["data"].keys())
+        return list(self._keys)
 
     def get(self, name: str) -> dict[str, np.ndarray]:
         """All outputs of one clip."""
@@ -217,6 +239,24 @@ class StoreReader:
         _, mask = self.read(PRESENT_KEY, names) if PRESENT_KEY in self.keys else (None, None)
         present = np.array([s is not None for s in seqs], dtype=bool)
         return seqs, present if mask is None else present & mask
+
+
+class _LazyRow(Mapping[str, np.ndarray]):
+    """One clip's outputs, read from its store only when a key is asked for."""
+
+    def __init__(self, reader: StoreReader, name: str):
+        self._reader, self._index = reader, reader._row[name]
+
+    def __getitem__(self, key: str) -> np.ndarray:
+        if key not in self._reader._keys:
+            raise KeyError(key)
+        return self._reader._value(key, self._index)
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._reader.keys)
+
+    def __len__(self) -> int:
+        return len(self._reader.keys)
 
 
 def read_features(path: str | Path, key: str, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
@@ -286,14 +326,16 @@ class StoreWriter:
     def finalize(self, order: list[str]) -> int:
         """Merge the final store and all segments into one file in `order`; returns rows."""
         self.flush()
-        rows: dict[str, dict[str, np.ndarray]] = {}
         sources = ([self.path] if self.path.exists() else []) + self._segments()
-        for source in sources:
-            with StoreReader(source) as reader:
-                for name in reader.names:
-                    rows[name] = reader.get(name)
-        names = [n for n in order if n in rows]
-        _write_file(self.path, self.identity, names, [rows[n] for n in names], self.sequence_keys)
+        readers = [StoreReader(source) for source in sources]
+        try:
+            where = {name: reader for reader in readers for name in reader.names}
+            names = [n for n in order if n in where]
+            rows = [_LazyRow(where[n], n) for n in names]
+            _write_file(self.path, self.identity, names, rows, self.sequence_keys)
+        finally:
+            for reader in readers:
+                reader.close()
         shutil.rmtree(self.partial_dir, ignore_errors=True)
         return len(names)
 
