@@ -19,12 +19,16 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from pipeline.config import EngineConfig, ExtractorSpec, as_dict
-from pipeline.extractors.base import Extractor, NotApplicable, get_extractor
+from pipeline.extractors.base import Extractor, ModelMissing, NotApplicable, get_extractor
 from pipeline.manifest import Clip, read_manifest
 from pipeline.media import MediaError, NoAudioError, NoVideoError
 from pipeline.store import StoreIdentity, StoreWriter, write_failures
 
 log = logging.getLogger(__name__)
+
+
+class ModelMissingError(RuntimeError):
+    """A production backend's weights are not where params say; nothing was run."""
 
 
 class ExtractionFailed(RuntimeError):
@@ -157,8 +161,12 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
     clips = read_manifest(manifest_path)
     extractor = get_extractor(spec.extractor)(spec.options)
     device = resolve_device(engine.device)
+    try:
+        model = extractor.model_identity()
+    except ModelMissing as err:
+        raise ModelMissingError(err.for_store(store)) from None
     identity = StoreIdentity(store=store, extractor=spec.extractor, params=as_dict(extractor.options),
-                             model=extractor.model_identity(), versions=extractor.versions())
+                             model=model, versions=extractor.versions())
     writer = StoreWriter(store_path, identity, extractor.sequence_keys, restart=restart)
     summary = ExtractSummary(store=store, extractor=spec.extractor, device=device, clips=len(clips))
     todo = [c for c in clips if c.name not in writer.done]

@@ -22,6 +22,21 @@ class UnknownExtractor(KeyError):
     pass
 
 
+class ModelMissing(RuntimeError):
+    """A backend's weights are not on disk. Raised by `model_identity()`, before any work.
+
+    `option` is the key under `extract.<store>.options` that must point at them; the
+    engine turns this into one line naming the full params key and what to put there.
+    """
+
+    def __init__(self, option: str, expected: str, got: object = None):
+        super().__init__(f"options.{option}: {expected} (now {got!r})")
+        self.option, self.expected, self.got = option, expected, got
+
+    def for_store(self, store: str) -> str:
+        return f"params key 'extract.{store}.options.{self.option}' must name {self.expected}; now {self.got!r}"
+
+
 class NotApplicable(Exception):
     """The clip lacks this extractor's modality (e.g. a text-only clip for audio): not a failure."""
 
@@ -43,7 +58,11 @@ class Extractor(ABC):
         self.device = device
 
     def model_identity(self) -> dict[str, Any]:
-        """What identifies the weights (path, file hash, model name); part of the fingerprint."""
+        """What identifies the weights (path, file hash, model name); part of the fingerprint.
+
+        Must raise `ModelMissing` when the weights are not on disk; it is called before
+        any clip is touched. Must not load the model (that is `load`'s job).
+        """
         return {}
 
     def versions(self) -> dict[str, str]:
@@ -87,5 +106,15 @@ def available() -> list[str]:
 
 
 def _load_builtin() -> None:
-    # Importing the modules fills the registry; heavy libraries load later, in load().
-    from pipeline.extractors import prosody  # noqa: F401
+    """Import every module of this package: the decorators fill the registry.
+
+    Modules import only light libraries at top level; heavy ones load in `load()`.
+    """
+    import importlib
+    import pkgutil
+
+    import pipeline.extractors as package
+
+    for module in pkgutil.iter_modules(package.__path__):
+        if not module.name.startswith("_") and module.name != "base":
+            importlib.import_module(f"pipeline.extractors.{module.name}")

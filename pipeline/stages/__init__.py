@@ -14,13 +14,13 @@ from typing import Callable
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.config import ConfigError
-    from pipeline.extract import ExtractionFailed
+    from pipeline.extract import ExtractionFailed, ModelMissingError
     from pipeline.extractors.base import UnknownExtractor
     from pipeline.ingest import IngestError
     from pipeline.store import FingerprintMismatch, StoreError
 
     return (ConfigError, IngestError, FingerprintMismatch, StoreError, ExtractionFailed,
-            UnknownExtractor, FileNotFoundError)
+            UnknownExtractor, ModelMissingError, FileNotFoundError)
 
 
 def entry_point(func: Callable[..., None]) -> Callable[..., None]:
