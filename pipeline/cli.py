@@ -9,6 +9,7 @@ USAGE = """usage: mer COMMAND [ARGS]
 commands:
   ingest MANIFEST [SUMMARY]      read params `ingest.root` (MER2025 layout) into a manifest
   extract STORE [MANIFEST ...]   fill features/STORE.h5 with the extractor in params `extract.STORE`
+  convert ravdess|meld|folder SRC DST   turn a corpus or a folder into the MER2025 layout
   extractors                     list the registered extractors
   store-info PATH                show a feature store's attributes and contents
   build-demo [--shared DIR]      rebuild data/demo from ../shared/data
@@ -22,6 +23,39 @@ def _extractors(argv: list[str]) -> None:
     for name in available():
         cls = get_extractor(name)
         print(f"{name:24s} {cls.modality:6s} {(cls.__doc__ or '').strip().splitlines()[0]}")
+
+
+def _convert(argv: list[str]) -> None:
+    import argparse
+    from pathlib import Path
+
+    from pipeline import convert
+
+    parser = argparse.ArgumentParser(prog="mer convert", description=convert.__doc__)
+    sub = parser.add_subparsers(dest="corpus", required=True)
+    rav = sub.add_parser("ravdess", help="RAVDESS speech / audio-visual files")
+    rav.add_argument("--calm", choices=["neutral", "drop"], default="neutral",
+                     help="fold 'calm' into neutral (default) or drop it")
+    sub.add_parser("meld", help="MELD *_sent_emo.csv text")
+    fold = sub.add_parser("folder", help="any media folder + labels CSV + label map")
+    fold.add_argument("--labels", type=Path, required=True, help="CSV name,label[,text][,group]")
+    fold.add_argument("--label-map", type=Path, required=True, help="CSV source,mer (mer may be 'drop')")
+    for p in (rav, sub.choices["meld"], fold):
+        p.add_argument("src", type=Path)
+        p.add_argument("dst", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        if args.corpus == "ravdess":
+            items, report = convert.ravdess(args.src, calm=args.calm)
+        elif args.corpus == "meld":
+            items, report = convert.meld(args.src)
+        else:
+            items, report = convert.folder(args.src, args.labels, args.label_map)
+        convert.write_layout(items, args.dst, report)
+    except convert.ConvertError as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    print("\n".join(report.lines()) + f"\n-> {args.dst}")
 
 
 def _store_info(argv: list[str]) -> None:
@@ -48,6 +82,8 @@ def main(argv: list[str] | None = None) -> None:
         from pipeline.stages.extract import main as run
     elif command == "build-demo":
         from pipeline.demo import main as run
+    elif command == "convert":
+        run = _convert
     elif command == "extractors":
         run = _extractors
     elif command == "store-info":

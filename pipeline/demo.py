@@ -17,8 +17,10 @@ from typing import NamedTuple
 import av
 import numpy as np
 import soundfile as sf
+from tqdm import tqdm
 
 from pipeline.labels import EMOTIONS
+from pipeline.stages import entry_point  # logging set up, user errors as one clear line
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 # RAVDESS emotion code -> MER class; 07 (disgust) has no MER class and is never used.
@@ -35,7 +37,6 @@ FACE_SHARES = {"WolfgangLanger_Pexels.mp4": 0.375, "single_face.mp4": 0.15,
 FPS, WIDTH, PHOTO_SIZE = 15, 320, (320, 240)  # 320 px keeps group-photo faces > 40 px
 CRF, AUDIO_RATE, AUDIO_BITRATE = "30", 16000, 32000
 SOURCES_HEADER = ["name", "split", "ravdess_file", "actor", "face_source", "window_start"]
-
 VideoSrc = tuple[np.ndarray, list[np.ndarray]]  # (frame times from 0, RGB frames)
 Media = dict[str, np.ndarray | VideoSrc]  # photo (RGB array) or decoded face video
 # One RAVDESS file, parsed from its name 03-01-EE-II-SS-RR-AA.flac (label: its MER class).
@@ -200,8 +201,9 @@ def _write_tables(clips: list[Clip], shared: Path, out_dir: Path) -> None:
     tables = {
         "subtitle_chieng.csv": (["name", "chinese", "english"],
                                 [[c.name, *SUBTITLES[c.utt.statement]] for c in clips]),
-        "track1_train_disdim.csv": (["name", "discrete", "valence"],  # RAVDESS: no valence
-                                    [[c.name, c.utt.label, ""] for c in lab]),
+        # RAVDESS has no valence; `group` (the actor) keeps one voice out of both sides of a split
+        "track1_train_disdim.csv": (["name", "discrete", "valence", "group"],
+                                    [[c.name, c.utt.label, "", f"actor_{c.utt.actor:02d}"] for c in lab]),
         "track_all_candidates.csv": (["name"], [[c.name] for c in unl]),
         "unlabelled_truth.csv": (["name", "discrete"], [[c.name, c.utt.label] for c in unl]),
         "sources.csv": (SOURCES_HEADER, [[
@@ -227,13 +229,12 @@ def build_demo(shared_data: Path, out: Path, n_labelled: int = 60, n_unlabelled:
     _check_sources(shared_data)
     media = {f: _load_media(shared_data / "media" / f) for f in FACE_SHARES}
     clips = plan_clips(shared_data, media, n_labelled, n_unlabelled, seed)
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    old = out.with_name(f".{out.name}.old-{os.getpid()}")
+    tmp, old = (out.with_name(f".{out.name}.{part}-{os.getpid()}") for part in ("tmp", "old"))
     shutil.rmtree(tmp, ignore_errors=True)  # leftover of a killed run with the same pid
     try:
         (tmp / "video").mkdir(parents=True)
         rng = np.random.default_rng([seed, 1])  # pan/zoom draws, apart from the plan's
-        for clip in clips:
+        for clip in tqdm(clips, desc="demo clips", unit="clip", disable=None):
             _render(clip, media, tmp, rng)
         _write_tables(clips, shared_data, tmp)
         if out.exists():
@@ -251,7 +252,8 @@ def build_demo(shared_data: Path, out: Path, n_labelled: int = 60, n_unlabelled:
             "files": len(sizes), "bytes": sum(sizes), "largest_bytes": max(sizes)}
 
 
-def main(argv: list[str] | None = None) -> int:
+@entry_point
+def main(argv: list[str] | None = None) -> None:
     """Command line: ``python -m pipeline.demo [--shared DIR] [--out DIR] [--seed N]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=REPO_ROOT / "../shared/data")
@@ -263,7 +265,6 @@ def main(argv: list[str] | None = None) -> int:
     info = build_demo(args.shared, args.out, args.n_labelled, args.n_unlabelled, args.seed)
     print(f"built {info['clips']} clips in {args.out}: {info['bytes'] / 2**20:.2f} MiB (largest "
           f"file {info['largest_bytes'] / 2**10:.0f} KiB), {time.perf_counter() - t0:.1f} s")
-    return 0
 
 
 DOCS = {"LICENSES": """\
@@ -283,7 +284,8 @@ pseudo-labels. `sources.csv`: provenance. `LICENSES`: licences (non-commercial u
 - Labels come from the speech: the acted RAVDESS emotion (labelled clips: actors 01-08,
   candidates: actors 09-12, so no voice is in both; disgust is not used).
 - The face on screen is unrelated to the label (real face videos and photos, spread
-  evenly over the classes), so visual features carry no label signal here.
+  evenly over the classes; the posed expressions of the `*-ph.jpg` photos are random
+  with respect to the label), so visual features carry no label signal here.
 - Both subtitles are the same two neutral sentences for every clip (the two RAVDESS
   statements, in English and Chinese), so text carries no label signal.
 - So the demo shows that the pipeline runs end to end and that audio carries the
@@ -295,4 +297,4 @@ From the repository root, with `../shared/data` (RAVDESS actors 01-12 and face m
 """}
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()
