@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc stages call `python`: run them with the venv first on PATH.
 RUN := PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
 
-.PHONY: help install repro features test test-fast demo clean-features
+.PHONY: help install repro features test test-fast demo bench bench-extract clean-features
 .DEFAULT_GOAL := help
 
 help:  ## list targets
@@ -35,6 +35,13 @@ test-fast: $(STAMP)  ## tests without the ones marked slow
 
 demo: $(STAMP)  ## rebuild data/demo from ../shared/data (maintainers only; the result is committed)
 	$(RUN) $(BIN)/python -m pipeline.demo --shared ../shared/data --out data/demo
+
+bench: $(STAMP)  ## real-data benchmark: RAVDESS (audio, by actor) + MELD (text, by dialogue) from ../shared/data
+	$(RUN) $(BIN)/python -m pipeline.bench_real --shared ../shared/data --work build/bench --out reports/bench/real
+
+bench-extract: $(STAMP)  ## extractor speed on the demo clips vs a naive one-clip-one-frame loop
+	$(RUN) $(BIN)/dvc repro ingest
+	$(RUN) $(BIN)/python -m pipeline.bench_extract --manifest data/manifest.jsonl --all
 
 clean-features:  ## delete feature stores, partial work and reports (DVC can restore cached ones)
 	rm -rf features/*.h5 features/.partial reports/extract

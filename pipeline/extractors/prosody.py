@@ -46,18 +46,16 @@ def _yin(frames: np.ndarray, sr: int, fmin: float, fmax: float, threshold: float
     diff = e0 + e_lag - 2 * acf  # approximation over the first n - lag_max samples
     cmnd = diff[:, 1:] * np.arange(1, lag_max + 1) / np.maximum(np.cumsum(diff[:, 1:], axis=1), 1e-12)
     cmnd = np.concatenate([np.ones((len(frames), 1)), cmnd], axis=1)
-    below = cmnd[:, lag_min:] < threshold
-    first = np.where(below.any(axis=1), below.argmax(axis=1) + lag_min, 0)
-    # walk down to the local minimum after the first dip under the threshold
-    f0 = np.zeros(len(frames))
-    for i, lag in enumerate(first):
-        if lag == 0:
-            continue
-        while lag + 1 <= lag_max and cmnd[i, lag + 1] < cmnd[i, lag]:
-            lag += 1
-        a, b, c = cmnd[i, lag - 1], cmnd[i, lag], cmnd[i, min(lag + 1, lag_max)]
-        shift = 0.5 * (a - c) / (a - 2 * b + c) if (a - 2 * b + c) > 1e-12 else 0.0
-        f0[i] = sr / (lag + float(np.clip(shift, -1, 1)))
+    # The pitch period is the first local minimum inside the first dip below the threshold.
+    inner = cmnd[:, lag_min:lag_max]
+    dip_min = (inner < threshold) & (cmnd[:, lag_min + 1:lag_max + 1] >= inner)
+    found = dip_min.any(axis=1)
+    lag = np.where(found, dip_min.argmax(axis=1) + lag_min, lag_min)
+    rows = np.arange(len(frames))
+    a, b, c = cmnd[rows, lag - 1], cmnd[rows, lag], cmnd[rows, np.minimum(lag + 1, lag_max)]
+    curvature = a - 2 * b + c
+    shift = np.where(curvature > 1e-12, 0.5 * (a - c) / np.where(curvature > 1e-12, curvature, 1), 0.0)
+    f0 = np.where(found, sr / (lag + np.clip(shift, -1, 1)), 0.0)
     return f0
 
 
