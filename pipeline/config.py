@@ -53,10 +53,43 @@ class ExtractorSpec:
 
 
 @dataclass(frozen=True)
+class FusionConfig:
+    kind: str = "ecmf"  # ecmf | mer_baseline | concat | single
+    width: int = 128  # common width every modality is projected to
+    depth: int = 1  # self-attention layers over the modality tokens
+    heads: int = 4
+    dropout: float = 0.3
+    modality_dropout: float = 0.15  # chance, per clip and modality, to hide it while training
+    single: str = ""  # the store used when kind is "single"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    stores: list[str] = field(default_factory=lambda: ["prosody"])  # features/<store>.h5, key utterance
+    model: FusionConfig = field(default_factory=FusionConfig)
+    folds: int = 5
+    seed: int = 0
+    epochs: int = 40
+    batch_size: int = 32
+    lr: float = 1e-3
+    weight_decay: float = 1e-2
+    class_balance: str = "weights"  # weights | sampler | none
+    use_refined: bool = False  # train on refined labels of labelled clips (reports/refine/labels.jsonl)
+    use_pseudo: bool = False  # add pseudo-labelled clips to every training fold
+    device: str = "cpu"
+    threads: int = 1  # the fusion model is tiny: one CPU thread is fastest and reproducible
+
+
+@dataclass(frozen=True)
 class Params:
     ingest: IngestConfig = field(default_factory=IngestConfig)
     engine: EngineConfig = field(default_factory=EngineConfig)
     extract: dict[str, ExtractorSpec] = field(default_factory=dict)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    # Sections validated strictly by their own stage (dataclasses in pipeline/refine.py, pipeline/llm.py):
+    refine: dict[str, Any] = field(default_factory=dict)
+    llm: dict[str, Any] = field(default_factory=dict)
+    enriched_text: dict[str, Any] = field(default_factory=dict)
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:

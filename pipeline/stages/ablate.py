@@ -1,0 +1,38 @@
+"""DVC stage `ablate`: the training protocol per modality subset and per fusion kind."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from pipeline.config import load_params
+from pipeline.manifest import read_manifest
+from pipeline.stages import entry_point
+from pipeline.stages.train import read_refined
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> None:
+    from pipeline.ablation import run_ablation, to_markdown
+    from pipeline.train import load_features
+
+    parser = argparse.ArgumentParser(prog="mer ablate", description=__doc__)
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("out", type=Path, help="table path without suffix (.json and .md are written)")
+    parser.add_argument("--refined", type=Path)
+    parser.add_argument("--features", type=Path, default=Path("features"))
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    cfg = load_params(args.params).train
+    clips = read_manifest(args.manifest)
+    refined, pseudo = read_refined(args.refined)
+    rows = run_ablation(clips, load_features(clips, cfg.stores, args.features), cfg, refined, pseudo)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
+    args.out.with_suffix(".md").write_text(to_markdown(rows))
+    print(to_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,65 @@
+"""DVC stage `train`: cached features -> k-fold fusion models, metrics, plots, predictions."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.config import load_params
+from pipeline.labels import EMOTIONS
+from pipeline.manifest import read_manifest
+from pipeline.stages import entry_point
+
+
+def read_refined(path: Path | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """Soft targets from the refine stage: (labelled clip -> target, unlabelled clip -> pseudo target)."""
+    refined, pseudo = {}, {}
+    if path is None or not path.is_file():
+        return refined, pseudo
+    for line in path.read_text(encoding="utf-8").splitlines():
+        row = json.loads(line)
+        target = np.asarray(row.get("soft_label") or np.eye(len(EMOTIONS))[EMOTIONS.index(row["refined_label"])],
+                            dtype=np.float32)
+        if row.get("pseudo"):
+            pseudo[row["name"]] = target
+        elif row.get("original_label"):
+            refined[row["name"]] = target
+    return refined, pseudo
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> None:
+    import torch
+
+    from pipeline.report import write_reports
+    from pipeline.train import cross_validate, load_features
+
+    parser = argparse.ArgumentParser(prog="mer train", description=__doc__)
+    parser.add_argument("manifest", type=Path)
+    parser.add_argument("models", type=Path, help="folder for fold checkpoints")
+    parser.add_argument("reports", type=Path, help="folder for metrics.json, plots/, predictions.csv")
+    parser.add_argument("--refined", type=Path, help="refined labels (JSON lines) from the refine stage")
+    parser.add_argument("--features", type=Path, default=Path("features"))
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    cfg = load_params(args.params).train
+    clips = read_manifest(args.manifest)
+    features = load_features(clips, cfg.stores, args.features)
+    refined, pseudo = read_refined(args.refined)
+    result = cross_validate(clips, features, cfg, refined, pseudo)
+    args.models.mkdir(parents=True, exist_ok=True)
+    for old in args.models.glob("fold*.pt"):
+        old.unlink()
+    for ckpt in result.checkpoints:
+        torch.save(ckpt, args.models / f"fold{ckpt['fold']}.pt")
+    stores = cfg.stores if cfg.model.kind != "single" else [cfg.model.single]
+    metrics = write_reports(clips, result, stores, args.reports)
+    print(f"weighted F1 {metrics['weighted_f1']:.4f} (folds {metrics['folds']['weighted_f1_mean']:.4f} "
+          f"± {metrics['folds']['weighted_f1_std']:.4f}) -> {args.reports / 'metrics.json'}")
+
+
+if __name__ == "__main__":
+    main()
