@@ -1,0 +1,117 @@
+import numpy as np
+import pytest
+import torch
+
+from pipeline.config import FusionConfig, TrainConfig
+from pipeline.fusion import build_fusion
+from pipeline.labels import EMOTIONS
+from pipeline.manifest import Clip
+from pipeline import train as train_mod
+from pipeline.train import Features, cross_validate
+
+
+def synthetic(n=180, n_labelled=150, seed=0):
+    """Modality `good` carries the label; `noise_a` and `noise_b` are noise."""
+    rng = np.random.default_rng(seed)
+    y = np.arange(n) % 6
+    clips = [Clip(name=f"c{i:03d}", english="x", label=EMOTIONS[y[i]] if i < n_labelled else None,
+                  split="labelled" if i < n_labelled else "unlabelled") for i in range(n)]
+    good = rng.standard_normal((6, 12))[y] + 0.6 * rng.standard_normal((n, 12))
+    inputs = {"good": good.astype(np.float32), "noise_a": rng.standard_normal((n, 24)).astype(np.float32),
+              "noise_b": rng.standard_normal((n, 6)).astype(np.float32)}
+    return clips, Features([c.name for c in clips], inputs, np.ones((n, 3), bool), list(inputs)), y
+
+
+def small(kind="ecmf", **kw):
+    settings = {"folds": 3, "epochs": 25, "lr": 3e-3, **kw}
+    return TrainConfig(stores=["good", "noise_a", "noise_b"], model=FusionConfig(kind=kind, width=64), **settings)
+
+
+@pytest.mark.parametrize("kind", ["ecmf", "mer_baseline"])
+def test_learns_and_weights_favour_the_informative_modality(kind):
+    clips, features, y = synthetic()
+    result = cross_validate(clips, features, small(kind))
+    from sklearn.metrics import f1_score
+
+    f1 = f1_score(y[:150], result.oof_probs.argmax(1), average="weighted")
+    assert f1 > 0.9
+    mean_weights = result.weights[result.labelled].mean(axis=0)
+    assert mean_weights[0] == mean_weights.max() and mean_weights[0] > 0.4
+    assert result.unlabelled_probs.shape == (30, 6)
+    np.testing.assert_allclose(result.unlabelled_probs.sum(1), 1, atol=1e-5)
+
+
+def test_deterministic_given_the_seed():
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    a = cross_validate(clips, features, small(epochs=3))
+    b = cross_validate(clips, features, small(epochs=3))
+    np.testing.assert_array_equal(a.oof_probs, b.oof_probs)
+
+
+def test_folds_never_leak_and_pseudo_labels_only_train(monkeypatch):
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    seen = []
+    original = train_mod.train_fold
+
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed):
+        seen.append((set(train_rows.tolist()), set(val_rows.tolist())))
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed)
+
+    monkeypatch.setattr(train_mod, "train_fold", spy)
+    pseudo = {clips[i].name: np.eye(6, dtype=np.float32)[0] for i in range(72, 90)}
+    cross_validate(clips, features, small(epochs=1, use_pseudo=True), pseudo=pseudo)
+    unlabelled = set(range(72, 90))
+    all_val = set()
+    for train_rows, val_rows in seen:
+        assert not train_rows & val_rows
+        assert not val_rows & unlabelled  # pseudo-labelled clips are never scored
+        assert unlabelled <= train_rows  # ...and they do train
+        all_val |= val_rows
+    assert all_val == set(range(72))
+
+
+def test_refined_labels_train_but_gold_scores(monkeypatch):
+    clips, features, _ = synthetic(n=60, n_labelled=60)
+    captured = []
+    original = train_mod.train_fold
+
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed):
+        captured.append((train_targets, val_gold))
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed)
+
+    monkeypatch.setattr(train_mod, "train_fold", spy)
+    refined = {c.name: np.eye(6, dtype=np.float32)[5] for c in clips}  # everything "surprise"
+    cross_validate(clips, features, small(epochs=1, use_refined=True), refined=refined)
+    for targets, gold in captured:
+        assert (targets.argmax(1) == 5).all()
+        assert set(gold.tolist()) == set(range(6))
+
+
+def test_missing_modality_is_masked_and_gets_zero_weight():
+    dims = {"a": 4, "b": 3}
+    for kind in ("ecmf", "mer_baseline", "concat"):
+        model = build_fusion(dims, FusionConfig(kind=kind, width=16)).eval()
+        inputs = {"a": torch.randn(2, 4), "b": torch.randn(2, 3)}
+        mask = torch.tensor([[True, False], [True, True]])
+        logits, weights = model(inputs, mask)
+        assert torch.isfinite(logits).all()
+        assert weights[0, 1] == 0 and torch.allclose(weights.sum(1), torch.ones(2))
+        # the missing input's values cannot change the answer
+        inputs2 = {"a": inputs["a"], "b": inputs["b"] * 100}
+        logits2, _ = model(inputs2, mask)
+        assert torch.allclose(logits[0], logits2[0], atol=1e-5)
+
+
+def test_checkpoint_loads_with_weights_only(tmp_path):
+    clips, features, _ = synthetic(n=60, n_labelled=60)
+    result = cross_validate(clips, features, small(epochs=1))
+    torch.save(result.checkpoints[0], tmp_path / "fold0.pt")
+    ckpt = torch.load(tmp_path / "fold0.pt", weights_only=True)
+    assert set(ckpt) >= {"model", "optimizer", "config", "epoch", "best_metric"}
+    model = build_fusion(ckpt["dims"], FusionConfig(**ckpt["config"]["model"]))
+    model.load_state_dict(ckpt["model"])
+
+
+def test_unknown_kind_names_the_key():
+    with pytest.raises(ValueError, match="train.model.kind"):
+        build_fusion({"a": 2}, FusionConfig(kind="transformer-xl"))
