@@ -10,6 +10,7 @@ commands:
   ingest MANIFEST [SUMMARY]      read params `ingest.root` (MER2025 layout) into a manifest
   extract STORE [MANIFEST ...]   fill features/STORE.h5 with the extractor in params `extract.STORE`
   convert ravdess|meld|folder SRC DST   turn a corpus or a folder into the MER2025 layout
+  predict CLIP [CLIP ...]        emotion, probabilities and modality weights for new clips (--json)
   extractors                     list the registered extractors
   store-info PATH                show a feature store's attributes and contents
   build-demo [--shared DIR]      rebuild data/demo from ../shared/data
@@ -58,6 +59,32 @@ def _convert(argv: list[str]) -> None:
     print("\n".join(report.lines()) + f"\n-> {args.dst}")
 
 
+def _predict(argv: list[str]) -> None:
+    import argparse
+    import json
+    import logging
+    from pathlib import Path
+
+    from pipeline.config import load_params
+    from pipeline.predict import format_text, run_predict
+
+    parser = argparse.ArgumentParser(prog="mer predict", description="emotion of clips never ingested")
+    parser.add_argument("clips", nargs="+", type=Path)
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    parser.add_argument("--text", default="", help="English subtitle (applies to every clip given)")
+    parser.add_argument("--text-zh", default="", help="Chinese subtitle")
+    parser.add_argument("--models", type=Path, default=Path("models/fusion"))
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    try:
+        results = run_predict(args.clips, load_params(args.params), args.models, args.text, args.text_zh)
+    except (FileNotFoundError, KeyError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
+    print(json.dumps(results, indent=2, ensure_ascii=False) if args.json else format_text(results))
+
+
 def _store_info(argv: list[str]) -> None:
     import json
 
@@ -82,6 +109,8 @@ def main(argv: list[str] | None = None) -> None:
         from pipeline.stages.extract import main as run
     elif command == "build-demo":
         from pipeline.demo import main as run
+    elif command == "predict":
+        run = _predict
     elif command == "convert":
         run = _convert
     elif command == "extractors":

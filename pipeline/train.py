@@ -59,12 +59,21 @@ def select(features: Features, stores: list[str]) -> Features:
 class Standardizer:
     """Per-store mean/std fitted on the present rows of the training fold only."""
 
-    def __init__(self, features: Features, rows: np.ndarray):
-        self.stats = {}
+    def __init__(self, features: Features | None = None, rows: np.ndarray | None = None):
+        self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
+        if features is None:
+            return  # filled by from_stats
         for j, store in enumerate(features.stores):
             present = rows[features.mask[rows, j]]
             x = features.inputs[store][present] if len(present) else features.inputs[store][:1] * 0
             self.stats[store] = (x.mean(axis=0), x.std(axis=0) + 1e-6)
+
+    @classmethod
+    def from_stats(cls, stats: dict[str, list[torch.Tensor]]) -> "Standardizer":
+        """Rebuild from a checkpoint's `normalizer` entry."""
+        norm = cls()
+        norm.stats = {s: (m.numpy(), sd.numpy()) for s, (m, sd) in stats.items()}
+        return norm
 
     def __call__(self, features: Features, rows: np.ndarray) -> dict[str, torch.Tensor]:
         out = {}

@@ -1,0 +1,104 @@
+"""`mer predict`: the trained pipeline on clips that were never ingested.
+
+Extraction runs with the same extractor params as training (params.yaml), into a
+temporary folder; the fold models of `models/fusion` are averaged. A clip without audio,
+a face or a subtitle still gets an answer: the missing modality is masked, and named.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import FusionConfig, Params
+from pipeline.extract import run_extraction
+from pipeline.fusion import build_fusion
+from pipeline.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
+from pipeline.labels import EMOTIONS
+from pipeline.manifest import Clip, write_manifest
+from pipeline.train import Standardizer, load_features, predict
+
+log = logging.getLogger(__name__)
+
+
+def clips_for(paths: list[Path], english: str = "", chinese: str = "") -> list[Clip]:
+    clips = []
+    for path in paths:
+        if not path.is_file():
+            raise FileNotFoundError(f"{path} not found")
+        suffix = path.suffix.lower()
+        if suffix not in VIDEO_EXTENSIONS + AUDIO_EXTENSIONS:
+            raise ValueError(f"{path}: not a media file ({', '.join(VIDEO_EXTENSIONS + AUDIO_EXTENSIONS)})")
+        video = str(path) if suffix in VIDEO_EXTENSIONS else None
+        audio = str(path) if suffix in AUDIO_EXTENSIONS else None
+        clips.append(Clip(name=path.stem, video=video, audio=audio, english=english, chinese=chinese))
+    return clips
+
+
+def load_folds(models: Path) -> list[dict]:
+    paths = sorted(Path(models).glob("fold*.pt"))
+    if not paths:
+        raise FileNotFoundError(f"no fold*.pt in {models}; train first (`dvc repro train`)")
+    return [torch.load(p, weights_only=True, map_location="cpu") for p in paths]
+
+
+def run_predict(paths: list[Path], params: Params, models: Path, english: str = "",
+                chinese: str = "") -> list[dict]:
+    folds = load_folds(models)
+    stores = folds[0]["stores"]
+    clips = clips_for(paths, english, chinese)
+    with tempfile.TemporaryDirectory(prefix="mer-predict-") as tmp:
+        manifest = Path(tmp) / "manifest.jsonl"
+        write_manifest(clips, manifest)
+        engine = replace(params.engine, max_failed_fraction=1.0)
+        failures = {}
+        for store in stores:
+            if store not in params.extract:
+                raise KeyError(f"the models use store {store!r}, which params key 'extract' no longer names")
+            run_extraction(store, params.extract[store], engine, manifest, Path(tmp) / f"{store}.h5",
+                           progress=False)
+            for line in (Path(tmp) / f"{store}.failures.jsonl").read_text().splitlines():
+                row = json.loads(line)
+                failures.setdefault(row["id"], {})[store] = row["kind"]
+        features = load_features(clips, stores, tmp)
+    return _ensemble(clips, features, folds, failures)
+
+
+def _ensemble(clips: list[Clip], features, folds: list[dict], failures: dict) -> list[dict]:
+    rows = np.arange(len(clips))
+    probs = np.zeros((len(clips), len(EMOTIONS)))
+    weights = np.zeros((len(clips), len(features.stores)))
+    for ckpt in folds:
+        model = build_fusion(ckpt["dims"], FusionConfig(**ckpt["config"]["model"]))
+        model.load_state_dict(ckpt["model"])
+        norm = Standardizer.from_stats(ckpt["normalizer"])
+        p, w = predict(model, norm(features, rows), torch.from_numpy(features.mask))
+        probs += p / len(folds)
+        weights += w / len(folds)
+    out = []
+    for i, clip in enumerate(clips):
+        missing = [s for j, s in enumerate(features.stores) if not features.mask[i, j]]
+        out.append({
+            "clip": clip.video or clip.audio, "emotion": EMOTIONS[int(probs[i].argmax())],
+            "probabilities": {e: round(float(p), 4) for e, p in zip(EMOTIONS, probs[i])},
+            "modality_weights": {s: round(float(w), 4) for s, w in zip(features.stores, weights[i])},
+            "missing_modalities": {s: failures.get(clip.name, {}).get(s, "not present") for s in missing},
+        })
+    return out
+
+
+def format_text(results: list[dict]) -> str:
+    lines = []
+    for r in results:
+        probs = "  ".join(f"{e} {p:.2f}" for e, p in sorted(r["probabilities"].items(), key=lambda x: -x[1]))
+        weights = "  ".join(f"{s} {w:.2f}" for s, w in r["modality_weights"].items())
+        lines += [f"{r['clip']}: {r['emotion']}", f"  probabilities: {probs}", f"  modality weights: {weights}"]
+        if r["missing_modalities"]:
+            lines.append("  missing: " + ", ".join(f"{s} ({why})" for s, why in r["missing_modalities"].items()))
+    return "\n".join(lines)

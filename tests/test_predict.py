@@ -1,0 +1,66 @@
+import json
+
+import pytest
+import torch
+from fixtures_media import write_clip
+
+from pipeline.cli import main as cli_main
+from pipeline.config import EngineConfig, ExtractorSpec, FusionConfig, Params, TrainConfig
+from pipeline.extract import run_extraction
+from pipeline.ingest import ingest
+from pipeline.manifest import write_manifest
+from pipeline.predict import run_predict
+from pipeline.train import cross_validate, load_features
+
+
+@pytest.fixture
+def trained(tmp_path):
+    """Two stores (prosody + toy text) and 2 fold models trained on a 12-clip dataset."""
+    from conftest import build_dataset
+
+    from pipeline.config import IngestConfig
+    from pipeline.labels import EMOTIONS
+
+    labels = {f"s{i:02d}": EMOTIONS[i % 6] for i in range(12)}
+    clips = ingest(IngestConfig(root=str(build_dataset(tmp_path / "ds", labels, [], seconds=0.4))))
+    write_manifest(clips, tmp_path / "m.jsonl")
+    extract = {"prosody": ExtractorSpec("numpy_prosody", {}), "words": ExtractorSpec("toy", {})}
+    engine = EngineConfig(device="cpu")
+    for store, spec in extract.items():
+        run_extraction(store, spec, engine, tmp_path / "m.jsonl", tmp_path / "f" / f"{store}.h5", progress=False)
+    cfg = TrainConfig(stores=["prosody", "words"], model=FusionConfig(width=16), folds=2, epochs=2)
+    result = cross_validate(clips, load_features(clips, cfg.stores, tmp_path / "f"), cfg)
+    models = tmp_path / "models"
+    models.mkdir()
+    for ckpt in result.checkpoints:
+        torch.save(ckpt, models / f"fold{ckpt['fold']}.pt")
+    return Params(engine=engine, extract=extract, train=cfg), models
+
+
+def test_predict_new_clips_with_a_missing_modality(trained, tmp_path):
+    params, models = trained
+    with_audio = write_clip(tmp_path / "new_a.mp4", seconds=0.6, tone_hz=300.0)
+    without_audio = write_clip(tmp_path / "new_b.mp4", seconds=0.6, audio=None)
+    results = run_predict([with_audio, without_audio], params, models, english="so happy, really")
+    assert [r["emotion"] in {"neutral", "angry", "happy", "sad", "worried", "surprise"} for r in results] == [True, True]
+    for r in results:
+        assert abs(sum(r["probabilities"].values()) - 1) < 1e-3
+        assert list(r["modality_weights"]) == ["prosody", "words"]
+    assert results[0]["missing_modalities"] == {}
+    assert results[1]["missing_modalities"] == {"prosody": "no_audio_track"}
+    assert results[1]["modality_weights"]["prosody"] == 0
+
+
+def test_predict_cli_json_and_clear_errors(trained, tmp_path, capsys, monkeypatch):
+    params, models = trained
+    monkeypatch.setattr("pipeline.config.load_params", lambda path: params)
+    clip = write_clip(tmp_path / "c.mp4", seconds=0.6)
+    cli_main(["predict", str(clip), "--json", "--models", str(models), "--text", "hello"])
+    out = json.loads(capsys.readouterr().out)
+    assert out[0]["clip"] == str(clip) and "probabilities" in out[0]
+    with pytest.raises(SystemExit):
+        cli_main(["predict", str(tmp_path / "missing.mp4"), "--models", str(models)])
+    assert "missing.mp4 not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli_main(["predict", str(clip), "--models", str(tmp_path / "nothing")])
+    assert "train first" in capsys.readouterr().err
