@@ -44,7 +44,9 @@ bench: $(STAMP)  ## real-data benchmark: RAVDESS (audio, by actor) + MELD (text,
 
 bench-extract: $(STAMP)  ## extractor speed on the demo clips vs a naive one-clip-one-frame loop
 	$(RUN) $(BIN)/dvc repro ingest
-	$(RUN) $(BIN)/python -m pipeline.bench_extract --manifest data/manifest.jsonl --all
+	for store in frames faces prosody whisper text; do \
+	  $(RUN) $(BIN)/python -m pipeline.bench_extract --manifest data/manifest.jsonl --store $$store --limit 24 || exit 1; \
+	done
 
 clean-features:  ## delete feature stores, partial work and reports (DVC can restore cached ones)
 	rm -rf features/*.h5 features/.partial reports/extract

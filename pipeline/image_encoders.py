@@ -167,7 +167,7 @@ class ImageEncoder:
 
 @dataclass(frozen=True)
 class EfficientNetLite0Options:
-    max_batch: int = 32  # images per forward pass (larger thrashed the CPU caches here)
+    max_batch: int = 16  # images per forward pass; 32+ thrashed the CPU caches on 2 cores
 
 
 class EfficientNetLite0Encoder(ImageEncoder):

@@ -1,0 +1,162 @@
+"""Throughput of one extraction store: the real engine against a naive loop, same clips.
+
+    python -m pipeline.bench_extract --manifest data/manifest.jsonl --store frames --limit 32
+
+(a) `pipeline.extract.run_extraction` into a temporary folder (decode threads, batches
+across clips, store writes); (b) in the same process, a naive loop: one clip at a time,
+decoded then encoded one frame per model call (per clip when the prepared item is not a
+frame stack). Both count one model load. Writes `reports/bench/extract_<store>.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import EngineConfig, ExtractorSpec, load_params
+from pipeline.extract import resolve_device, run_extraction
+from pipeline.extractors.base import Extractor, NotApplicable, get_extractor
+from pipeline.manifest import Clip, read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class NaiveTimes:
+    clips: int = 0
+    load: float = 0.0
+    decode: float = 0.0
+    model: float = 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.load + self.decode + self.model
+
+
+def _naive_one(extractor: Extractor, clip: Clip, times: NaiveTimes) -> None:
+    """Decode one clip, then run the model on it one frame per call."""
+    start = time.perf_counter()
+    try:
+        item = extractor.prepare(clip)
+    except NotApplicable:
+        return
+    mid = time.perf_counter()
+    if isinstance(item, np.ndarray) and item.ndim == 4:  # a stack of preprocessed frames
+        for i in range(len(item)):
+            extractor.extract_batch([item[i: i + 1]])
+    else:
+        extractor.extract_batch([item])
+    times.clips += 1
+    times.decode += mid - start
+    times.model += time.perf_counter() - mid
+
+
+def naive_loop(spec: ExtractorSpec, device: str, clips: list[Clip]) -> NaiveTimes:
+    """The loop people write first; the first clip runs once untimed, to warm the model up."""
+    extractor = get_extractor(spec.extractor)(spec.options)
+    times = NaiveTimes()
+    start = time.perf_counter()
+    extractor.load(device)
+    times.load = time.perf_counter() - start
+    _naive_one(extractor, clips[0], NaiveTimes())
+    for clip in clips:
+        _naive_one(extractor, clip, times)
+    return times
+
+
+def _per_clip(seconds: float, clips: int) -> float:
+    return round(seconds / clips, 4) if clips else 0.0
+
+
+def bench(store: str, spec: ExtractorSpec, engine: EngineConfig, manifest: str | Path,
+          limit: int | None = None) -> dict[str, Any]:
+    """Run engine and naive loop on the first `limit` clips of `manifest`; return the report."""
+    import torch
+
+    clips = read_manifest(manifest)[:limit]
+    device = resolve_device(engine.device)
+    load_before = os.getloadavg()[0]  # other work on the machine skews both timings
+    naive = naive_loop(spec, device, clips)  # also warms caches and torch for the engine
+    with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
+        write_manifest(clips, Path(tmp) / "manifest.jsonl")
+        summary = run_extraction(store, spec, engine, Path(tmp) / "manifest.jsonl",
+                                 Path(tmp) / f"{store}.h5", progress=False)
+    done = summary.done
+    engine_cps = summary.clips_per_second
+    naive_cps = naive.clips / naive.seconds if naive.seconds else 0.0
+    return {
+        "store": store, "extractor": spec.extractor, "options": spec.options,
+        "clips": len(clips), "device": device, "cpus": os.cpu_count(),
+        "load_average_1m": [round(load_before, 2), round(os.getloadavg()[0], 2)],
+        "torch_threads": torch.get_num_threads(),
+        "engine_settings": {"batch_size": engine.batch_size, "decode_workers": engine.decode_workers},
+        "engine": {
+            "clips_per_second": round(engine_cps, 3), "seconds": round(summary.seconds, 3),
+            "done": done, "failed": summary.failed, "not_applicable": summary.not_applicable,
+            "decode_s_per_clip": _per_clip(summary.decode_seconds, done),
+            "model_s_per_clip": _per_clip(summary.model_seconds, done),
+            "write_s_per_clip": _per_clip(summary.write_seconds, done),
+            # decode time summed over the decode threads, over wall time
+            "decode_share_of_wall": round(summary.decode_seconds / summary.seconds, 3),
+        },
+        "naive": {
+            "clips_per_second": round(naive_cps, 3), "seconds": round(naive.seconds, 3),
+            "load_seconds": round(naive.load, 3),
+            "decode_s_per_clip": _per_clip(naive.decode, naive.clips),
+            "model_s_per_clip": _per_clip(naive.model, naive.clips),
+        },
+        "engine_over_naive": round(engine_cps / naive_cps, 2) if naive_cps else None,
+    }
+
+
+def _print(report: dict[str, Any]) -> None:
+    e, n = report["engine"], report["naive"]
+    print(f"{report['store']} ({report['extractor']}), {report['clips']} clips on {report['device']}, "
+          f"{report['cpus']} cpus, torch threads {report['torch_threads']}, "
+          f"load average before/after {report['load_average_1m']}")
+    print(f"  engine: {e['clips_per_second']:.2f} clips/s; per clip decode {e['decode_s_per_clip']:.3f}s "
+          f"(threads), model {e['model_s_per_clip']:.3f}s, write {e['write_s_per_clip']:.4f}s; "
+          f"decode / wall {e['decode_share_of_wall']:.0%}")
+    print(f"  naive:  {n['clips_per_second']:.2f} clips/s; per clip decode {n['decode_s_per_clip']:.3f}s, "
+          f"model {n['model_s_per_clip']:.3f}s")
+    print(f"  engine / naive: {report['engine_over_naive']}x")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", default="data/manifest.jsonl")
+    parser.add_argument("--store", required=True, help="a key under extract: in params.yaml")
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--limit", type=int, default=32, help="clips to run (first N of the manifest)")
+    parser.add_argument("--out", default="reports/bench", help="folder for extract_<store>.json")
+    parser.add_argument("--extractor", help="bench this extractor instead of params' extract.<store>")
+    parser.add_argument("--options", default="{}", help="JSON options for --extractor")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    params = load_params(args.params)
+    if args.extractor:
+        spec = ExtractorSpec(args.extractor, json.loads(args.options))
+    elif args.store in params.extract:
+        spec = params.extract[args.store]
+    else:
+        parser.error(f"no store {args.store!r} under extract: in {args.params} "
+                     f"(known: {', '.join(sorted(params.extract))}); or pass --extractor")
+    report = bench(args.store, spec, params.engine, args.manifest, args.limit)
+    out = Path(args.out) / f"extract_{args.store}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    _print(report)
+    print(f"  written {out}")
+
+
+if __name__ == "__main__":
+    main()
