@@ -23,6 +23,7 @@ from pipeline.config import EngineConfig, ExtractorSpec, IngestConfig
 from pipeline.extract import run_extraction
 from pipeline.extractors.base import available
 from pipeline.ingest import ingest
+from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip, write_manifest
 from pipeline.splits import fold_indices
 from pipeline.store import StoreReader
@@ -82,7 +83,7 @@ def run_corpus(corpus: Corpus, shared: Path, work: Path, engine: EngineConfig) -
     clips = [c for c in ingest(IngestConfig(root=str(root))) if c.label]
     manifest = work / corpus.name / "manifest.jsonl"
     write_manifest(clips, manifest)
-    rows = []
+    rows, paths = [], {}
     for store, spec in corpus.stores.items():
         if spec.extractor not in available():
             log.warning("%s: extractor %s not available, skipped", corpus.name, spec.extractor)
@@ -91,12 +92,36 @@ def run_corpus(corpus: Corpus, shared: Path, work: Path, engine: EngineConfig) -
         path = work / corpus.name / f"{store}.h5"
         run_extraction(store, spec, engine, manifest, path, progress=True)
         seconds = time.perf_counter() - start
+        paths[store] = path
         with StoreReader(path) as reader:
             features, mask = reader.read("utterance", [c.name for c in clips])
         kept = [c for c, m in zip(clips, mask) if m]
         result = score(features[mask], kept)
         rows.append({"dataset": corpus.name, "modality": f"{store} ({spec.extractor})",
                      "protocol": corpus.protocol, **result, "extract_seconds": round(seconds, 1)})
+        log.info("%s", rows[-1])
+    if len(paths) > 1:
+        rows += fusion_rows(corpus, clips, list(paths), work / corpus.name)
+    return rows
+
+
+def fusion_rows(corpus: Corpus, clips: list[Clip], stores: list[str], feature_dir: Path) -> list[dict]:
+    """The fusion trainer on the corpus' stores: ECMF against the baseline fusions, same folds."""
+    from pipeline.config import FusionConfig, TrainConfig
+    from pipeline.report import classification_metrics
+    from pipeline.train import cross_validate, load_features
+
+    features = load_features(clips, stores, feature_dir)
+    gold = np.array([EMOTIONS.index(c.label) for c in clips])
+    rows = []
+    for kind in ("ecmf", "mer_baseline", "concat"):
+        cfg = TrainConfig(stores=stores, model=FusionConfig(kind=kind), folds=5, epochs=40)
+        result = cross_validate(clips, features, cfg)
+        metrics = classification_metrics(gold[result.labelled], result.oof_probs.argmax(1))
+        rows.append({"dataset": corpus.name, "modality": f"fusion {kind} ({' + '.join(stores)})",
+                     "protocol": corpus.protocol, "weighted_f1": metrics["weighted_f1"],
+                     "accuracy": metrics["accuracy"], "n": len(result.labelled),
+                     "train_seconds_per_fold": round(float(np.mean(result.seconds_per_fold)), 1)})
         log.info("%s", rows[-1])
     return rows
 

@@ -17,10 +17,11 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.extract import ExtractionFailed, ModelMissingError
     from pipeline.extractors.base import UnknownExtractor
     from pipeline.ingest import IngestError
+    from pipeline.llm import LLMError
     from pipeline.store import FingerprintMismatch, StoreError
 
     return (ConfigError, IngestError, FingerprintMismatch, StoreError, ExtractionFailed,
-            UnknownExtractor, ModelMissingError, FileNotFoundError)
+            UnknownExtractor, ModelMissingError, LLMError, FileNotFoundError)
 
 
 def entry_point(func: Callable[..., None]) -> Callable[..., None]:

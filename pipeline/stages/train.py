@@ -20,12 +20,14 @@ def read_refined(path: Path | None) -> tuple[dict[str, np.ndarray], dict[str, np
     if path is None or not path.is_file():
         return refined, pseudo
     for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)
-        target = np.asarray(row.get("soft_label") or np.eye(len(EMOTIONS))[EMOTIONS.index(row["refined_label"])],
+        row = json.loads(line)  # the refine stage's labels.jsonl (pipeline/refine.py: label_rows)
+        if row.get("refined") is None:
+            continue  # an unlabelled clip that got no pseudo-label
+        target = np.asarray(row.get("soft") or np.eye(len(EMOTIONS))[EMOTIONS.index(row["refined"])],
                             dtype=np.float32)
         if row.get("pseudo"):
             pseudo[row["name"]] = target
-        elif row.get("original_label"):
+        elif row.get("label"):
             refined[row["name"]] = target
     return refined, pseudo
 

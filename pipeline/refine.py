@@ -1,0 +1,327 @@
+"""Label refinement: weak sources vote, gold labels are corrected and pseudo-labels added.
+
+Sources. Each (feature store, weak classifier) pair is cross-fitted (pipeline.weak): every
+labelled clip gets an out-of-fold probability vector, every unlabelled clip the mean of
+the k fold models. Label stores (e.g. `llm_labels`, six probabilities in EMOTIONS order)
+are used as they are. A clip a store lacks (mask 0) gets no vote from its sources.
+
+Aggregation (`refine.method`), always from the sources alone, never from the gold label:
+- weighted_vote: per-class precision of each source's argmax against gold on the labelled
+  clips (out of fold, Laplace-smoothed) weights its probabilities; sum, normalise.
+- dawid_skene: one confusion matrix per source over its argmax votes, fitted by EM with
+  the gold label CLAMPED as the truth on labelled clips (unlabelled clips' truths are the
+  latent variables); every clip's posterior is then computed from the votes alone.
+
+Decisions. A labelled clip changes when the aggregate's argmax differs from gold with
+confidence strictly above `correct_threshold` (mode hard: the label becomes the argmax;
+mode soft: the label stays, its soft label becomes the mean of gold and the aggregate).
+An unlabelled clip gets a pseudo-label when the confidence is strictly above its class's
+threshold and at least `min_agreeing_sources` STORES have a source whose argmax agrees
+(logreg and lightgbm on the same features are not independent, so they count once).
+
+Outputs. `labels.jsonl`, one JSON object per manifest clip, in manifest order: name,
+split, label (gold or null), refined (label or null), soft (6 probabilities in EMOTIONS
+order, null when refined is null), aggregate (6, null without votes), confidence (max of
+aggregate), changed, pseudo, votes ({source: {label, probs}} for the sources that voted).
+`summary.json` (DVC metrics): changes per gold and new class, pseudo-labels per class,
+each source's out-of-fold accuracy / macro-F1 and reliability P(truth c | it says c).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.config import ConfigError, from_dict
+from pipeline.labels import EMOTION_INDEX, EMOTIONS
+from pipeline.manifest import Clip
+from pipeline.store import StoreReader
+from pipeline.weak import (WEAK_CLASSIFIERS, DawidSkeneConfig, FoldError, LightGBMConfig, LogRegConfig,
+                          cross_fit, dawid_skene, make_weak, precision_weights, vote_precision,
+                          weighted_vote)
+
+log = logging.getLogger(__name__)
+METHODS = ("weighted_vote", "dawid_skene")
+MODES = ("hard", "soft")
+
+
+@dataclass(frozen=True)
+class RefineConfig:
+    """The `refine:` section of params.yaml."""
+
+    stores: list[str] = field(default_factory=lambda: ["prosody"])  # features/<store>.h5, trained on
+    classifiers: list[str] = field(default_factory=lambda: ["logreg", "lightgbm"])
+    label_stores: list[str] = field(default_factory=list)  # stores holding 6 probabilities, used as-is
+    key: str = "utterance"  # the per-clip vector read from each store
+    k: int = 5
+    seed: int = 0
+    method: str = "weighted_vote"  # weighted_vote | dawid_skene
+    mode: str = "hard"  # hard | soft
+    correct_threshold: float = 0.9
+    pseudo_threshold: float = 0.8
+    pseudo_thresholds: dict[str, float] = field(default_factory=dict)  # per-class overrides
+    min_agreeing_sources: int = 2
+    logreg: LogRegConfig = field(default_factory=LogRegConfig)
+    lightgbm: LightGBMConfig = field(default_factory=LightGBMConfig)
+    dawid_skene: DawidSkeneConfig = field(default_factory=DawidSkeneConfig)
+
+    def __post_init__(self) -> None:
+        checks = [("method", self.method in METHODS, f"one of {', '.join(METHODS)}"),
+                  ("mode", self.mode in MODES, f"one of {', '.join(MODES)}"),
+                  ("classifiers", set(self.classifiers) <= set(WEAK_CLASSIFIERS),
+                   f"a list from {', '.join(WEAK_CLASSIFIERS)}"),
+                  ("pseudo_thresholds", set(self.pseudo_thresholds) <= set(EMOTIONS),
+                   f"a mapping from classes {', '.join(EMOTIONS)}"),
+                  ("k", self.k >= 2, "at least 2"),
+                  ("min_agreeing_sources", self.min_agreeing_sources >= 0, "0 or more"),
+                  ("stores", bool(self.stores or self.label_stores), "non-empty (or label_stores)")]
+        for key, ok, expected in checks:
+            if not ok:
+                raise ConfigError(f"params key 'refine.{key}' is {getattr(self, key)!r}; expected {expected}")
+
+    def threshold(self, label: str) -> float:
+        return self.pseudo_thresholds.get(label, self.pseudo_threshold)
+
+
+@dataclass
+class Votes:
+    """Every source's probabilities over EMOTIONS for every clip."""
+
+    sources: list[str]  # "store/classifier" or the label store's name
+    stores: list[str]  # the store behind each source: the unit of independence
+    probs: np.ndarray  # (S, N, 6)
+    present: np.ndarray  # (S, N) bool: the source voted on the clip
+    skipped: dict[str, str] = field(default_factory=dict)  # source -> why it could not vote
+
+
+@dataclass
+class Refinement:
+    names: list[str]
+    splits: list[str]
+    gold: np.ndarray  # (N,) class index, -1 when unlabelled
+    votes: Votes
+    aggregate: np.ndarray  # (N, 6) over EMOTIONS, rows of clips without votes are 0
+    reliability: np.ndarray  # (S, 6) the per-class weight each source got
+    refined: np.ndarray  # (N,) class index, -1 when none
+    soft: np.ndarray  # (N, 6), rows of clips without a refined label are 0
+    changed: np.ndarray  # (N,) bool
+    pseudo: np.ndarray  # (N,) bool
+
+    @property
+    def has_votes(self) -> np.ndarray:
+        return self.votes.present.any(axis=0)
+
+    @property
+    def confidence(self) -> np.ndarray:
+        return self.aggregate.max(axis=1)
+
+
+def gold_of(clips: list[Clip]) -> np.ndarray:
+    """Class index of each clip's label, -1 for clips without one."""
+    return np.array([EMOTION_INDEX[c.label] if c.label else -1 for c in clips], dtype=np.int64)
+
+
+def _store_path(features: Path, store: str, key: str) -> Path:
+    path = features / f"{store}.h5"
+    if not path.is_file():
+        raise ConfigError(f"params key 'refine.{key}' names store {store!r} but {path} does not exist; "
+                          f"run `dvc repro extract@{store}` or remove it from refine.{key}")
+    return path
+
+
+def collect_votes(clips: list[Clip], cfg: RefineConfig, features: Path) -> Votes:
+    """Cross-fit every (store, classifier) source and read every label store."""
+    paths = {s: _store_path(features, s, "stores") for s in cfg.stores}  # fail before any training
+    label_paths = {s: _store_path(features, s, "label_stores") for s in cfg.label_stores}
+    votes: list[tuple[str, str, np.ndarray, np.ndarray]] = []
+    skipped: dict[str, str] = {}
+    for store, path in paths.items():
+        votes += _trained_sources(clips, cfg, store, path, skipped)
+    for store, path in label_paths.items():
+        votes.append((store, store, *_label_store(clips, cfg, store, path)))
+    if not votes:
+        empty = np.zeros((0, len(clips), len(EMOTIONS)))
+        return Votes([], [], empty, empty[..., 0].astype(bool), skipped)
+    sources, stores, probs, present = zip(*votes)
+    return Votes(list(sources), list(stores), np.stack(probs), np.stack(present), skipped)
+
+
+def _trained_sources(clips: list[Clip], cfg: RefineConfig, store: str, path: Path,
+                     skipped: dict[str, str]) -> list[tuple[str, str, np.ndarray, np.ndarray]]:
+    """(source, store, out-of-fold probs, scored) for each weak classifier on one store.
+
+    A store whose labelled clips cannot make `k` folds (a tiny demo dataset) gives no
+    sources: it is logged and listed in `skipped`, so the pipeline still runs end to end.
+    """
+    names, gold, groups = [c.name for c in clips], gold_of(clips), [c.group for c in clips]
+    with StoreReader(path) as reader:
+        X, mask = reader.read(cfg.key, names)
+    X = X.reshape(len(names), -1).astype(np.float64)
+    out = []
+    for name in cfg.classifiers:
+        model = make_weak(name, EMOTIONS, cfg.seed, cfg.logreg, cfg.lightgbm)
+        try:
+            probs, scored = cross_fit(model, X, mask, gold, groups, cfg.k, cfg.seed)
+        except FoldError as err:
+            log.warning("refine: %s/%s skipped: %s (params key refine.k)", store, name, err)
+            skipped[f"{store}/{name}"] = f"{err} (refine.k = {cfg.k})"
+            continue
+        log.info("%s/%s: %d clips scored", store, name, scored.sum())
+        out.append((f"{store}/{name}", store, probs, scored))
+    return out
+
+
+def _label_store(clips: list[Clip], cfg: RefineConfig, store: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(probabilities renormalised to sum 1, present) of a store of ready-made labels."""
+    with StoreReader(path) as reader:
+        probs, mask = reader.read(cfg.key, [c.name for c in clips])
+    if probs.shape[1:] != (len(EMOTIONS),):
+        raise ConfigError(f"params key 'refine.label_stores': {store!r} key {cfg.key!r} has shape "
+                          f"{probs.shape[1:]}, expected ({len(EMOTIONS)},) probabilities over {EMOTIONS}")
+    total = probs.sum(axis=1, keepdims=True).astype(np.float64)
+    present = mask & (total[:, 0] > 0)
+    return np.where(present[:, None], probs / np.where(total > 0, total, 1.0), 0.0), present
+
+
+def aggregate(votes: Votes, gold: np.ndarray, cfg: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
+    """(aggregate (N, 6), reliability (S, 6) = P(truth c | source says c)) by `cfg.method`."""
+    if cfg.method == "dawid_skene":
+        ds = cfg.dawid_skene
+        posterior, confusion, prior = dawid_skene(votes.probs, votes.present, gold, ds.smoothing,
+                                                  ds.max_iter, ds.tol)
+        return posterior, vote_precision(confusion, prior)
+    weights = precision_weights(votes.probs, votes.present, gold)
+    return weighted_vote(votes.probs, votes.present, weights), weights
+
+
+def agreeing_stores(votes: Votes, label: np.ndarray) -> np.ndarray:
+    """(N,) how many distinct stores have a present source whose argmax is `label`."""
+    agree = votes.present & (votes.probs.argmax(axis=2) == label[None, :])
+    per_store = [agree[[i for i, s in enumerate(votes.stores) if s == store]].any(axis=0)
+                 for store in dict.fromkeys(votes.stores)]
+    return np.sum(per_store, axis=0)
+
+
+def decide(clips: list[Clip], votes: Votes, agg: np.ndarray, weights: np.ndarray,
+           cfg: RefineConfig) -> Refinement:
+    """Apply the thresholds: corrections of labelled clips, pseudo-labels of the others."""
+    gold, C = gold_of(clips), len(EMOTIONS)
+    has, top, conf = votes.present.any(axis=0), agg.argmax(axis=1), agg.max(axis=1)
+    labelled = gold >= 0
+    changed = labelled & has & (top != gold) & (conf > cfg.correct_threshold)
+    thresholds = np.array([cfg.threshold(e) for e in EMOTIONS])
+    pseudo = (~labelled & has & (conf > thresholds[top])
+              & (agreeing_stores(votes, top) >= cfg.min_agreeing_sources))
+    refined = np.where(labelled, gold, np.where(pseudo, top, -1))
+    soft = np.zeros((len(clips), C))
+    soft[labelled] = np.eye(C)[gold[labelled]]
+    if cfg.mode == "hard":
+        refined = np.where(changed, top, refined)
+        soft[changed] = np.eye(C)[top[changed]]
+        soft[pseudo] = np.eye(C)[top[pseudo]]
+    else:  # soft: gold keeps its name, its probability mass is shared with the sources
+        soft[changed] = (soft[changed] + agg[changed]) / 2
+        soft[pseudo] = agg[pseudo]
+    return Refinement([c.name for c in clips], [c.split for c in clips], gold, votes, agg, weights,
+                      refined, soft, changed, pseudo)
+
+
+def load_refine_config(params_path: str | Path = "params.yaml") -> RefineConfig:
+    """The strict `refine:` section of params.yaml (defaults when it is absent)."""
+    import yaml
+
+    path = Path(params_path)
+    if not path.is_file():
+        raise ConfigError(f"{path} not found; run from the repository root or pass --params")
+    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
+    return from_dict(RefineConfig, data.get("refine") or {}, "refine")
+
+
+def refine(clips: list[Clip], cfg: RefineConfig, features: Path) -> Refinement:
+    """Collect the votes, aggregate them, decide."""
+    votes = collect_votes(clips, cfg, features)
+    agg, weights = aggregate(votes, gold_of(clips), cfg)
+    return decide(clips, votes, agg, weights, cfg)
+
+
+def _label(index: int) -> str | None:
+    return EMOTIONS[index] if index >= 0 else None
+
+
+def _probs(row: np.ndarray) -> list[float]:
+    return [round(float(v), 4) for v in row]
+
+
+def label_rows(result: Refinement) -> list[dict[str, Any]]:
+    """One record per clip, in manifest order (the format of labels.jsonl)."""
+    votes, has, conf = result.votes, result.has_votes, result.confidence
+    rows = []
+    for i, name in enumerate(result.names):
+        voted = {src: {"label": EMOTIONS[int(votes.probs[s, i].argmax())], "probs": _probs(votes.probs[s, i])}
+                 for s, src in enumerate(votes.sources) if votes.present[s, i]}
+        rows.append({
+            "name": name, "split": result.splits[i],
+            "label": _label(int(result.gold[i])), "refined": _label(int(result.refined[i])),
+            "soft": _probs(result.soft[i]) if result.refined[i] >= 0 else None,
+            "aggregate": _probs(result.aggregate[i]) if has[i] else None,
+            "confidence": round(float(conf[i]), 4) if has[i] else None,
+            "changed": bool(result.changed[i]), "pseudo": bool(result.pseudo[i]), "votes": voted,
+        })
+    return rows
+
+
+def _per_class(indices: np.ndarray) -> dict[str, int]:
+    return {e: int((indices == c).sum()) for c, e in enumerate(EMOTIONS)}
+
+
+def _source_scores(result: Refinement, s: int) -> dict[str, Any]:
+    from sklearn.metrics import accuracy_score, f1_score
+
+    seen = result.votes.present[s] & (result.gold >= 0)
+    truth, predicted = result.gold[seen], result.votes.probs[s, seen].argmax(axis=1)
+    out: dict[str, Any] = {"store": result.votes.stores[s], "labelled_clips": int(seen.sum())}
+    if seen.any():
+        out["accuracy"] = round(float(accuracy_score(truth, predicted)), 4)
+        out["macro_f1"] = round(float(f1_score(truth, predicted, average="macro",
+                                               labels=range(len(EMOTIONS)), zero_division=0)), 4)
+    out["reliability"] = dict(zip(EMOTIONS, _probs(result.reliability[s])))
+    return out
+
+
+def summarize(result: Refinement, cfg: RefineConfig) -> dict[str, Any]:
+    """Counts per class and source reliabilities: the stage's DVC metrics."""
+    labelled = result.gold >= 0
+    return {
+        "method": cfg.method, "mode": cfg.mode, "clips": len(result.names),
+        "labelled": int(labelled.sum()), "unlabelled": int((~labelled).sum()),
+        "without_votes": int((~result.has_votes).sum()),
+        "changed": int(result.changed.sum()),
+        "changed_from": _per_class(np.where(result.changed, result.gold, -1)),
+        "changed_to": _per_class(np.where(result.changed, result.aggregate.argmax(axis=1), -1)),
+        "pseudo": int(result.pseudo.sum()),
+        "pseudo_per_class": _per_class(np.where(result.pseudo, result.refined, -1)),
+        "sources": {src: _source_scores(result, s) for s, src in enumerate(result.votes.sources)},
+        "skipped_sources": result.votes.skipped,
+    }
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text, encoding="utf-8", newline="\n")
+    os.replace(tmp, path)
+
+
+def write_outputs(result: Refinement, cfg: RefineConfig, labels_path: Path, summary_path: Path) -> dict[str, Any]:
+    """labels.jsonl (one JSON object per clip) and summary.json; returns the summary."""
+    lines = [json.dumps(row, ensure_ascii=False, sort_keys=True) for row in label_rows(result)]
+    _write_atomic(Path(labels_path), "\n".join(lines) + ("\n" if lines else ""))
+    summary = summarize(result, cfg)
+    _write_atomic(Path(summary_path), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    return summary

@@ -1,0 +1,31 @@
+"""DVC stage `refine`: manifest + feature stores (params `refine`) -> refined labels + summary."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from pipeline.manifest import read_manifest
+from pipeline.refine import load_refine_config, refine, write_outputs
+from pipeline.stages import entry_point
+
+
+@entry_point
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.stages.refine", description=__doc__)
+    parser.add_argument("manifest", type=Path, help="data/manifest.jsonl")
+    parser.add_argument("labels", type=Path, help="refined label table to write (JSON lines)")
+    parser.add_argument("summary", type=Path, help="metrics JSON to write")
+    parser.add_argument("--features", type=Path, default=Path("features"),
+                        help="folder of the feature stores <store>.h5")
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args(argv)
+    cfg = load_refine_config(args.params)
+    result = refine(read_manifest(args.manifest), cfg, args.features)
+    summary = write_outputs(result, cfg, args.labels, args.summary)
+    print(f"{summary['changed']} of {summary['labelled']} labels changed, {summary['pseudo']} of "
+          f"{summary['unlabelled']} unlabelled clips pseudo-labelled ({cfg.method}) -> {args.labels}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Weak supervision on arrays: weak classifiers, cross-fitting, and the two label aggregators.
+
+`CompleteClassifier` wraps any probabilistic classifier in scikit-learn's estimator API so
+that `predict_proba` always has one column per class of a fixed list (the six EMOTIONS, in
+their order), even when a cross-fitting fold lacks a class: the missing columns are 0.
+`make_weak` builds the two weak learners the refine stage knows from their params
+sections; `cross_fit` scores every clip out of fold; `precision_weights` + `weighted_vote`
+and `dawid_skene` combine the sources. pipeline/refine.py wires them to stores and params.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+from sklearn.base import BaseEstimator, ClassifierMixin, clone
+from sklearn.utils.multiclass import check_classification_targets
+from sklearn.utils.validation import check_is_fitted, validate_data
+
+
+@dataclass(frozen=True)
+class LogRegConfig:
+    """`refine.logreg`: StandardScaler + LogisticRegression."""
+
+    C: float = 0.5  # inverse L2 strength; features are standardised first
+    max_iter: int = 2000
+
+
+@dataclass(frozen=True)
+class LightGBMConfig:
+    """`refine.lightgbm`: gradient-boosted trees (lightgbm.LGBMClassifier)."""
+
+    n_estimators: int = 200
+    learning_rate: float = 0.05
+    num_leaves: int = 15
+    min_child_samples: int = 10  # small folds of rare classes need small leaves
+    colsample_bytree: float = 0.5  # wide embeddings: each tree sees half the dimensions
+    n_jobs: int = 1  # threads per model (results do not depend on it)
+
+
+@dataclass(frozen=True)
+class DawidSkeneConfig:
+    """`refine.dawid_skene`: EM settings."""
+
+    max_iter: int = 100
+    tol: float = 1e-6  # stop when no confusion entry moves more than this
+    smoothing: float = 1.0  # Dirichlet pseudo-count per confusion cell and class prior
+
+
+WEAK_CLASSIFIERS = ("logreg", "lightgbm")
+
+
+class FoldError(ValueError):
+    """Too few labelled clips or groups for the folds asked for."""
+
+
+class CompleteClassifier(ClassifierMixin, BaseEstimator):
+    """`estimator` fitted on the classes present; `predict_proba` over all of `classes`.
+
+    classes: the column order to return (e.g. EMOTIONS); None means the sorted labels
+    seen in `fit`. A fold with a single class gives a constant prediction.
+    """
+
+    def __init__(self, estimator: Any = None, classes: Sequence[Any] | None = None):
+        self.estimator = estimator
+        self.classes = classes
+
+    def fit(self, X: Any, y: Any) -> "CompleteClassifier":
+        X, y = validate_data(self, X, y)
+        check_classification_targets(y)
+        present = np.unique(y)
+        self.classes_ = np.unique(y) if self.classes is None else np.asarray(list(self.classes))
+        unknown = sorted(set(present.tolist()) - set(self.classes_.tolist()))
+        if unknown:
+            raise ValueError(f"labels {unknown} are not among classes {self.classes_.tolist()}")
+        if len(present) == 1:
+            self.estimator_ = None  # a model needs two classes; predict the one seen
+        else:
+            self.estimator_ = clone(self._inner()).fit(X, y)
+        fitted = present if self.estimator_ is None else np.asarray(self.estimator_.classes_)
+        self.columns_ = np.array([self.classes_.tolist().index(c) for c in fitted.tolist()])
+        return self
+
+    def _inner(self) -> Any:
+        if self.estimator is not None:
+            return self.estimator
+        from sklearn.linear_model import LogisticRegression
+        from sklearn.pipeline import make_pipeline
+        from sklearn.preprocessing import StandardScaler
+
+        return make_pipeline(StandardScaler(), LogisticRegression(max_iter=1000))
+
+    def predict_proba(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        X = validate_data(self, X, reset=False)
+        out = np.zeros((X.shape[0], len(self.classes_)), dtype=np.float64)
+        if self.estimator_ is None:
+            out[:, self.columns_[0]] = 1.0
+        else:
+            out[:, self.columns_] = self.estimator_.predict_proba(X)
+        return out
+
+    def predict(self, X: Any) -> np.ndarray:
+        check_is_fitted(self)
+        return self.classes_[np.argmax(self.predict_proba(X), axis=1)]
+
+    def __sklearn_tags__(self) -> Any:
+        tags = super().__sklearn_tags__()
+        tags.classifier_tags.multi_class = True
+        return tags
+
+
+def logreg(cfg: LogRegConfig, seed: int) -> Any:
+    """StandardScaler + multinomial logistic regression."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(C=cfg.C, max_iter=cfg.max_iter,
+                                                              random_state=seed))
+
+
+def lightgbm(cfg: LightGBMConfig, seed: int) -> Any:
+    """LightGBM trees, deterministic for a seed."""
+    from lightgbm import LGBMClassifier
+
+    return LGBMClassifier(n_estimators=cfg.n_estimators, learning_rate=cfg.learning_rate,
+                          num_leaves=cfg.num_leaves, min_child_samples=cfg.min_child_samples,
+                          colsample_bytree=cfg.colsample_bytree, subsample_freq=0,
+                          n_jobs=cfg.n_jobs, random_state=seed, deterministic=True,
+                          force_col_wise=True, verbose=-1)
+
+
+def make_weak(name: str, classes: Sequence[str], seed: int, logreg_cfg: LogRegConfig = LogRegConfig(),
+              lightgbm_cfg: LightGBMConfig = LightGBMConfig()) -> CompleteClassifier:
+    """A fresh weak classifier `name` (one of WEAK_CLASSIFIERS) with columns in `classes`."""
+    if name == "logreg":
+        return CompleteClassifier(logreg(logreg_cfg, seed), classes)
+    if name == "lightgbm":
+        return CompleteClassifier(lightgbm(lightgbm_cfg, seed), classes)
+    raise ValueError(f"unknown weak classifier {name!r}; known: {', '.join(WEAK_CLASSIFIERS)}")
+
+
+def cross_fit(model: CompleteClassifier, X: np.ndarray, mask: np.ndarray, gold: np.ndarray,
+              groups: Sequence[str | None], k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Out-of-fold class probabilities for every clip the store has (`mask`).
+
+    gold: index into `model.classes` per clip, -1 when unlabelled. The labelled clips in
+    `mask` are split into k stratified folds (grouped when `groups` has any value): each
+    is scored by the model fitted on the other k-1 folds; an unlabelled clip gets the
+    mean of the k fold models. No clip is ever scored by a model that saw it.
+    Returns (probs (N, C), scored (N,) = mask); rows of clips not scored are 0.
+    """
+    from pipeline.splits import fold_indices
+
+    classes = np.asarray(list(model.classes))
+    labelled = np.flatnonzero(mask & (gold >= 0))
+    unlabelled = np.flatnonzero(mask & (gold < 0))
+    try:
+        folds = fold_indices([str(g) for g in gold[labelled]], [groups[i] for i in labelled], k=k, seed=seed)
+    except ValueError as err:
+        raise FoldError(str(err)) from err
+    probs = np.zeros((len(gold), len(classes)), dtype=np.float64)
+    for train, val in folds:
+        fitted = clone(model).fit(X[labelled[train]], classes[gold[labelled[train]]])
+        probs[labelled[val]] = fitted.predict_proba(X[labelled[val]])
+        if len(unlabelled):
+            probs[unlabelled] += fitted.predict_proba(X[unlabelled]) / len(folds)
+    return probs, mask.copy()
+
+
+def precision_weights(probs: np.ndarray, present: np.ndarray, gold: np.ndarray) -> np.ndarray:
+    """(S, C): per-class precision of each source's argmax on labelled clips, (tp+1)/(n+2).
+
+    probs (S, N, C) source probabilities, present (S, N) bool, gold (N,) index or -1.
+    """
+    n_sources, _, n_classes = probs.shape
+    weights = np.zeros((n_sources, n_classes))
+    for s in range(n_sources):
+        seen = present[s] & (gold >= 0)
+        predicted, truth = probs[s, seen].argmax(axis=1), gold[seen]
+        for c in range(n_classes):
+            said = predicted == c
+            weights[s, c] = ((truth[said] == c).sum() + 1) / (said.sum() + 2)
+    return weights
+
+
+def weighted_vote(probs: np.ndarray, present: np.ndarray, weights: np.ndarray) -> np.ndarray:
+    """(N, C): sum over present sources of probabilities times per-class weights, normalised.
+
+    Rows of clips no source voted on are 0.
+    """
+    score = np.einsum("snc,sc,sn->nc", probs, weights, present.astype(np.float64))
+    total = score.sum(axis=1, keepdims=True)
+    return np.where(total > 0, score / np.where(total > 0, total, 1), 0.0)
+
+
+def dawid_skene(probs: np.ndarray, present: np.ndarray, gold: np.ndarray, smoothing: float = 1.0,
+                max_iter: int = 100, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Dawid-Skene EM over each source's argmax vote, gold clamped on labelled clips.
+
+    Returns (posterior (N, C) from the votes alone, confusion (S, C, C) = P(vote j | truth c),
+    prior (C,) over the true classes).
+    Labelled clips' truths stay fixed at gold while fitting; unlabelled clips' truths are
+    the latent variables. The posterior of a labelled clip leaves its gold out, so it can
+    disagree with it. Rows of clips no source voted on are 0.
+    """
+    n_classes = probs.shape[2]
+    hard = np.eye(n_classes)[probs.argmax(axis=2)] * present[..., None]  # (S, N, C) one-hot votes
+    labelled = gold >= 0
+    truth = np.zeros((len(gold), n_classes))
+    truth[labelled, gold[labelled]] = 1.0
+    voted = hard.sum(axis=0)
+    free = ~labelled & (voted.sum(axis=1) > 0)  # latent truths; clips without votes stay rows of 0
+    truth[free] = voted[free] / voted[free].sum(axis=1, keepdims=True)  # start at the vote shares
+    confusion = np.full((probs.shape[0], n_classes, n_classes), 1.0 / n_classes)
+    for _ in range(max_iter):
+        counts = np.einsum("nc,snj->scj", truth, hard) + smoothing
+        new = counts / counts.sum(axis=2, keepdims=True)
+        prior = truth.sum(axis=0) + smoothing
+        prior = prior / prior.sum()
+        truth[free] = _ds_posterior(hard[:, free], new, prior)
+        moved = np.abs(new - confusion).max()
+        confusion = new
+        if moved < tol or labelled.all():
+            break
+    posterior = _ds_posterior(hard, confusion, prior)
+    return np.where(present.any(axis=0)[:, None], posterior, 0.0), confusion, prior
+
+
+def vote_precision(confusion: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    """(S, C): P(truth c | source votes c) from Dawid-Skene confusions and the class prior."""
+    joint = confusion * prior[None, :, None]  # (S, truth, vote)
+    diagonal = np.diagonal(joint, axis1=1, axis2=2)
+    return diagonal / joint.sum(axis=1)
+
+
+def _ds_posterior(hard: np.ndarray, confusion: np.ndarray, prior: np.ndarray) -> np.ndarray:
+    logp = np.log(prior)[None, :] + np.einsum("snj,scj->nc", hard, np.log(confusion))
+    logp -= logp.max(axis=1, keepdims=True)
+    p = np.exp(logp)
+    return p / p.sum(axis=1, keepdims=True)
