@@ -189,7 +189,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="outer group folds to run per corpus (each holds out ~20%% of the groups; "
                              f"default {OUTER_FOLDS})")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--jobs", type=int, default=2, help="LightGBM threads")
+    parser.add_argument("--jobs", type=int, default=1,
+                        help="LightGBM threads (more than the free cores is many times slower)")
     parser.add_argument("--no-whisper", action="store_true", help="RAVDESS with prosody only (fast)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
