@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc stages call `python`: run them with the venv first on PATH.
 RUN := PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
 
-.PHONY: help install repro features test test-fast demo bench bench-extract clean-features
+.PHONY: help install repro features test test-fast demo bench bench-extract bench-refine clean-features
 .DEFAULT_GOAL := help
 
 help:  ## list targets
@@ -47,6 +47,9 @@ bench-extract: $(STAMP)  ## extractor speed on the demo clips vs a naive one-cli
 	for store in frames faces prosody whisper text; do \
 	  $(RUN) $(BIN)/python -m pipeline.bench_extract --manifest data/manifest.jsonl --store $$store --limit 24 || exit 1; \
 	done
+
+bench-refine: $(STAMP)  ## label refinement on real data with 10%/20% known flipped labels (RAVDESS, MELD)
+	$(RUN) $(BIN)/python -m pipeline.bench_refine --shared ../shared/data --work build/bench
 
 clean-features:  ## delete feature stores, partial work and reports (DVC can restore cached ones)
 	rm -rf features/*.h5 features/.partial reports/extract
