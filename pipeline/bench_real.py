@@ -10,7 +10,6 @@ fusion stage will add its own rows; until then this fills the table from the fir
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import time
 from dataclasses import dataclass
@@ -27,6 +26,7 @@ from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip, write_manifest
 from pipeline.splits import fold_indices
 from pipeline.store import StoreReader
+from pipeline.tables import write_table
 
 log = logging.getLogger(__name__)
 
@@ -148,10 +148,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"skipped {corpus.name}: {args.shared / corpus.source} not found")
             continue
         rows += run_corpus(corpus, args.shared, args.work, engine)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(to_markdown(rows))
-    print(to_markdown(rows))
+    write_table(args.out, rows, to_markdown(rows))
 
 
 if __name__ == "__main__":

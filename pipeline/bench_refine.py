@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from pathlib import Path
 
@@ -32,6 +31,7 @@ from pipeline.manifest import Clip, write_manifest
 from pipeline.refine import RefineConfig, aggregate, collect_votes, decide, gold_of
 from pipeline.store import StoreReader
 from pipeline.weak import LightGBMConfig
+from pipeline.tables import write_table
 
 log = logging.getLogger(__name__)
 THRESHOLDS = (0.5, 0.7, 0.9)
@@ -198,10 +198,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = []
     for corpus, stores in plan(args):
         rows += run_corpus(corpus, stores, args, engine)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(to_markdown(rows))
-    print(to_markdown(rows))
+    write_table(args.out, rows, to_markdown(rows))
 
 
 if __name__ == "__main__":

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -29,6 +28,7 @@ from pipeline.config import ConfigError, from_dict
 from pipeline.extractors.base import ModelMissing
 from pipeline.llm import LLM, LLMCache, LLMError, build_llm, build_messages
 from pipeline.manifest import Clip
+from pipeline.tables import write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -161,7 +161,7 @@ def run_enrichment(clips: list[Clip], llm: LLM, cache_path: str | Path, language
         raise EnrichmentFailed(f"{len(failed)} of {len(todo)} subtitles failed ({fraction:.0%} > "
                                f"max_failed_fraction={max_failed_fraction}), e.g. {examples}. "
                                "Finished answers are cached: a rerun retries only the failed ones.")
-    _write_rows(rows, Path(out_path))
+    write_jsonl(Path(out_path), rows)
     log.info("enrich: %s", asdict(summary))
     return summary
 
@@ -185,16 +185,6 @@ def enrich_from_params(clips: list[Clip], section: dict[str, Any], out_path: str
     templates = {"english": cfg.template_english, "chinese": cfg.template_chinese}
     return run_enrichment(clips, llm, cfg.cache_path, cfg.language, templates, cfg.max_new_tokens,
                           cfg.batch_size, out_path, cfg.max_failed_fraction, progress, device)
-
-
-def _write_rows(rows: list[dict[str, Any]], path: Path) -> None:
-    """JSON lines, atomically (temp + rename): readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
 
 
 def read_enriched(path: str | Path) -> list[dict[str, Any]]:

@@ -7,9 +7,10 @@ round-trip exactly, and so the file stays readable with `pandas.read_json(lines=
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+
+from pipeline.tables import write_jsonl
 
 
 @dataclass(frozen=True)
@@ -42,13 +43,7 @@ class Clip:
 
 def write_manifest(clips: list[Clip], path: str | Path) -> None:
     """Write atomically (temp file + rename) so a reader never sees half a manifest."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
-        for clip in clips:
-            fh.write(json.dumps(asdict(clip), ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(path, (asdict(clip) for clip in clips))
 
 
 def read_manifest(path: str | Path) -> list[Clip]:

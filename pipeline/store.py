@@ -31,6 +31,8 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
+from pipeline.tables import write_jsonl
+
 SCHEMA_VERSION = 1
 PRESENT_KEY = "present"  # optional per-clip scalar: 0 = the clip lacks this modality (no face, silence)
 _STR = h5py.string_dtype(encoding="utf-8")
@@ -347,10 +349,4 @@ class StoreWriter:
 
 def write_failures(path: str | Path, records: list[dict[str, Any]]) -> None:
     """Failures beside the store as JSON lines `{id, stage, modality, kind, error}`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
-        for rec in records:
-            fh.write(json.dumps(rec, ensure_ascii=False, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    write_jsonl(path, records)

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.manifest import read_manifest
 from pipeline.stages import entry_point
 from pipeline.stages.train import read_refined
+from pipeline.tables import write_table
 
 
 @entry_point
@@ -28,10 +28,7 @@ def main(argv: list[str] | None = None) -> None:
     clips = read_manifest(args.manifest)
     refined, pseudo = read_refined(args.refined)
     rows = run_ablation(clips, load_features(clips, cfg.stores, args.features), cfg, refined, pseudo)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
-    args.out.with_suffix(".md").write_text(to_markdown(rows))
-    print(to_markdown(rows))
+    write_table(args.out, rows, to_markdown(rows))
 
 
 if __name__ == "__main__":
