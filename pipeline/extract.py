@@ -21,6 +21,7 @@ from tqdm import tqdm
 from pipeline.config import EngineConfig, ExtractorSpec, as_dict
 from pipeline.extractors.base import Extractor, ModelMissing, NotApplicable, get_extractor
 from pipeline.manifest import Clip, read_manifest
+from pipeline import media
 from pipeline.media import MediaError, NoAudioError, NoVideoError
 from pipeline.store import StoreIdentity, StoreWriter, write_failures
 
@@ -46,7 +47,8 @@ class ExtractSummary:
     done: int = 0  # extracted by this run
     failed: int = 0
     seconds: float = 0.0
-    decode_seconds: float = 0.0  # summed over decode threads
+    prepare_seconds: float = 0.0  # all of `prepare` (decoding + CPU preprocessing), summed over threads
+    decode_seconds: float = 0.0  # the media-decoding part of it (PyAV), summed over threads
     model_seconds: float = 0.0
     write_seconds: float = 0.0
 
@@ -81,10 +83,11 @@ def _failure_kind(err: BaseException) -> str:
     return "extractor_error"
 
 
-def _timed_prepare(extractor: Extractor, clip: Clip) -> tuple[Any, float]:
-    start = time.perf_counter()
+def _timed_prepare(extractor: Extractor, clip: Clip) -> tuple[Any, float, float]:
+    """(prepared item, seconds in prepare, seconds of it spent decoding media)."""
+    start, decoded = time.perf_counter(), media.decode_seconds()
     item = extractor.prepare(clip)
-    return item, time.perf_counter() - start
+    return item, time.perf_counter() - start, media.decode_seconds() - decoded
 
 
 def _prefetch(extractor: Extractor, clips: list[Clip], workers: int,
@@ -178,8 +181,9 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
     try:
         for clip, future in _prefetch(extractor, todo, engine.decode_workers, 2 * engine.batch_size):
             try:
-                item, seconds = future.result()
-                summary.decode_seconds += seconds
+                item, prepare_s, decode_s = future.result()
+                summary.prepare_seconds += prepare_s
+                summary.decode_seconds += decode_s
                 batch.append((clip, item))
             except NotApplicable:
                 summary.not_applicable += 1

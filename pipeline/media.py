@@ -7,8 +7,11 @@ file, the reason and, where one exists, a fix; raw PyAV/OS exceptions never esca
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
+import threading
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -22,6 +25,26 @@ log = logging.getLogger(__name__)
 # Python-level checks (e.g. a resampler fed a frame whose format changed mid-stream).
 _DECODE_ERRORS = (av.error.FFmpegError, OSError, ValueError)
 _CORRUPT_HINT = "the file may be truncated or not a media file; re-download or re-extract it"
+
+# Seconds each thread has spent decoding media, so the extraction engine can tell decoding
+# apart from the rest of an extractor's CPU preparation (face detection, resizing, ...).
+_decode_clock = threading.local()
+
+
+def decode_seconds() -> float:
+    """Seconds the calling thread has spent in `sample_frames` and `load_audio` so far."""
+    return getattr(_decode_clock, "seconds", 0.0)
+
+
+def _clocked(fn):
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return fn(*args, **kwargs)
+        finally:
+            _decode_clock.seconds = decode_seconds() + time.perf_counter() - start
+    return wrapper
 
 
 class MediaError(Exception):
@@ -182,6 +205,7 @@ def _pick_frames(
     return picks + [held] * (len(targets) - len(picks))
 
 
+@_clocked
 def sample_frames(path: str | os.PathLike[str], num_frames: int, max_side: int | None = None) -> Frames:
     """Sample ``num_frames`` RGB frames uniformly over the clip (targets at segment centres).
 
@@ -224,6 +248,7 @@ def _warn_if_short(path: str, last_t: float, last_target: float, duration: float
         log.warning("%s: video decodes only to %.2fs of %.2fs; repeating the last frame", path, last_t, duration)
 
 
+@_clocked
 def load_audio(path: str | os.PathLike[str], sample_rate: int = 16000) -> np.ndarray:
     """Decode the first audio stream to float32 mono at ``sample_rate`` (1-D, in [-1, 1]).
 

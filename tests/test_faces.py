@@ -346,6 +346,8 @@ def test_run_extraction_end_to_end(tmp_path, engine):
         seqs, _ = reader.read_sequences("sequence", ["a", "b", "c"])
         assert [len(s) for s in seqs] == [3, 3, 0]
         assert reader.get("c")["face_fraction"] == 0
+    # detection runs in `prepare` too: the summary keeps media decoding apart from it
+    assert 0 < summary.decode_seconds < summary.prepare_seconds
 
 
 def test_insightface_without_model_dir_fails_before_work(tmp_path, engine):

@@ -269,3 +269,15 @@ def test_probe_fields(clips):
     assert not wav.has_video and wav.has_audio
     assert (wav.width, wav.height, wav.fps, wav.sample_rate) == (0, 0, 0.0, 44100)
     assert abs(wav.duration_s - 1.0) < 0.05
+
+
+def test_decode_clock_counts_this_threads_decoding_only(clips):
+    before = media.decode_seconds()
+    sample_frames(clips["long"], 4)
+    spent = media.decode_seconds() - before
+    assert spent > 0
+    other: list[float] = []
+    thread = threading.Thread(target=lambda: other.append(media.decode_seconds()))
+    thread.start()
+    thread.join()
+    assert other == [0.0]  # a fresh thread has its own clock
