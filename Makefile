@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 # dvc stages call `python`: run them with the venv first on PATH.
 RUN := PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
 
-.PHONY: help install repro features test test-fast demo bench bench-extract bench-refine clean-features
+.PHONY: help install repro features test test-fast demo bench bench-extract bench-refine bench-llm clean-features
 .DEFAULT_GOAL := help
 
 help:  ## list targets
@@ -50,6 +50,11 @@ bench-extract: $(STAMP)  ## extractor speed on the demo clips vs a naive one-cli
 
 bench-refine: $(STAMP)  ## label refinement on real data with 10%/20% known flipped labels (RAVDESS, MELD)
 	$(RUN) $(BIN)/python -m pipeline.bench_refine --shared ../shared/data --work build/bench
+
+bench-llm: $(STAMP)  ## LLM stage seconds per clip, batched vs one at a time (+ zero-shot quality on MELD)
+	$(RUN) $(BIN)/dvc repro ingest
+	$(RUN) $(BIN)/python -m pipeline.bench_llm --manifest data/manifest.jsonl --limit 24 \
+	  $$(test -d ../shared/data/meld && echo --meld ../shared/data --meld-clips 300)
 
 clean-features:  ## delete feature stores, partial work and reports (DVC can restore cached ones)
 	rm -rf features/*.h5 features/.partial reports/extract

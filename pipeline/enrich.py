@@ -9,8 +9,9 @@
 The output holds one JSON line per clip and language, `{name, language, subtitle,
 enriched, status}`, in manifest order. `enriched_manifest` puts "subtitle\\n\\nenriched"
 into the clips' subtitle fields, so the existing `text` extractor encodes the enriched
-text with its own code. Answers are cached per batch (`pipeline.llm.LLMCache`), so an
-interrupted run resumes and an unchanged rerun calls the model zero times.
+text with its own code. Answers are cached per clip and batch (`pipeline.llm.LLMCache`), so
+an interrupted run resumes and an unchanged rerun calls the model zero times. Rows with the
+same language and subtitle are asked once per run (greedy decoding gives them one answer).
 """
 
 from __future__ import annotations
@@ -72,7 +73,7 @@ class EnrichSummary:
     empty: int = 0  # no subtitle: no call made
     failed: int = 0
     cached: int = 0  # answered from the cache
-    asked: int = 0  # subtitles sent to the model by this run
+    asked: int = 0  # distinct prompts sent to the model by this run (equal subtitles are asked once)
     seconds: float = 0.0
 
 
@@ -95,33 +96,40 @@ def _rows(clips: list[Clip], languages: tuple[str, ...]) -> list[dict[str, Any]]
             for c in clips for lang in languages]
 
 
-def _enrich_batch(llm: LLM, cache: LLMCache, identity: dict[str, Any], templates: dict[str, str],
-                  batch: list[dict[str, Any]], max_new_tokens: int, summary: EnrichSummary,
-                  device: str) -> None:
-    """Fill `enriched`/`status` of a batch of rows in place; cache hits make no call."""
+def _enrich_group(llm: LLM, cache: LLMCache, groups: list[list[tuple[dict[str, Any], str]]],
+                  templates: dict[str, str], max_new_tokens: int, summary: EnrichSummary, device: str) -> None:
+    """Ask once per group of rows with the same language and subtitle; fill every row in place."""
+    firsts = [group[0][0] for group in groups]
+    messages = [build_messages(templates[row["language"]], row["subtitle"]) for row in firsts]
+    answers = _ask(llm.ensure_loaded(device), messages, max_new_tokens)
+    summary.asked += len(groups)
+    for group, answer in zip(groups, answers):
+        for row, key in group:
+            if isinstance(answer, Exception) or not answer.strip():
+                reason = f"{type(answer).__name__}: {answer}" if isinstance(answer, Exception) else "empty answer"
+                row["status"] = f"failed: {reason}"
+                log.debug("enrich %s/%s failed: %s", row["name"], row["language"], reason)
+            else:
+                row["enriched"] = answer.strip()
+                cache.put(key, json.dumps(row["enriched"], ensure_ascii=False))
+    cache.commit()  # per batch: an interrupted run keeps every finished batch
+
+
+def _uncached_groups(rows: list[dict[str, Any]], cache: LLMCache, identity: dict[str, Any],
+                     templates: dict[str, str], max_new_tokens: int,
+                     summary: EnrichSummary) -> list[list[tuple[dict[str, Any], str]]]:
+    """Fill cached rows; group the others by (language, subtitle): one model call per distinct prompt."""
     settings = {"max_new_tokens": max_new_tokens}
-    keys = [LLMCache.key(identity, templates[r["language"]], "enrich", r["name"], r["subtitle"], settings)
-            for r in batch]
-    todo = []
-    for row, key in zip(batch, keys):
+    groups: dict[tuple[str, str], list[tuple[dict[str, Any], str]]] = {}
+    for row in rows:
+        key = LLMCache.key(identity, templates[row["language"]], "enrich", row["name"], row["subtitle"], settings)
         cached = cache.get(key)
         if cached is None:
-            todo.append((row, key))
+            groups.setdefault((row["language"], row["subtitle"]), []).append((row, key))
         else:
             row["enriched"] = cached
             summary.cached += 1
-    messages = [build_messages(templates[row["language"]], row["subtitle"]) for row, _ in todo]
-    answers = _ask(llm.ensure_loaded(device), messages, max_new_tokens) if todo else []
-    summary.asked += len(todo)
-    for (row, key), answer in zip(todo, answers):
-        if isinstance(answer, Exception) or not answer.strip():
-            reason = f"{type(answer).__name__}: {answer}" if isinstance(answer, Exception) else "empty answer"
-            row["status"] = f"failed: {reason}"
-            log.debug("enrich %s/%s failed: %s", row["name"], row["language"], reason)
-        else:
-            row["enriched"] = answer.strip()
-            cache.put(key, json.dumps(row["enriched"], ensure_ascii=False))
-    cache.commit()  # per batch: an interrupted run keeps every finished batch
+    return list(groups.values())
 
 
 def run_enrichment(clips: list[Clip], llm: LLM, cache_path: str | Path, language: str,
@@ -145,11 +153,11 @@ def run_enrichment(clips: list[Clip], llm: LLM, cache_path: str | Path, language
     summary = EnrichSummary(rows=len(rows), empty=len(rows) - len(todo))
     cache = LLMCache(cache_path)
     try:
-        with tqdm(total=len(todo), desc="enrich", unit="subtitle", disable=not progress) as bar:
-            for i in range(0, len(todo), batch_size):
-                batch = todo[i:i + batch_size]
-                _enrich_batch(llm, cache, identity, templates, batch, max_new_tokens, summary, device)
-                bar.update(len(batch))
+        groups = _uncached_groups(todo, cache, identity, templates, max_new_tokens, summary)
+        with tqdm(total=len(groups), desc="enrich", unit="prompt", disable=not progress) as bar:
+            for i in range(0, len(groups), batch_size):
+                _enrich_group(llm, cache, groups[i:i + batch_size], templates, max_new_tokens, summary, device)
+                bar.update(len(groups[i:i + batch_size]))
     finally:
         cache.close()
     failed = [r for r in todo if r["status"] != "ok"]

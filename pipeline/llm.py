@@ -164,7 +164,9 @@ class TransformersLLM(LLM):
     def load(self, device: str = "cpu") -> "TransformersLLM":
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.disable_progress_bar()  # per-tensor loading bars would flood stage logs
         folder, gguf = self._files()
         if self.options.num_threads:  # more threads than free cores slows torch down many times over
             torch.set_num_threads(self.options.num_threads)

@@ -10,6 +10,7 @@ import numpy as np
 
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip
+from pipeline.tables import rounded
 from pipeline.train import CVResult
 
 
@@ -35,17 +36,7 @@ def cv_metrics(clips: list[Clip], result: CVResult) -> dict:
                         "weighted_f1": [float(s) for s in scores]}
     metrics["n_labelled"] = len(result.labelled)
     metrics["seconds_per_fold"] = float(np.mean(result.seconds_per_fold))
-    return _rounded(metrics)
-
-
-def _rounded(obj):
-    if isinstance(obj, float):
-        return round(obj, 4)
-    if isinstance(obj, dict):
-        return {k: _rounded(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_rounded(v) for v in obj]
-    return obj
+    return rounded(metrics)
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:

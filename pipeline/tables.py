@@ -1,4 +1,4 @@
-"""Small writers shared by stages and benchmarks: atomic JSON lines, and result tables."""
+"""Small writers shared by stages and benchmarks: atomic JSON lines, result tables, rounded metrics."""
 
 from __future__ import annotations
 
@@ -26,3 +26,14 @@ def write_table(out: str | Path, rows: list[dict[str, Any]], markdown: str) -> N
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown)
     print(markdown)
+
+
+def rounded(obj: Any, digits: int = 4) -> Any:
+    """Floats rounded to `digits` throughout nested dicts and lists (stable metrics files)."""
+    if isinstance(obj, float):
+        return round(obj, digits)
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [rounded(v, digits) for v in obj]
+    return obj

@@ -159,7 +159,7 @@ def test_extraction_records_garbage_as_clip_failure_and_cache_skips_calls(server
     bad = "sample_00000002"
     server.respond = lambda body, call: Reply("garbage") if bad in subtitle_of(body) else \
         Reply(json.dumps({e: (5 if e == "sad" else 1) for e in EMOTIONS}))
-    options = {"backend": "endpoint", "cache_path": str(tmp_path / "cache.sqlite"),
+    options = {"backend": "endpoint", "cache_path": str(tmp_path / "cache.sqlite"), "calibrate": False,
                "backend_options": {"base_url": server.url, "model": "fake", **FAST, "retries": 1}}
     spec = ExtractorSpec("llm_zero_shot", options)
     summary = run_extraction("llm", spec, engine, manifest, tmp_path / "llm.h5", progress=False)
@@ -179,6 +179,32 @@ def test_extraction_records_garbage_as_clip_failure_and_cache_skips_calls(server
     with pytest.raises(ExtractionFailed, match="1 of 8"):
         run_extraction("llm", spec, replace(engine, max_failed_fraction=0.1), manifest,
                        tmp_path / "llm.h5", restart=True, progress=False)
+
+
+def test_contextual_calibration_divides_out_the_label_prior(server, engine, tmp_path):
+    """The model says "sad" to everything, content-free subtitles included: calibration removes that."""
+    clips = [Clip("plain", english="The bus leaves at nine."), Clip("joy", english="We won the final!")]
+    write_manifest(clips, tmp_path / "m.jsonl")
+
+    def respond(body, call):
+        joy = "won the final" in subtitle_of(body)
+        return Reply(json.dumps({e: 5 if e == "sad" else (3 if joy and e == "happy" else 1) for e in EMOTIONS}))
+
+    server.respond = respond
+    stores = {}
+    for calibrate in (False, True):
+        options = {"backend": "endpoint", "cache_path": str(tmp_path / "cache.sqlite"), "calibrate": calibrate,
+                   "backend_options": {"base_url": server.url, "model": "fake", **FAST}}
+        path = tmp_path / f"llm-{calibrate}.h5"
+        run_extraction("llm", ExtractorSpec("llm_zero_shot", options), engine, tmp_path / "m.jsonl", path,
+                       progress=False)
+        with StoreReader(path) as reader:
+            stores[calibrate] = reader.read("utterance", ["plain", "joy"])[0]
+    assert len(server.requests) == 2 + 3  # the clips once (cached), then the 3 content-free prompts
+    assert [EMOTIONS[i] for i in stores[False].argmax(1)] == ["sad", "sad"]
+    np.testing.assert_allclose(stores[True][0], 1 / 6, atol=1e-6)  # the prior itself: no information left
+    assert EMOTIONS[stores[True][1].argmax()] == "happy"
+    assert {json.loads(subtitle_of(b).splitlines()[2]) for b in server.requests[2:]} == {"N/A", "", "..."}
 
 
 def test_missing_models_and_bad_options_name_the_key(manifest, engine, tmp_path):
@@ -242,6 +268,24 @@ def test_enrichment_rows_cache_and_failures(server, tmp_path):
     good = [c for c in clips if c.name != "c"]
     assert run_enrichment(good, llm, max_failed_fraction=0.0, **args).cached == 3
     assert len(server.requests) == before  # ZERO calls: everything came from the cache
+
+
+def test_equal_subtitles_are_asked_once_and_cached_per_clip(server, engine, tmp_path):
+    clips = [Clip(n, english="Dogs are sitting by the door.") for n in "abc"] + [Clip("d", english="Fire!")]
+    out = tmp_path / "e.jsonl"
+    summary = run_enrichment(clips, endpoint(server), tmp_path / "c.sqlite", "english", ENRICH_TEMPLATES,
+                             16, 8, out, 0.0)
+    assert (summary.asked, summary.ok, len(server.requests)) == (2, 4, 2)
+    assert len({r["enriched"] for r in read_enriched(out)}) == 2
+    write_manifest(clips, tmp_path / "m.jsonl")
+    options = {"backend": "endpoint", "cache_path": str(tmp_path / "c.sqlite"), "calibrate": False,
+               "backend_options": {"base_url": server.url, "model": "fake", **FAST}}
+    before = len(server.requests)
+    run_extraction("llm", ExtractorSpec("llm_zero_shot", options), replace(engine, batch_size=4),
+                   tmp_path / "m.jsonl", tmp_path / "l.h5", progress=False)
+    assert len(server.requests) - before == 2  # one batch of four clips, two distinct subtitles
+    with sqlite3.connect(tmp_path / "c.sqlite") as db:  # still one cached answer per clip
+        assert db.execute("select count(*) from answers").fetchone()[0] == 4 + 4
 
 
 def test_enrichment_params_are_strict(server, tmp_path):

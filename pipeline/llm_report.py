@@ -1,0 +1,57 @@
+"""How good are the LLM's zero-shot labels? Scored against the gold labels of the manifest.
+
+`reports/llm/metrics.json` (a DVC metric) holds, over the labelled clips that have a
+subtitle: accuracy, weighted F1 (the MER2025 metric), macro F1, per-class precision /
+recall / F1 / support, the confusion matrix, and the majority-class baseline on the same
+clips, so a number can be read against chance. Labelled clips without a subtitle are
+counted (`no_subtitle`) but not scored: the LLM never saw them.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.labels import EMOTION_INDEX, EMOTIONS
+from pipeline.manifest import Clip
+from pipeline.store import StoreReader
+from pipeline.tables import rounded
+
+
+def label_store_metrics(clips: list[Clip], store: str | Path, key: str = "utterance") -> dict[str, Any]:
+    """Scores of a store of six-class probabilities (argmax) against the clips' gold labels."""
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    labelled = [c for c in clips if c.label]
+    with StoreReader(store) as reader:
+        probs, present = reader.read(key, [c.name for c in labelled])
+    if probs.shape[1:] != (len(EMOTIONS),):
+        raise ValueError(f"{store}: key {key!r} has shape {probs.shape[1:]}, expected ({len(EMOTIONS)},)")
+    gold = np.array([EMOTION_INDEX[c.label] for c in labelled], dtype=np.int64)[present]
+    predicted = probs[present].argmax(axis=1)
+    classes = list(range(len(EMOTIONS)))
+    out: dict[str, Any] = {"labelled": len(labelled), "scored": int(present.sum()),
+                           "no_subtitle": int((~present).sum())}
+    if not len(gold):
+        return out
+    precision, recall, f1, support = precision_recall_fscore_support(
+        gold, predicted, labels=classes, zero_division=0)
+    majority = np.bincount(gold, minlength=len(EMOTIONS)).argmax()
+    out.update({
+        "accuracy": float(accuracy_score(gold, predicted)),
+        "weighted_f1": float(f1_score(gold, predicted, average="weighted", labels=classes, zero_division=0)),
+        "macro_f1": float(f1_score(gold, predicted, average="macro", labels=classes, zero_division=0)),
+        "majority_class": {"label": EMOTIONS[majority], "accuracy": float(np.mean(gold == majority)),
+                           "weighted_f1": float(f1_score(gold, np.full_like(gold, majority), average="weighted",
+                                                         labels=classes, zero_division=0))},
+        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+                      for name, p, r, f, s in zip(EMOTIONS, precision, recall, f1, support)},
+        "predicted_per_class": {name: int(n) for name, n in
+                                zip(EMOTIONS, np.bincount(predicted, minlength=len(EMOTIONS)))},
+        "confusion": {"labels": list(EMOTIONS),
+                      "rows_gold_cols_predicted": confusion_matrix(gold, predicted, labels=classes).tolist()},
+    })
+    return rounded(out)
+
