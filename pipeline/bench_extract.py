@@ -4,13 +4,14 @@
 
 (a) `pipeline.extract.run_extraction` into a temporary folder (decode threads, batches
 across clips, store writes); (b) in the same process, a naive loop: one clip at a time,
-decoded then encoded one frame per model call (per clip when the prepared item is not a
-frame stack). Both count one model load. Writes `reports/bench/extract_<store>.json`.
+decoded then encoded one frame per model call (`per_frame`: a frame stack, or the faces
+extractor's per-frame crops; whole clips otherwise). Both count one model load. Writes `reports/bench/extract_<store>.json`.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -44,6 +45,20 @@ class NaiveTimes:
         return self.load + self.prepare + self.model
 
 
+def per_frame(item: Any) -> list[Any]:
+    """A prepared clip cut into one-frame items: a (T, ...) frame stack, or a dataclass whose
+    4-D arrays share their first dimension T (the faces extractor's crops); else the item whole."""
+    if isinstance(item, np.ndarray) and item.ndim == 4:
+        return [item[i: i + 1] for i in range(len(item))]
+    if dataclasses.is_dataclass(item):
+        stacks = {f.name: v for f in dataclasses.fields(item)
+                  if isinstance(v := getattr(item, f.name), np.ndarray) and v.ndim == 4}
+        lengths = {len(v) for v in stacks.values()}
+        if len(lengths) == 1 and (n := lengths.pop()) > 1:
+            return [dataclasses.replace(item, **{k: v[i: i + 1] for k, v in stacks.items()}) for i in range(n)]
+    return [item]
+
+
 def _naive_one(extractor: Extractor, clip: Clip, times: NaiveTimes) -> None:
     """Decode one clip, then run the model on it one frame per call."""
     start, decoded = time.perf_counter(), media.decode_seconds()
@@ -52,11 +67,8 @@ def _naive_one(extractor: Extractor, clip: Clip, times: NaiveTimes) -> None:
     except NotApplicable:
         return
     mid = time.perf_counter()
-    if isinstance(item, np.ndarray) and item.ndim == 4:  # a stack of preprocessed frames
-        for i in range(len(item)):
-            extractor.extract_batch([item[i: i + 1]])
-    else:
-        extractor.extract_batch([item])
+    for frame in per_frame(item):
+        extractor.extract_batch([frame])
     times.clips += 1
     times.prepare += mid - start
     times.decode += media.decode_seconds() - decoded

@@ -356,3 +356,17 @@ def test_insightface_without_model_dir_fails_before_work(tmp_path, engine):
     with pytest.raises(ModelMissingError, match=r"extract\.faces\.options\.detector_options\.model_dir"):
         run_extraction("faces", spec, engine, tmp_path / "m.jsonl", tmp_path / "f.h5", progress=False)
     assert not (tmp_path / "f.h5").exists()
+
+
+def test_naive_bench_loop_encodes_face_crops_one_frame_at_a_time():
+    from pipeline.bench_extract import per_frame
+    from pipeline.extractors.faces import FaceItem
+
+    item = FaceItem(np.arange(3 * 3 * 2 * 2, dtype=np.float32).reshape(3, 3, 2, 2),
+                    np.zeros((3, 1, 64, 64), np.float32), sampled=8)
+    frames = per_frame(item)
+    assert len(frames) == 3 and all(f.pixels.shape == (1, 3, 2, 2) and f.sampled == 8 for f in frames)
+    np.testing.assert_array_equal(frames[2].pixels[0], item.pixels[2])
+    faceless = FaceItem(None, np.zeros((0, 1, 64, 64), np.float32), sampled=8)
+    assert per_frame(faceless) == [faceless]
+    assert len(per_frame(np.zeros((5, 3, 4, 4)))) == 5 and per_frame("text") == ["text"]
