@@ -4,10 +4,12 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# the optional Ray engine (engine.runner: ray): `make test` installs it so its tests run
+RAY_STAMP := $(VENV)/.installed-ray
 # dvc stages call `python`: run them with the venv first on PATH.
 RUN := PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
 
-.PHONY: help install repro features test test-fast demo bench bench-extract bench-refine bench-llm clean-features
+.PHONY: help install repro features test test-fast demo bench bench-extract bench-refine bench-llm bench-scale clean-features
 .DEFAULT_GOAL := help
 
 help:  ## list targets
@@ -24,13 +26,17 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the package with pinned dependencies
 
+$(RAY_STAMP): $(STAMP)
+	$(BIN)/python -m pip install --quiet -e '.[ray]'
+	touch $@
+
 repro: $(STAMP)  ## install, then run the whole DVC pipeline on the dataset in params (demo by default)
 	$(RUN) $(BIN)/dvc repro
 
 features: $(STAMP)  ## install, then run ingest and the extraction stages only
 	$(RUN) $(BIN)/dvc repro ingest extract
 
-test: $(STAMP)  ## install, then run the whole test suite (slow tests included)
+test: $(STAMP) $(RAY_STAMP)  ## install (with the ray extra), then run the whole test suite (slow tests included)
 	$(RUN) $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)  ## tests without the ones marked slow
@@ -55,6 +61,9 @@ bench-llm: $(STAMP)  ## LLM stage seconds per clip, batched vs one at a time (+ 
 	$(RUN) $(BIN)/dvc repro ingest
 	$(RUN) $(BIN)/python -m pipeline.bench_llm --manifest data/manifest.jsonl --limit 24 \
 	  $$(test -d ../shared/data/meld && echo --meld ../shared/data --meld-clips 300)
+
+bench-scale: $(STAMP) $(RAY_STAMP)  ## extraction clips/s locally and on Ray with 1 and 2 workers (frames store, the 80 demo clips)
+	$(RUN) $(BIN)/python -m pipeline.bench_scale --store frames --clips 80 --out reports/bench/scale.json
 
 clean-features:  ## delete feature stores, partial work and reports (DVC can restore cached ones)
 	rm -rf features/*.h5 features/.partial reports/extract

@@ -32,6 +32,9 @@ class IngestConfig:
     candidate_file: str = "track_all_candidates.csv"
 
 
+RUNNERS = ("local", "ray")
+
+
 @dataclass(frozen=True)
 class EngineConfig:
     """How extraction runs; none of these change the values written."""
@@ -42,6 +45,25 @@ class EngineConfig:
     flush_every: int = 16  # clips buffered before a segment is committed to disk
     flush_seconds: float = 30.0  # ...or this many seconds, whichever comes first
     max_failed_fraction: float = 0.1  # the stage fails above this fraction of failed clips
+    # Where `extract` runs (issue #8's `extract.engine`; it lives here because `extract` maps store
+    # names). Same extractor, params and store either way; see pipeline/extract_ray.py.
+    runner: str = "local"  # local | ray
+    ray_address: str | None = None  # a running cluster ("auto", "host:6379"); None: a local Ray for the run
+    ray_workers: int = 0  # actors, each with one loaded model; 0: one per GPU (cuda) or per CPU slot
+    ray_cpus_per_worker: float = 1.0  # CPUs each actor reserves (and its torch/OpenMP thread count)
+    ray_batches_per_shard: int = 4  # a shard (one actor call, the unit of retry) is at most this many batches
+
+    def __post_init__(self) -> None:
+        if self.runner not in RUNNERS:
+            raise ConfigError(f"params key 'engine.runner' is {self.runner!r}; use {' or '.join(RUNNERS)}")
+        if self.ray_workers < 0:
+            raise ConfigError(f"params key 'engine.ray_workers' is {self.ray_workers}; use 0 (auto) or more")
+        if self.ray_batches_per_shard < 1:
+            raise ConfigError(f"params key 'engine.ray_batches_per_shard' is {self.ray_batches_per_shard}; "
+                              "use 1 or more")
+        if self.ray_cpus_per_worker <= 0:
+            raise ConfigError(f"params key 'engine.ray_cpus_per_worker' is {self.ray_cpus_per_worker}; "
+                              "it must be above 0")
 
 
 @dataclass(frozen=True)

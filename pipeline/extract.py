@@ -1,8 +1,12 @@
-"""The local extraction engine: manifest -> one extractor -> one resumable HDF5 store.
+"""The extraction engine: manifest -> one extractor -> one resumable HDF5 store.
 
 Decoding runs in background threads a few batches ahead, so the model rarely waits;
 the model sees batches across clips. Per clip, an error is recorded and the run goes on;
 the stage fails only when the failed fraction passes `engine.max_failed_fraction`.
+
+`engine.runner` decides where the clips are computed: here (`local`), or on Ray actors
+(`ray`, pipeline/extract_ray.py). Both run the same `ClipWorker` on each clip and hand its
+results to the same writer (`_Run`), so stores, failure records and resume are the same.
 """
 
 from __future__ import annotations
@@ -12,6 +16,7 @@ import logging
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Iterator
@@ -57,11 +62,16 @@ class ExtractSummary:
         return self.done / self.seconds if self.seconds else 0.0
 
 
-def resolve_device(requested: str) -> str:
-    """`auto` picks cuda when present; asking for cuda without one is an error, never a fallback."""
+def check_device(requested: str) -> str:
+    """The `engine.device` value, if it is one (auto, cpu, cuda, cuda:N)."""
     if requested not in ("auto", "cpu", "cuda") and not requested.startswith("cuda:"):
         raise ValueError(f"params key 'engine.device' is {requested!r}; use auto, cpu or cuda")
-    if requested == "cpu":
+    return requested
+
+
+def resolve_device(requested: str) -> str:
+    """`auto` picks cuda when present; asking for cuda without one is an error, never a fallback."""
+    if check_device(requested) == "cpu":
         return "cpu"
     import torch
 
@@ -107,8 +117,82 @@ def _prefetch(extractor: Extractor, clips: list[Clip], workers: int,
                 queue.append((nxt, pool.submit(_timed_prepare, extractor, nxt)))
 
 
+@dataclass
+class ClipResult:
+    """What became of one clip: `outputs` when extracted, `failure` (the record) when it failed,
+    neither when the clip lacks the extractor's modality."""
+
+    name: str
+    outputs: dict[str, Any] | None = None
+    failure: dict[str, Any] | None = None
+
+
+def failure_record(store: str, modality: str, name: str, kind: str, error: str) -> dict[str, Any]:
+    """One line of `<store>.failures.jsonl`."""
+    return {"id": name, "stage": f"extract.{store}", "modality": modality, "kind": kind, "error": error}
+
+
+class ClipWorker:
+    """prepare + model with per-clip failure isolation: what every engine runs on its clips.
+
+    The local engine runs one in its own process; the Ray engine runs one in each actor.
+    Seconds spent preparing, decoding and in the model are added to `timings`.
+    """
+
+    def __init__(self, store: str, extractor: Extractor, timings: ExtractSummary,
+                 model_lock: AbstractContextManager[Any] | None = None):
+        self.store, self.extractor, self.timings = store, extractor, timings
+        self.model_lock = model_lock or nullcontext()  # held around each model call
+
+    def run(self, clips: list[Clip], batch_size: int, decode_workers: int) -> Iterator[ClipResult]:
+        """Results in the order they are known; a batch's results come after its model call."""
+        batch: list[tuple[Clip, Any]] = []
+        for clip, future in _prefetch(self.extractor, clips, decode_workers, 2 * batch_size):
+            try:
+                item, prepare_s, decode_s = future.result()
+                self.timings.prepare_seconds += prepare_s
+                self.timings.decode_seconds += decode_s
+                batch.append((clip, item))
+            except NotApplicable:
+                yield ClipResult(clip.name)
+            except Exception as err:  # noqa: BLE001 - per-clip boundary
+                yield self.failed(clip, err)
+            if len(batch) >= batch_size:
+                yield from self.process(batch)
+                batch = []
+        if batch:
+            yield from self.process(batch)
+
+    def failed(self, clip: Clip, err: BaseException) -> ClipResult:
+        log.debug("clip %s failed: %s", clip.name, err)
+        return ClipResult(clip.name, failure=failure_record(
+            self.store, self.extractor.modality, clip.name, _failure_kind(err), str(err) or type(err).__name__))
+
+    def process(self, batch: list[tuple[Clip, Any]]) -> list[ClipResult]:
+        """Run the model on a batch; errors are isolated per clip."""
+        try:
+            outputs = self._model(batch)
+        except Exception as err:  # noqa: BLE001 - per-clip boundary: record and go on
+            if len(batch) == 1:
+                return [self.failed(batch[0][0], err)]
+            # one bad clip must not sink its batch: find it
+            return [result for pair in batch for result in self.process([pair])]
+        return [ClipResult(clip.name, outputs=out) for (clip, _), out in zip(batch, outputs)]
+
+    def _model(self, batch: list[tuple[Clip, Any]]) -> list[dict[str, Any]]:
+        with self.model_lock:
+            start = time.perf_counter()
+            outputs = self.extractor.extract_batch([item for _, item in batch])
+            missing = [sorted(set(self.extractor.output_keys) - set(o)) for o in outputs]
+            if len(outputs) != len(batch) or any(missing):
+                raise RuntimeError(f"extractor {self.extractor.name} broke its output contract "
+                                   f"(missing {next((m for m in missing if m), [])})")
+            self.timings.model_seconds += time.perf_counter() - start
+        return outputs
+
+
 class _Run:
-    """State of one extraction run; split out so `run_extraction` reads top to bottom."""
+    """The writing side of one run: results in, store segments and failure records out."""
 
     def __init__(self, store: str, extractor: Extractor, writer: StoreWriter,
                  engine: EngineConfig, summary: ExtractSummary):
@@ -117,36 +201,18 @@ class _Run:
         self.failures: list[dict[str, Any]] = []
         self.last_flush = time.monotonic()
 
-    def fail(self, clip: Clip, err: BaseException) -> None:
-        self.summary.failed += 1
-        self.failures.append({"id": clip.name, "stage": f"extract.{self.store}",
-                              "modality": self.extractor.modality, "kind": _failure_kind(err),
-                              "error": str(err) or type(err).__name__})
-        log.debug("clip %s failed: %s", clip.name, err)
+    def take(self, result: ClipResult) -> None:
+        if result.outputs is not None:
+            self.write(result.name, result.outputs)
+        elif result.failure is not None:
+            self.summary.failed += 1
+            self.failures.append(result.failure)
+        else:
+            self.summary.not_applicable += 1
 
-    def process(self, batch: list[tuple[Clip, Any]]) -> None:
-        """Run the model on a batch and write the results; errors are isolated per clip."""
+    def write(self, name: str, out: dict[str, Any]) -> None:
         start = time.perf_counter()
-        try:
-            outputs = self.extractor.extract_batch([item for _, item in batch])
-            missing = [sorted(set(self.extractor.output_keys) - set(o)) for o in outputs]
-            if len(outputs) != len(batch) or any(missing):
-                raise RuntimeError(f"extractor {self.extractor.name} broke its output contract "
-                                   f"(missing {next((m for m in missing if m), [])})")
-        except Exception as err:  # noqa: BLE001 - per-clip boundary: record and go on
-            if len(batch) == 1:
-                self.fail(batch[0][0], err)
-                return
-            for pair in batch:  # one bad clip must not sink its batch: find it
-                self.process([pair])
-            return
-        self.summary.model_seconds += time.perf_counter() - start
-        for (clip, _), out in zip(batch, outputs):
-            self.write(clip, out)
-
-    def write(self, clip: Clip, out: dict[str, Any]) -> None:
-        start = time.perf_counter()
-        self.writer.add(clip.name, out)
+        self.writer.add(name, out)
         self.summary.done += 1
         if (self.writer.pending >= self.engine.flush_every
                 or time.monotonic() - self.last_flush >= self.engine.flush_seconds):
@@ -163,7 +229,9 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
     start = time.perf_counter()
     clips = read_manifest(manifest_path)
     extractor = get_extractor(spec.extractor)(spec.options)
-    device = resolve_device(engine.device)
+    on_ray = engine.runner == "ray"
+    # Ray actors pick their own device (they may sit on GPU nodes the driver lacks).
+    device = check_device(engine.device) if on_ray else resolve_device(engine.device)
     try:
         model = extractor.model_identity()
     except ModelMissing as err:
@@ -174,28 +242,19 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
     summary = ExtractSummary(store=store, extractor=spec.extractor, device=device, clips=len(clips))
     todo = [c for c in clips if c.name not in writer.done]
     summary.skipped = len(clips) - len(todo)
-    extractor.load(device)  # after the fingerprint check: wrong settings fail before a model loads
     run = _Run(store, extractor, writer, engine, summary)
-    batch: list[tuple[Clip, Any]] = []
     bar = tqdm(total=len(todo), desc=f"extract {store}", unit="clip", disable=not progress)
     try:
-        for clip, future in _prefetch(extractor, todo, engine.decode_workers, 2 * engine.batch_size):
-            try:
-                item, prepare_s, decode_s = future.result()
-                summary.prepare_seconds += prepare_s
-                summary.decode_seconds += decode_s
-                batch.append((clip, item))
-            except NotApplicable:
-                summary.not_applicable += 1
-            except Exception as err:  # noqa: BLE001 - per-clip boundary
-                run.fail(clip, err)
-            if len(batch) >= engine.batch_size:
-                run.process(batch)
-                bar.update(len(batch))
-                batch = []
-        if batch:
-            run.process(batch)
-            bar.update(len(batch))
+        if on_ray:
+            from pipeline.extract_ray import extract_on_ray
+
+            extract_on_ray(run, todo, bar)
+        else:
+            extractor.load(device)  # after the fingerprint check: wrong settings fail before a model loads
+            for result in ClipWorker(store, extractor, summary).run(todo, engine.batch_size,
+                                                                   engine.decode_workers):
+                run.take(result)
+                bar.update(1)
     finally:
         bar.close()
         writer.flush()  # finished clips survive Ctrl-C and errors
@@ -208,7 +267,8 @@ def _finish(run: _Run, clips: list[Clip], store_path: Path, failures_path: str |
             summary_path: str | Path | None) -> None:
     summary, engine = run.summary, run.engine
     failures_path = Path(failures_path or store_path.with_suffix(".failures.jsonl"))
-    write_failures(failures_path, run.failures)
+    order = {c.name: i for i, c in enumerate(clips)}  # deterministic whatever the engine's timing
+    write_failures(failures_path, sorted(run.failures, key=lambda f: order.get(f["id"], len(order))))
     applicable = summary.clips - summary.not_applicable
     fraction = summary.failed / applicable if applicable else 0.0
     if fraction > engine.max_failed_fraction:

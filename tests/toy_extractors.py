@@ -2,14 +2,19 @@
 
 Its outputs depend only on the clip name, so an interrupted-and-resumed run can be
 compared value for value with an uninterrupted one. `TOY_SLEEP` slows it down so a
-test can kill it halfway; `TOY_CALL_LOG` records every clip it processes.
+test can kill it halfway; `TOY_CALL_LOG` records every clip it processes. `TOY_DIE_ON`
+names a clip on which the process kills itself (kill -9, like an OOM kill or a decoder
+crash); with `TOY_DIE_ONCE` set to a file path it dies only while that file is absent,
+creating it first, so the retry of that clip goes through.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+import signal
 import time
+from pathlib import Path
 from dataclasses import dataclass
 
 import numpy as np
@@ -44,6 +49,8 @@ class ToyExtractor(Extractor):
             if self.options.fail_on and self.options.fail_on in name:
                 raise RuntimeError(f"toy failure on {name}")
             time.sleep(float(os.environ.get("TOY_SLEEP", "0")))
+            if name == os.environ.get("TOY_DIE_ON"):
+                _die()
             seed = int(hashlib.sha256(name.encode()).hexdigest()[:8], 16)
             rng = np.random.default_rng(seed)
             out.append({"utterance": rng.standard_normal(self.options.dim).astype(np.float32),
@@ -53,3 +60,12 @@ class ToyExtractor(Extractor):
                 with open(log_path, "a", encoding="utf-8") as fh:
                     fh.write(name + "\n")
         return out
+
+
+def _die() -> None:
+    once = os.environ.get("TOY_DIE_ONCE")
+    if once:
+        if Path(once).exists():
+            return
+        Path(once).touch()
+    os.kill(os.getpid(), signal.SIGKILL)
