@@ -190,3 +190,18 @@ def load_params(path: str | Path = "params.yaml") -> Params:
 def as_dict(obj: Any) -> Any:
     """Plain-JSON form of a config dataclass (for fingerprints and reports)."""
     return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+
+
+def store_spec(params: Params, store: str, section: str = "extract") -> ExtractorSpec:
+    """The extractor spec of a store: `extract.<store>`, or a single-store section (`enriched_text`)."""
+    if section == "extract":
+        if store not in params.extract:
+            raise ConfigError(f"no store {store!r} under params key 'extract'; "
+                              f"known: {', '.join(sorted(params.extract)) or 'none'}")
+        return params.extract[store]
+    single = {"enriched_text": params.enriched_text}
+    if section not in single:
+        raise ConfigError(f"section {section!r}: use extract or one of {', '.join(single)}")
+    if not single[section]:
+        raise ConfigError(f"params key {section!r} is empty; give it an extractor and its options")
+    return from_dict(ExtractorSpec, single[section], section)

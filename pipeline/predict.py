@@ -1,7 +1,9 @@
 """`mer predict`: the trained pipeline on clips that were never ingested.
 
 Extraction runs with the same extractor params as training (params.yaml), into a
-temporary folder; the fold models of `models/fusion` are averaged. A clip without audio,
+temporary folder; the fold models of `models/fusion` are averaged. Models that use the
+`text_enriched` store get the given subtitle enriched by the LLM of params `llm` first,
+as the `enrich` stage does. A clip without audio,
 a face or a subtitle still gets an answer: the missing modality is masked, and named.
 """
 
@@ -16,8 +18,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import FusionConfig, Params
-from pipeline.extract import run_extraction
+from pipeline.config import ExtractorSpec, FusionConfig, Params, store_spec
+from pipeline.enrich import enrich_from_params, enriched_manifest, read_enriched
+from pipeline.extract import resolve_device, run_extraction
 from pipeline.fusion import build_fusion
 from pipeline.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from pipeline.labels import EMOTIONS
@@ -25,6 +28,7 @@ from pipeline.manifest import Clip, write_manifest
 from pipeline.train import Standardizer, load_features, predict
 
 log = logging.getLogger(__name__)
+ENRICHED_STORE = "text_enriched"  # made by the enrich + text_enriched stages (dvc.yaml)
 
 
 def clips_for(paths: list[Path], english: str = "", chinese: str = "") -> list[Clip]:
@@ -59,15 +63,25 @@ def run_predict(paths: list[Path], params: Params, models: Path, english: str = 
         engine = replace(params.engine, max_failed_fraction=1.0)
         failures = {}
         for store in stores:
-            if store not in params.extract:
-                raise KeyError(f"the models use store {store!r}, which params key 'extract' no longer names")
-            run_extraction(store, params.extract[store], engine, manifest, Path(tmp) / f"{store}.h5",
-                           progress=False)
+            spec, store_manifest = _spec_and_manifest(store, params, clips, manifest)
+            run_extraction(store, spec, engine, store_manifest, Path(tmp) / f"{store}.h5", progress=False)
             for line in (Path(tmp) / f"{store}.failures.jsonl").read_text().splitlines():
                 row = json.loads(line)
                 failures.setdefault(row["id"], {})[store] = row["kind"]
         features = load_features(clips, stores, tmp)
     return _ensemble(clips, features, folds, failures)
+
+
+def _spec_and_manifest(store: str, params: Params, clips: list[Clip], manifest: Path) -> tuple[ExtractorSpec, Path]:
+    if store in params.extract:
+        return params.extract[store], manifest
+    if store == ENRICHED_STORE and params.enriched_text:
+        rows, enriched = manifest.with_name("enriched.jsonl"), manifest.with_name("manifest_enriched.jsonl")
+        enrich_from_params(clips, {**params.llm, "max_failed_fraction": 1.0}, rows,
+                           resolve_device(params.engine.device))  # a failed call leaves the plain subtitle
+        write_manifest(enriched_manifest(clips, read_enriched(rows)), enriched)
+        return store_spec(params, store, "enriched_text"), enriched
+    raise KeyError(f"the models use store {store!r}, which params key 'extract' no longer names")
 
 
 def _ensemble(clips: list[Clip], features, folds: list[dict], failures: dict) -> list[dict]:

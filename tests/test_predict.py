@@ -64,3 +64,35 @@ def test_predict_cli_json_and_clear_errors(trained, tmp_path, capsys, monkeypatc
     with pytest.raises(SystemExit):
         cli_main(["predict", str(clip), "--models", str(tmp_path / "nothing")])
     assert "train first" in capsys.readouterr().err
+
+
+def test_predict_enriches_the_subtitle_for_a_text_enriched_model(tmp_path):
+    """A model trained on `text_enriched`: predict asks the LLM of params `llm` first."""
+    from conftest import build_dataset
+    from llm_server import FakeLLMServer, Reply, subtitle_of
+
+    from pipeline.config import IngestConfig
+    from pipeline.labels import EMOTIONS
+
+    labels = {f"s{i:02d}": EMOTIONS[i % 6] for i in range(12)}
+    clips = ingest(IngestConfig(root=str(build_dataset(tmp_path / "ds", labels, [], seconds=0.4))))
+    write_manifest(clips, tmp_path / "m.jsonl")
+    run_extraction("text_enriched", ExtractorSpec("toy", {}), EngineConfig(device="cpu"), tmp_path / "m.jsonl",
+                   tmp_path / "f" / "text_enriched.h5", progress=False)
+    cfg = TrainConfig(stores=["text_enriched"], model=FusionConfig(kind="single", single="text_enriched",
+                                                                    width=16), folds=2, epochs=1)
+    result = cross_validate(clips, load_features(clips, cfg.stores, tmp_path / "f"), cfg)
+    (tmp_path / "models").mkdir()
+    torch.save(result.checkpoints[0], tmp_path / "models" / "fold1.pt")
+    server = FakeLLMServer().start()
+    server.respond = lambda body, call: Reply("Sounds delighted.")
+    try:
+        params = Params(engine=EngineConfig(device="cpu"), train=cfg, enriched_text={"extractor": "toy"},
+                        llm={"backend": "endpoint", "backend_options": {"base_url": server.url, "model": "m"},
+                             "cache_path": str(tmp_path / "cache.sqlite")})
+        clip = write_clip(tmp_path / "new.mp4", seconds=0.6)
+        results = run_predict([clip], params, tmp_path / "models", english="We won!")
+    finally:
+        server.stop()
+    assert [json.loads(subtitle_of(b).splitlines()[2]) for b in server.requests] == ["We won!"]
+    assert results[0]["missing_modalities"] == {} and list(results[0]["modality_weights"]) == ["text_enriched"]

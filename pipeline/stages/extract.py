@@ -9,23 +9,9 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.config import ConfigError, ExtractorSpec, Params, from_dict, load_params
+from pipeline.config import load_params, store_spec
 from pipeline.extract import run_extraction
 from pipeline.stages import entry_point
-
-
-def store_spec(params: Params, store: str, section: str) -> ExtractorSpec:
-    if section == "extract":
-        if store not in params.extract:
-            raise ConfigError(f"no store {store!r} under params key 'extract'; "
-                              f"known: {', '.join(sorted(params.extract)) or 'none'}")
-        return params.extract[store]
-    single = {"enriched_text": params.enriched_text}
-    if section not in single:
-        raise ConfigError(f"--section {section!r}: use extract or one of {', '.join(single)}")
-    if not single[section]:
-        raise ConfigError(f"params key {section!r} is empty; give it an extractor and its options")
-    return from_dict(ExtractorSpec, single[section], section)
 
 
 @entry_point
