@@ -72,6 +72,13 @@ def test_repro_runs_ingest_to_predictions(repo: Path):
     for store in params["extract"]:
         summary = json.loads((repo / "reports" / "extract" / f"{store}.json").read_text())
         assert summary["done"] == 22 and summary["failed"] == 0, summary
+    enrich = json.loads((repo / "reports" / "llm" / "enrich.json").read_text())
+    assert enrich["ok"] == 22 and enrich["asked"] == 2  # the demo's two distinct sentences, asked once each
+    assert json.loads((repo / "reports" / "extract" / "text_enriched.json").read_text())["done"] == 22
+    llm = json.loads((repo / "reports" / "llm" / "metrics.json").read_text())
+    assert llm["scored"] == 18 and 0 <= llm["weighted_f1"] <= 1
+    refine = json.loads((repo / "reports" / "refine" / "summary.json").read_text())
+    assert "llm_labels" in json.dumps(refine)  # the LLM labels voted
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert 0 <= metrics["weighted_f1"] <= 1 and metrics["n_labelled"] == 18
     predictions = _rows(repo / "reports" / "predictions.csv")
