@@ -42,6 +42,7 @@ class EngineConfig:
     device: str = "auto"  # auto | cpu | cuda
     batch_size: int = 8  # clips per model call
     decode_workers: int = 2  # background threads decoding media
+    decoder_threads: int = 0  # FFmpeg threads per decoding clip; 0: the CPUs shared out, cpus // decode_workers
     flush_every: int = 16  # clips buffered before a segment is committed to disk
     flush_seconds: float = 30.0  # ...or this many seconds, whichever comes first
     max_failed_fraction: float = 0.1  # the stage fails above this fraction of failed clips
@@ -56,6 +57,8 @@ class EngineConfig:
     def __post_init__(self) -> None:
         if self.runner not in RUNNERS:
             raise ConfigError(f"params key 'engine.runner' is {self.runner!r}; use {' or '.join(RUNNERS)}")
+        if self.decoder_threads < 0:
+            raise ConfigError(f"params key 'engine.decoder_threads' is {self.decoder_threads}; use 0 (auto) or more")
         if self.ray_workers < 0:
             raise ConfigError(f"params key 'engine.ray_workers' is {self.ray_workers}; use 0 (auto) or more")
         if self.ray_batches_per_shard < 1:

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -52,6 +53,7 @@ class ExtractSummary:
     done: int = 0  # extracted by this run
     failed: int = 0
     seconds: float = 0.0
+    load_seconds: float = 0.0  # loading the model (part of `seconds`; on Ray, in the actors and not counted)
     prepare_seconds: float = 0.0  # all of `prepare` (decoding + CPU preprocessing), summed over threads
     decode_seconds: float = 0.0  # the media-decoding part of it (PyAV), summed over threads
     model_seconds: float = 0.0
@@ -100,10 +102,19 @@ def _timed_prepare(extractor: Extractor, clip: Clip) -> tuple[Any, float, float]
     return item, time.perf_counter() - start, media.decode_seconds() - decoded
 
 
-def _prefetch(extractor: Extractor, clips: list[Clip], workers: int,
-              depth: int) -> Iterator[tuple[Clip, Future]]:
+def decoder_threads(engine: EngineConfig, cpus: float | None = None) -> int:
+    """FFmpeg threads per decoding clip: `engine.decoder_threads`, or `cpus` shared among the
+    decode workers (this machine's CPUs when None)."""
+    if engine.decoder_threads:
+        return engine.decoder_threads
+    return max(1, int(cpus or os.cpu_count() or 1) // max(1, engine.decode_workers))
+
+
+def _prefetch(extractor: Extractor, clips: list[Clip], workers: int, depth: int,
+              threads_per_decoder: int = 0) -> Iterator[tuple[Clip, Future]]:
     """Yield (clip, future of prepared item) in manifest order, keeping `depth` in flight."""
-    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode") as pool:
+    with ThreadPoolExecutor(max_workers=max(1, workers), thread_name_prefix="decode",
+                            initializer=media.set_decoder_threads, initargs=(threads_per_decoder,)) as pool:
         queue: deque[tuple[Clip, Future]] = deque()
         it = iter(clips)
         for clip in it:
@@ -144,10 +155,13 @@ class ClipWorker:
         self.store, self.extractor, self.timings = store, extractor, timings
         self.model_lock = model_lock or nullcontext()  # held around each model call
 
-    def run(self, clips: list[Clip], batch_size: int, decode_workers: int) -> Iterator[ClipResult]:
-        """Results in the order they are known; a batch's results come after its model call."""
+    def run(self, clips: list[Clip], batch_size: int, decode_workers: int,
+            threads_per_decoder: int = 0) -> Iterator[ClipResult]:
+        """Results in the order they are known; a batch's results come after its model call.
+        `threads_per_decoder`: FFmpeg threads of each decode worker's video decoder (0: FFmpeg's)."""
         batch: list[tuple[Clip, Any]] = []
-        for clip, future in _prefetch(self.extractor, clips, decode_workers, 2 * batch_size):
+        for clip, future in _prefetch(self.extractor, clips, decode_workers, 2 * batch_size,
+                                      threads_per_decoder):
             try:
                 item, prepare_s, decode_s = future.result()
                 self.timings.prepare_seconds += prepare_s
@@ -250,9 +264,11 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
 
             extract_on_ray(run, todo, bar)
         else:
+            loading = time.perf_counter()
             extractor.load(device)  # after the fingerprint check: wrong settings fail before a model loads
-            for result in ClipWorker(store, extractor, summary).run(todo, engine.batch_size,
-                                                                   engine.decode_workers):
+            summary.load_seconds = time.perf_counter() - loading
+            for result in ClipWorker(store, extractor, summary).run(todo, engine.batch_size, engine.decode_workers,
+                                                                   decoder_threads(engine)):
                 run.take(result)
                 bar.update(1)
     finally:

@@ -60,7 +60,7 @@ from tqdm import tqdm
 
 from pipeline.config import ConfigError, EngineConfig, as_dict
 from pipeline.extract import (ClipResult, ClipWorker, ExtractSummary, ModelMissingError, _Run,
-                              failure_record, resolve_device)
+                              decoder_threads, failure_record, resolve_device)
 from pipeline.extractors.base import Extractor, ModelMissing
 from pipeline.manifest import Clip
 from pipeline.store import FingerprintMismatch, StoreIdentity, describe_changes
@@ -119,7 +119,8 @@ class ShardWorker:
         assert self.extractor is not None, "setup() first"
         timings = ExtractSummary(self.store, self.extractor.name, self.device)
         worker = ClipWorker(self.store, self.extractor, timings, self.model_lock)
-        results = list(worker.run(clips, self.engine.batch_size, self.engine.decode_workers))
+        threads = decoder_threads(self.engine, self.engine.ray_cpus_per_worker)  # this actor's CPU slot
+        results = list(worker.run(clips, self.engine.batch_size, self.engine.decode_workers, threads))
         return results, {"prepare_seconds": timings.prepare_seconds,
                          "decode_seconds": timings.decode_seconds, "model_seconds": timings.model_seconds}
 

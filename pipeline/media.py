@@ -31,6 +31,24 @@ _CORRUPT_HINT = "the file may be truncated or not a media file; re-download or r
 _decode_clock = threading.local()
 
 
+# FFmpeg threads per video decoder, per calling thread (0: FFmpeg's choice, a thread per core).
+# The extraction engine sets it in each of its decode threads: N decoders at once each
+# starting a thread per core oversubscribed a 16-core machine (8 workers: 136 threads).
+_decoder = threading.local()
+
+
+def set_decoder_threads(count: int) -> None:
+    """FFmpeg threads that video decoders opened by the calling thread use; 0: FFmpeg's choice."""
+    if count < 0:
+        raise ValueError(f"decoder threads must be >= 0, got {count}")
+    _decoder.threads = count
+
+
+def decoder_threads() -> int:
+    """The calling thread's setting of `set_decoder_threads` (0 when unset)."""
+    return getattr(_decoder, "threads", 0)
+
+
 def decode_seconds() -> float:
     """Seconds the calling thread has spent in `sample_frames` and `load_audio` so far."""
     return getattr(_decode_clock, "seconds", 0.0)
@@ -223,6 +241,8 @@ def sample_frames(path: str | os.PathLike[str], num_frames: int, max_side: int |
             raise NoVideoError(path, "no video stream", "use load_audio for audio-only files")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame threading: order is kept, decoding is faster
+        if decoder_threads():
+            stream.codec_context.thread_count = decoder_threads()
         duration = _duration_s(path, container, stream)
         targets = _start_s(stream) + (np.arange(num_frames) + 0.5) * duration / num_frames
         picks = _pick_frames(container, stream, targets)

@@ -5,7 +5,9 @@ import numpy as np
 import pytest
 
 from pipeline.config import ExtractorSpec
-from pipeline.extract import ExtractionFailed, resolve_device, run_extraction
+from pipeline import media
+from pipeline.config import EngineConfig
+from pipeline.extract import ExtractionFailed, _prefetch, decoder_threads, resolve_device, run_extraction
 from pipeline.ingest import ingest
 from pipeline.manifest import write_manifest
 from pipeline.store import FingerprintMismatch, StoreReader
@@ -125,3 +127,21 @@ def test_device_cuda_without_gpu_is_an_error():
     assert resolve_device("auto") == "cpu"
     with pytest.raises(ValueError, match="engine.device"):
         resolve_device("tpu")
+
+
+def test_decode_workers_share_the_cpus_among_their_decoders(monkeypatch):
+    monkeypatch.setattr("os.cpu_count", lambda: 16)
+    assert decoder_threads(EngineConfig(decode_workers=8)) == 2
+    assert decoder_threads(EngineConfig(decode_workers=32)) == 1
+    assert decoder_threads(EngineConfig(decode_workers=2), cpus=1.0) == 1  # a Ray actor's slot
+    assert decoder_threads(EngineConfig(decode_workers=8, decoder_threads=3)) == 3
+    with pytest.raises(Exception, match="engine.decoder_threads"):
+        EngineConfig(decoder_threads=-1)
+
+    class Recorder:  # prepare() runs in the engine's decode threads
+        def prepare(self, clip):
+            return media.decoder_threads()
+
+    got = [f.result()[0] for _, f in _prefetch(Recorder(), list(range(5)), workers=2, depth=2,
+                                                threads_per_decoder=3)]
+    assert got == [3] * 5 and media.decoder_threads() == 0

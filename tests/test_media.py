@@ -281,3 +281,45 @@ def test_decode_clock_counts_this_threads_decoding_only(clips):
     thread.start()
     thread.join()
     assert other == [0.0]  # a fresh thread has its own clock
+
+
+def test_decoder_threads_are_per_thread_applied_and_change_no_pixel(clips, monkeypatch):
+    reference = sample_frames(clips["long"], 6).images
+    opened = []
+    real_open = media._open
+
+    def spy(path):
+        cm = real_open(path)
+        container = cm.__enter__()
+        opened.append(container)
+        return _Entered(cm, container)
+
+    class _Entered:
+        def __init__(self, cm, container):
+            self.cm, self.container = cm, container
+
+        def __enter__(self):
+            return self.container
+
+        def __exit__(self, *exc):
+            # read the setting while the codec is still open
+            self.threads = self.container.streams.video[0].codec_context.thread_count
+            seen.append(self.threads)
+            return self.cm.__exit__(*exc)
+
+    seen: list[int] = []
+    monkeypatch.setattr(media, "_open", spy)
+    out: list[tuple[int, np.ndarray]] = []
+
+    def decode_with_one_thread():
+        media.set_decoder_threads(1)
+        out.append((media.decoder_threads(), sample_frames(clips["long"], 6).images))
+
+    thread = threading.Thread(target=decode_with_one_thread)
+    thread.start()
+    thread.join()
+    assert out[0][0] == 1 and seen == [1]
+    np.testing.assert_array_equal(out[0][1], reference)  # thread count never changes values
+    assert media.decoder_threads() == 0  # the setting stayed in that thread
+    with pytest.raises(ValueError, match="decoder threads"):
+        media.set_decoder_threads(-1)
