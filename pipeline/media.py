@@ -241,8 +241,8 @@ def sample_frames(path: str | os.PathLike[str], num_frames: int, max_side: int |
             raise NoVideoError(path, "no video stream", "use load_audio for audio-only files")
         stream = container.streams.video[0]
         stream.thread_type = "AUTO"  # frame threading: order is kept, decoding is faster
-        if decoder_threads():
-            stream.codec_context.thread_count = decoder_threads()
+        if threads := decoder_threads():
+            stream.codec_context.thread_count = threads
         duration = _duration_s(path, container, stream)
         targets = _start_s(stream) + (np.arange(num_frames) + 0.5) * duration / num_frames
         picks = _pick_frames(container, stream, targets)

@@ -4,9 +4,8 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pipeline.config import ExtractorSpec
 from pipeline import media
-from pipeline.config import EngineConfig
+from pipeline.config import EngineConfig, ExtractorSpec
 from pipeline.extract import ExtractionFailed, _prefetch, decoder_threads, resolve_device, run_extraction
 from pipeline.ingest import ingest
 from pipeline.manifest import write_manifest

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import pickle
 import threading
 from pathlib import Path
@@ -285,29 +286,15 @@ def test_decode_clock_counts_this_threads_decoding_only(clips):
 
 def test_decoder_threads_are_per_thread_applied_and_change_no_pixel(clips, monkeypatch):
     reference = sample_frames(clips["long"], 6).images
-    opened = []
     real_open = media._open
+    seen: list[int] = []  # each decoder's thread count, read while its codec is still open
 
+    @contextlib.contextmanager
     def spy(path):
-        cm = real_open(path)
-        container = cm.__enter__()
-        opened.append(container)
-        return _Entered(cm, container)
+        with real_open(path) as container:
+            yield container
+            seen.append(container.streams.video[0].codec_context.thread_count)
 
-    class _Entered:
-        def __init__(self, cm, container):
-            self.cm, self.container = cm, container
-
-        def __enter__(self):
-            return self.container
-
-        def __exit__(self, *exc):
-            # read the setting while the codec is still open
-            self.threads = self.container.streams.video[0].codec_context.thread_count
-            seen.append(self.threads)
-            return self.cm.__exit__(*exc)
-
-    seen: list[int] = []
     monkeypatch.setattr(media, "_open", spy)
     out: list[tuple[int, np.ndarray]] = []
 
