@@ -5,7 +5,11 @@
 (a) `pipeline.extract.run_extraction` into a temporary folder (decode threads, batches
 across clips, store writes); (b) in the same process, a naive loop: one clip at a time,
 decoded then encoded one frame per model call (`per_frame`: a frame stack, or the faces
-extractor's per-frame crops; whole clips otherwise). Both count one model load. Writes `reports/bench/extract_<store>.json`.
+extractor's per-frame crops; whole clips otherwise), every model in PyTorch: the loop
+people write first. Where the engine runs a model in onnxruntime (`runtime: auto` on the
+CPU), (c) the naive loop once more on the engine's runtime tells the runtime's share of
+the gain apart from batching and background decoding. All count one model load.
+Writes `reports/bench/extract_<store>.json`.
 """
 
 from __future__ import annotations
@@ -75,6 +79,21 @@ def _naive_one(extractor: Extractor, clip: Clip, times: NaiveTimes) -> None:
     times.model += time.perf_counter() - mid
 
 
+def pytorch_spec(spec: ExtractorSpec) -> ExtractorSpec:
+    """`spec` with every model that offers a `runtime` choice run in PyTorch (the naive loop's)."""
+    from pipeline.image_encoders import ENCODERS
+
+    defaults = {f.name: f.default for f in dataclasses.fields(get_extractor(spec.extractor).Options)}
+    options = dict(spec.options)
+    if "expression_runtime" in defaults:
+        options["expression_runtime"] = "torch"
+    if "encoder_options" in defaults:
+        encoder = ENCODERS.get(options.get("encoder", defaults.get("encoder")))
+        if encoder and "runtime" in {f.name for f in dataclasses.fields(encoder.Options)}:
+            options["encoder_options"] = {**options.get("encoder_options", {}), "runtime": "torch"}
+    return ExtractorSpec(spec.extractor, options)
+
+
 def naive_loop(spec: ExtractorSpec, device: str, clips: list[Clip]) -> NaiveTimes:
     """The loop people write first; the first clip runs once untimed, to warm the model up."""
     extractor = get_extractor(spec.extractor)(spec.options)
@@ -100,7 +119,10 @@ def bench(store: str, spec: ExtractorSpec, engine: EngineConfig, manifest: str |
     clips = read_manifest(manifest)[:limit]
     device = resolve_device(engine.device)
     load_before = os.getloadavg()[0]  # other work on the machine skews both timings
-    naive = naive_loop(spec, device, clips)  # also warms caches and torch for the engine
+    naive_spec = pytorch_spec(spec)
+    naive = naive_loop(naive_spec, device, clips)  # also warms caches and torch for the engine
+    # the same naive loop on the engine's runtime, when that differs from PyTorch
+    same_runtime = naive_loop(spec, device, clips) if naive_spec != spec else naive
     with tempfile.TemporaryDirectory(prefix="bench_extract_") as tmp:
         write_manifest(clips, Path(tmp) / "manifest.jsonl")
         summary = run_extraction(store, spec, engine, Path(tmp) / "manifest.jsonl",
@@ -112,6 +134,7 @@ def bench(store: str, spec: ExtractorSpec, engine: EngineConfig, manifest: str |
     # outweigh a few dozen clips, and only the first of the two loads is cold).
     engine_steady = done / (summary.seconds - summary.load_seconds) if summary.seconds > summary.load_seconds else 0.0
     naive_steady = naive.clips / (naive.prepare + naive.model) if naive.prepare + naive.model else 0.0
+    same_runtime_cps = same_runtime.clips / same_runtime.seconds if same_runtime.seconds else 0.0
     return {
         "store": store, "extractor": spec.extractor, "options": spec.options,
         "clips": len(clips), "device": device, "cpus": os.cpu_count(),
@@ -134,16 +157,24 @@ def bench(store: str, spec: ExtractorSpec, engine: EngineConfig, manifest: str |
             "decode_share_of_wall": round(summary.decode_seconds / summary.seconds, 3),
             "prepare_share_of_wall": round(summary.prepare_seconds / summary.seconds, 3),
         },
-        "naive": {
-            "clips_per_second": round(naive_cps, 3), "seconds": round(naive.seconds, 3),
-            "load_seconds": round(naive.load, 3),
-            "clips_per_second_after_load": round(naive_steady, 3),
-            "prepare_s_per_clip": _per_clip(naive.prepare, naive.clips),
-            "decode_s_per_clip": _per_clip(naive.decode, naive.clips),
-            "model_s_per_clip": _per_clip(naive.model, naive.clips),
-        },
+        "naive": {**_naive_report(naive), "options": naive_spec.options},
+        "naive_engine_runtime": _naive_report(same_runtime) if same_runtime is not naive else None,
         "engine_over_naive": round(engine_cps / naive_cps, 2) if naive_cps else None,
         "engine_over_naive_after_load": round(engine_steady / naive_steady, 2) if naive_steady else None,
+        # batching and background decoding alone: both on the engine's runtime
+        "engine_over_naive_engine_runtime": round(engine_cps / same_runtime_cps, 2) if same_runtime_cps else None,
+    }
+
+
+def _naive_report(times: NaiveTimes) -> dict[str, Any]:
+    steady = times.clips / (times.prepare + times.model) if times.prepare + times.model else 0.0
+    return {
+        "clips_per_second": round(times.clips / times.seconds, 3) if times.seconds else 0.0,
+        "seconds": round(times.seconds, 3), "load_seconds": round(times.load, 3),
+        "clips_per_second_after_load": round(steady, 3),
+        "prepare_s_per_clip": _per_clip(times.prepare, times.clips),
+        "decode_s_per_clip": _per_clip(times.decode, times.clips),
+        "model_s_per_clip": _per_clip(times.model, times.clips),
     }
 
 
@@ -158,9 +189,13 @@ def _print(report: dict[str, Any]) -> None:
           f"prepare / wall {e['prepare_share_of_wall']:.0%}")
     print(f"  naive:  {n['clips_per_second']:.2f} clips/s; per clip prepare {n['prepare_s_per_clip']:.3f}s "
           f"of which decode {n['decode_s_per_clip']:.3f}s, model {n['model_s_per_clip']:.3f}s")
+    if same := report["naive_engine_runtime"]:
+        print(f"  naive on the engine's runtime: {same['clips_per_second']:.2f} clips/s; per clip prepare "
+              f"{same['prepare_s_per_clip']:.3f}s, model {same['model_s_per_clip']:.3f}s")
     print(f"  engine / naive: {report['engine_over_naive']}x with one model load each, "
           f"{report['engine_over_naive_after_load']}x after it (loads: engine {e['load_seconds']:.2f}s, "
-          f"naive {n['load_seconds']:.2f}s)")
+          f"naive {n['load_seconds']:.2f}s); over the naive loop on the engine's runtime: "
+          f"{report['engine_over_naive_engine_runtime']}x")
 
 
 def main(argv: list[str] | None = None) -> None:

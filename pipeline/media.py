@@ -44,6 +44,15 @@ def set_decoder_threads(count: int) -> None:
     _decoder.threads = count
 
 
+def _reformatter() -> av.video.reformatter.VideoReformatter:
+    """The calling thread's frame converter. PyAV's `to_ndarray` builds a new scaler context
+    per frame (0.7 of the 0.9 ms a 320x240 frame took); a reused one keeps it cached and
+    gives the same pixels. One per thread: a converter is not thread-safe."""
+    if not hasattr(_decoder, "reformatter"):
+        _decoder.reformatter = av.video.reformatter.VideoReformatter()
+    return _decoder.reformatter
+
+
 def decoder_threads() -> int:
     """The calling thread's setting of `set_decoder_threads` (0 when unset)."""
     return getattr(_decoder, "threads", 0)
@@ -252,11 +261,12 @@ def sample_frames(path: str | os.PathLike[str], num_frames: int, max_side: int |
         # Convert inside the block (decoder still alive); one conversion per distinct frame.
         width, height = _out_size(picks[0][0].width, picks[0][0].height, max_side)
         converted: dict[int, np.ndarray] = {}
+        reformatter = _reformatter()
         for frame, _ in picks:
             if id(frame) not in converted:
-                converted[id(frame)] = frame.to_ndarray(
-                    format="rgb24", width=width, height=height, interpolation="AREA"
-                )
+                converted[id(frame)] = reformatter.reformat(
+                    frame, format="rgb24", width=width, height=height, interpolation="AREA"
+                ).to_ndarray()
         images = np.stack([converted[id(frame)] for frame, _ in picks])
     return Frames(images=images, timestamps_s=np.array([t for _, t in picks], dtype=np.float64))
 

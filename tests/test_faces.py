@@ -308,6 +308,21 @@ def test_face_clip_and_faceless_clip(extractor, tmp_path):
     assert without["sequence"].shape == (0, dim) and not without["utterance"].any()
 
 
+def test_expression_runtimes_agree(extractor, tmp_path):
+    from pipeline.extractors.faces import FacesExtractor
+
+    assert extractor.fer_onnx is not None  # expression_runtime auto on the CPU: onnxruntime
+    in_torch = FacesExtractor({"num_frames": 4, "expression_runtime": "torch",
+                               "encoder_options": {"runtime": "torch"}})
+    in_torch.load("cpu")
+    assert in_torch.fer_onnx is None and in_torch.encoder.onnx is None
+    item = extractor.prepare(Clip("a", video=str(face_clip(tmp_path / "face.mp4"))))
+    (ort_out,), (torch_out,) = extractor.extract_batch([item]), in_torch.extract_batch([item])
+    np.testing.assert_allclose(ort_out["sequence"], torch_out["sequence"], atol=1e-4)
+    with pytest.raises(ValueError, match="expression_runtime must be one of auto, torch, onnxruntime"):
+        FacesExtractor({"expression_runtime": "tf"})
+
+
 def test_dataset_crops_are_used_when_asked(tmp_path):
     from pipeline.extractors.faces import FacesExtractor
 

@@ -97,8 +97,21 @@ def test_efficientnet_real_weights_give_imagenet_features(effnet):
         expected = reference.extract_features(torch.from_numpy(batch)).mean((2, 3)).numpy()
     np.testing.assert_allclose(features, expected, atol=1e-4)
     # the shipped ImageNet classifier head on these features gives proper logits
-    logits = effnet.model._fc(torch.from_numpy(features))
+    logits = reference._fc(torch.from_numpy(features))
     assert logits.shape == (3, 1000) and torch.isfinite(logits).all()
+
+
+def test_efficientnet_runtimes_agree_and_onnxruntime_is_cpu_only(effnet):
+    assert effnet.onnx is not None and effnet.model is None  # runtime auto on the CPU: onnxruntime
+    torch_encoder = build_image_encoder("efficientnet_lite0", {"runtime": "torch"})
+    torch_encoder.load("cpu")
+    assert torch_encoder.onnx is None and torch_encoder.model is not None
+    batch = effnet.preprocess(np.stack([photo_like(96, 128, seed) for seed in range(5)]))
+    np.testing.assert_allclose(effnet.encode(batch), torch_encoder.encode(batch), atol=1e-4)
+    with pytest.raises(ValueError, match=r"encoder_options.runtime: onnxruntime runs on the CPU only"):
+        build_image_encoder("efficientnet_lite0", {"runtime": "onnxruntime"}).load("cuda")
+    with pytest.raises(ValueError, match=r"encoder_options.runtime must be one of auto, torch, onnxruntime"):
+        build_image_encoder("efficientnet_lite0", {"runtime": "tensorrt"})
 
 
 @pytest.mark.parametrize("size", [(180, 320), (120, 90), (64, 64), (30, 50), (201, 131)])

