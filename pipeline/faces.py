@@ -67,21 +67,34 @@ class ScrfdOptions:
 
 
 class YuFaceDetector:
-    """libfacedetection's CNN through `yuface`; thread-safe, CPU only."""
+    """libfacedetection's CNN from the `yuface` wheel; thread-safe, CPU only.
+
+    The library is called through ctypes, not yuface's Python binding: the binding holds
+    the GIL for the whole ~8 ms detection, so two decode threads detected no faster than
+    one (8.9 vs 8.3 ms per 320x240 frame) and stalled the model thread; a ctypes call
+    releases it (4.0 ms per frame with two threads). The results are the binding's own.
+    """
 
     package = "yuface"
+    _SYMBOL = "_Z14facedetect_cnnPhS_iii"  # int* facedetect_cnn(uchar* result, uchar* bgr, int w, int h, int step)
+    _RESULT_BYTES = 0x40000  # the library needs 0x9000 (an int count, then 16 int16 per face)
 
     def __init__(self, options: dict[str, Any], detect_size: int, min_confidence: float):
         from_dict(YuFaceOptions, options, "extract.<store>.options.detector_options")
         self.detect_size, self.min_confidence = detect_size, min_confidence
         self._omp: list[tuple[Any, Any]] = []  # (get, set) thread counts of the OpenMP runtimes
+        self._cnn: Any = None
 
-    def identity(self) -> dict[str, Any]:
+    @staticmethod
+    def _library() -> Path:
         spec = importlib.util.find_spec("yuface")
         if spec is None:
             raise ModelMissing("detector", "insightface (with detector_options.model_dir), or the pip "
                                "package 'yuface' installed", "yuface")
-        lib = Path(spec.origin).parent / "libfacedetection.so"
+        return Path(spec.origin).parent / "libfacedetection.so"
+
+    def identity(self) -> dict[str, Any]:
+        lib = self._library()
         return {"name": "yuface", "library": lib.name, **file_fingerprint(lib)}
 
     def load(self, device: str) -> None:
@@ -89,7 +102,7 @@ class YuFaceDetector:
 
         import yuface
 
-        # yuface's CNN runs OpenMP teams; called from several decode threads at once their
+        # The CNN runs OpenMP teams; called from several decode threads at once their
         # busy-waiting burnt 25x the CPU of one thread per call (1.9 s vs 0.08 s per clip
         # here), so each call runs on one thread and the decode threads give the
         # parallelism. Its GOMP calls bind to a globally loaded OpenMP runtime (torch's)
@@ -98,28 +111,40 @@ class YuFaceDetector:
                                           (Path(yuface.__file__).parent.parent / "yuface.libs").glob("libgomp*.so*")]
         self._omp = [(rt.omp_get_max_threads, rt.omp_set_num_threads) for rt in runtimes
                      if hasattr(rt, "omp_set_num_threads")]
+        cnn = getattr(ctypes.CDLL(str(self._library())), self._SYMBOL)
+        cnn.restype = ctypes.c_void_p
+        cnn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
+        self._cnn = cnn
+        self.detect(np.zeros((32, 32, 3), np.uint8))  # the library sets its weights up on first use
 
     def detect(self, rgb: np.ndarray) -> Detections:
-        import yuface
-
         before = [get() for get, _ in self._omp]  # OpenMP settings are per thread: restore them
         for _, set_threads in self._omp:
             set_threads(1)
         try:
-            return self._detect(yuface, rgb)
+            return self._detect(rgb)
         finally:
             for (_, set_threads), n in zip(self._omp, before):
                 set_threads(n)
 
-    def _detect(self, yuface: Any, rgb: np.ndarray) -> Detections:
+    def _detect(self, rgb: np.ndarray) -> Detections:
+        if self._cnn is None:
+            raise RuntimeError("yuface detector: call load() before detect()")
         small, scale = _resize_longest(rgb, self.detect_size)
-        # yuface wants BGR; it returns int16 (confidence 0-100, x y w h, 5 x,y landmarks)
-        confs, xywh, lm = yuface.detect(np.ascontiguousarray(small[..., ::-1]), conf=self.min_confidence)
-        if len(confs) == 0:
+        bgr = np.ascontiguousarray(small[..., ::-1])
+        height, width = bgr.shape[:2]
+        result = np.zeros(self._RESULT_BYTES, np.uint8)
+        self._cnn(result.ctypes.data, bgr.ctypes.data, width, height, width * 3)
+        count = int(result[:4].view(np.int32)[0])
+        # per face: confidence 0-100, x y w h, 5 x,y landmarks, 1 unused; yuface keeps conf > threshold
+        faces = result[4: 4 + 32 * count].view(np.int16).reshape(count, 16)
+        faces = faces[faces[:, 0] > self.min_confidence * 100]
+        if len(faces) == 0:
             return Detections.empty()
-        xywh = xywh.astype(np.float32)
+        xywh = faces[:, 1:5].astype(np.float32)
         boxes = np.concatenate([xywh[:, :2], xywh[:, :2] + xywh[:, 2:]], axis=1)
-        dets = Detections(confs.astype(np.float32) / 100, boxes, lm.astype(np.float32).reshape(-1, 5, 2))
+        dets = Detections(faces[:, 0].astype(np.float32) / 100, boxes,
+                          faces[:, 5:15].astype(np.float32).reshape(-1, 5, 2))
         return dets.scaled(1 / scale)
 
 

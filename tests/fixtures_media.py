@@ -78,8 +78,12 @@ def write_clip(
     audio: str | None = "tone",
     image: np.ndarray | None = None,
     tone_hz: float = 440.0,
+    bframes: int = 0,
 ) -> Path:
     """Write an H.264/yuv420p MP4 of ``round(seconds*fps)`` frames; ``size`` is (width, height).
+
+    ``bframes`` > 0: up to that many B-frames in a row, none of them a reference (as
+    camera and x264-default files have), so a decoder may skip them.
 
     ``audio``: 'tone' (0.5-amplitude sine), 'silent' (zeros) or None (no audio stream);
     audio is AAC, 16 kHz mono.  The moov atom is written first (faststart) so a
@@ -93,6 +97,8 @@ def write_clip(
         video.pix_fmt = "yuv420p"
         # ultrafast: no B-frames/lookahead, so encoding a tiny clip takes milliseconds.
         video.options = {"preset": "ultrafast", "crf": "18"}
+        if bframes:
+            video.options = {**video.options, "x264-params": f"bframes={bframes}:b-pyramid=none:b-adapt=0"}
         if audio is not None:
             _encode_audio(container, _audio_samples(num_frames / fps, audio, tone_hz, AUDIO_RATE))
         for index in range(num_frames):

@@ -55,8 +55,28 @@ def test_yuface_finds_the_single_face_with_landmarks(yuface):
     assert 150 < x1 < x2 < 420 and 100 < y1 < y2 < 450  # the face, in full-size pixels
     assert (lm[:, 0] > x1).all() and (lm[:, 0] < x2).all() and (lm[:, 1] > y1).all() and (lm[:, 1] < y2).all()
     assert lm[0, 0] < lm[2, 0] < lm[1, 0] and lm[2, 1] < lm[3, 1]  # eyes around the nose, mouth below
-    bigger = F.build_detector("yuface", {}, 480, 0.5).detect(image)  # unloaded: default threads too
-    np.testing.assert_allclose(bigger.boxes, dets.boxes, atol=0.08 * (x2 - x1))
+    bigger_detector = F.build_detector("yuface", {}, 480, 0.5)
+    with pytest.raises(RuntimeError, match="call load"):
+        bigger_detector.detect(image)
+    bigger_detector.load("cpu")
+    np.testing.assert_allclose(bigger_detector.detect(image).boxes, dets.boxes, atol=0.08 * (x2 - x1))
+
+
+@pytest.mark.parametrize("threshold", [0.3, 0.5, 0.9])
+def test_yuface_through_ctypes_equals_its_python_binding(yuface, threshold):
+    import yuface as binding
+
+    detector = F.build_detector("yuface", {}, 320, threshold)
+    detector.load("cpu")
+    for name in ("single_face", "multi_face"):
+        image = photo(name)
+        small, scale = F._resize_longest(image, 320)
+        confs, xywh, lm = binding.detect(np.ascontiguousarray(small[..., ::-1]), conf=threshold)
+        dets = detector.detect(image)
+        assert len(confs) == len(dets) > 0
+        np.testing.assert_array_equal(dets.scores, confs.astype(np.float32) / 100)
+        np.testing.assert_allclose(dets.boxes[:, :2] * scale, xywh[:, :2], atol=1e-3)
+        np.testing.assert_allclose(dets.landmarks.reshape(-1, 10) * scale, lm, atol=1e-3)
 
 
 def test_yuface_in_decode_threads_matches_serial_and_restores_openmp(yuface):

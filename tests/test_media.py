@@ -117,6 +117,26 @@ def test_short_clip_repeats_frames_to_return_n(clips):
     assert np.all(np.diff(frames.timestamps_s) >= 0)
 
 
+def test_unreferenced_frames_are_skipped_and_picks_stay_exact(tmp_path, monkeypatch):
+    path = write_clip(tmp_path / "b.mp4", seconds=3.0, fps=10, audio=None, bframes=3)
+    with av.open(str(path)) as container:  # precondition: frames that nothing refers to exist
+        stream = container.streams.video[0]
+        stream.codec_context.skip_frame = "NONREF"
+        assert sum(1 for _ in container.decode(stream)) < 25
+    fast_paths: list[bool] = []
+    real = media._decode_picked
+    monkeypatch.setattr(media, "_decode_picked", lambda *a: fast_paths.append(
+        (picks := real(*a)) is not None) or picks)
+    fast = sample_frames(path, 7)
+    indices = [frame_index_from_image(img, 30) for img in fast.images]
+    assert fast_paths == [True] and indices == [round(t * 10) for t in fast.timestamps_s]
+    assert indices == sorted(set(indices)) and len(indices) == 7
+    monkeypatch.setattr(media, "_decode_picked", lambda *a: None)  # decode every frame instead
+    every = sample_frames(path, 7)
+    np.testing.assert_array_equal(fast.images, every.images)
+    np.testing.assert_array_equal(fast.timestamps_s, every.timestamps_s)
+
+
 def test_duration_falls_back_to_counting_when_metadata_lacks_it(tmp_path):
     path = write_raw_h264(tmp_path / "raw.h264", num_frames=10)
     with av.open(str(path)) as container:  # precondition: really no duration metadata
