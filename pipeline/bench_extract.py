@@ -194,8 +194,9 @@ def _print(report: dict[str, Any]) -> None:
               f"{same['prepare_s_per_clip']:.3f}s, model {same['model_s_per_clip']:.3f}s")
     print(f"  engine / naive: {report['engine_over_naive']}x with one model load each, "
           f"{report['engine_over_naive_after_load']}x after it (loads: engine {e['load_seconds']:.2f}s, "
-          f"naive {n['load_seconds']:.2f}s); over the naive loop on the engine's runtime: "
-          f"{report['engine_over_naive_engine_runtime']}x")
+          f"naive {n['load_seconds']:.2f}s)"
+          + (f"; over the naive loop on the engine's runtime: {report['engine_over_naive_engine_runtime']}x"
+             if same else ""))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -106,9 +106,11 @@ class ShardWorker:
                                  params=as_dict(extractor.options), model=extractor.model_identity(),
                                  versions=extractor.versions())
         device = resolve_device(self.device)
+        # Each worker owns its CPU slot: no oversubscription. Before the load too, because
+        # onnxruntime sessions take torch's thread count when they are made.
+        _limit_torch_threads(threads)
         extractor.load(device)
-        if "torch" in sys.modules:  # each worker owns its CPU slot: no oversubscription
-            sys.modules["torch"].set_num_threads(threads)
+        _limit_torch_threads(threads)
         self.extractor = extractor
         import ray
 
@@ -333,3 +335,9 @@ def extract_on_ray(run: _Run, todo: list[Clip], bar: tqdm) -> None:
         last_run_stats.clear()
         last_run_stats.update(pool.stats)
         log.info("%s on Ray: %s", run.store, pool.stats)
+
+
+def _limit_torch_threads(threads: int) -> None:
+    """torch's intra-op threads, when torch is loaded (a torch-free extractor never imports it)."""
+    if "torch" in sys.modules:
+        sys.modules["torch"].set_num_threads(threads)

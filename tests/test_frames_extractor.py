@@ -104,4 +104,21 @@ def test_bench_reports_engine_and_naive(manifest, engine, tmp_path):
     assert report["engine"]["done"] == 3 and report["clips"] == 3
     assert report["engine"]["clips_per_second"] > 0 and report["naive"]["clips_per_second"] > 0
     assert report["engine_over_naive"] > 0
+    assert report["naive_engine_runtime"] is None  # open_clip has one runtime: no third run
     json.dumps(report)  # JSON-able as written
+
+
+def test_bench_naive_loop_runs_every_model_in_pytorch(manifest, engine):
+    from pipeline.bench_extract import bench, pytorch_spec
+
+    frames = ExtractorSpec("frames", {"num_frames": 2, "encoder_options": {"max_batch": 4}})
+    assert pytorch_spec(frames).options == {"num_frames": 2, "encoder_options": {"max_batch": 4, "runtime": "torch"}}
+    faces = pytorch_spec(ExtractorSpec("faces", {}))
+    assert faces.options == {"expression_runtime": "torch", "encoder_options": {"runtime": "torch"}}
+    clip = ExtractorSpec("frames", {"encoder": "open_clip", "encoder_options": {"checkpoint": "x"}})
+    assert pytorch_spec(clip) == clip  # no runtime choice
+    assert pytorch_spec(ExtractorSpec("numpy_prosody", {})) == ExtractorSpec("numpy_prosody", {})
+    report = bench("frames", frames, engine, manifest, limit=2)
+    assert report["naive"]["options"]["encoder_options"]["runtime"] == "torch"
+    assert report["naive_engine_runtime"]["clips_per_second"] > 0
+    assert report["engine_over_naive_engine_runtime"] > 0
