@@ -208,6 +208,9 @@ def _out_size(width: int, height: int, max_side: int | None) -> tuple[int, int]:
     return max(1, round(width * scale)), max(1, round(height * scale))
 
 
+_BUFFERED_BYTES = 512 << 20  # a clip's compressed packets are held while its frames are picked
+
+
 def _pick_frames(
     container: av.container.InputContainer, stream: av.video.stream.VideoStream, targets: np.ndarray
 ) -> list[tuple[av.VideoFrame, float]]:
@@ -215,14 +218,17 @@ def _pick_frames(
 
     Targets before the first frame get the first frame; targets after the stream ends get
     the last one, so exactly len(targets) picks come back (repeats when frames are scarce).
-    Frames no other frame refers to are not decoded unless picked (`_decode_picked`).
+    Frames no other frame refers to are not decoded unless picked (`_decode_picked`), which
+    holds the compressed stream in memory: files over `_BUFFERED_BYTES` decode every frame.
     """
+    if container.size > _BUFFERED_BYTES:
+        return _pick_in_sequence(stream, container.decode(stream), targets)
     packets = [packet for packet in container.demux(stream) if packet.size]  # size 0: flush
     picked = _decode_picked(stream, packets, targets)
     if picked is not None:
         return picked
-    # Packets without timestamps, or picks the decoder did not return: decode every frame
-    # from the start again, as a player would.
+    # Packets without (distinct) timestamps, or picks the decoder did not return: decode
+    # every frame from the start again, as a player would.
     codec = stream.codec_context
     codec.flush_buffers()
     codec.skip_frame = "DEFAULT"
@@ -238,9 +244,9 @@ def _decode_picked(stream: av.video.stream.VideoStream, packets: list[av.Packet]
     no target needs: 30-50 % of an x264 clip's frames, and the picks are bit-identical
     because no kept frame depends on a skipped one. Codecs without the notion ignore it.
     """
-    if not packets or any(p.pts is None for p in packets):
+    shown = sorted({p.pts for p in packets if p.pts is not None})
+    if not packets or len(shown) != len(packets):  # missing or repeated timestamps
         return None
-    shown = sorted({p.pts for p in packets})
     times = np.array([float(pts * stream.time_base) for pts in shown])
     index = np.maximum(np.searchsorted(times, targets, side="right") - 1, 0)
     wanted = {shown[i] for i in index}

@@ -135,6 +135,10 @@ def test_unreferenced_frames_are_skipped_and_picks_stay_exact(tmp_path, monkeypa
     every = sample_frames(path, 7)
     np.testing.assert_array_equal(fast.images, every.images)
     np.testing.assert_array_equal(fast.timestamps_s, every.timestamps_s)
+    monkeypatch.setattr(media, "_BUFFERED_BYTES", 0)  # too big to hold: streamed, every frame
+    streamed = sample_frames(path, 7)
+    np.testing.assert_array_equal(fast.images, streamed.images)
+    assert fast_paths == [True]  # neither later run took the skipping path
 
 
 def test_duration_falls_back_to_counting_when_metadata_lacks_it(tmp_path):

@@ -18,8 +18,8 @@ import numpy as np
 
 from pipeline.extractors.base import Extractor, ModelMissing, NotApplicable, register
 from pipeline.image_encoders import build_image_encoder, with_option_prefix
-from pipeline.onnx_runtime import OnnxModel, check_runtime, resolve_runtime
 from pipeline.manifest import Clip
+from pipeline.onnx_runtime import OnnxModel, check_runtime, resolve_runtime
 
 FER_DIM = 128 + 7  # FER embedding + class probabilities
 FER_CHUNK = 256  # crops per FER forward pass: keeps the activations of all layers small
