@@ -69,16 +69,19 @@ class ProsodyExtractor(Extractor):
     sequence_keys = ("sequence",)
     packages = ("numpy", "librosa", "scipy", "av")
 
-    def prepare(self, clip: Clip) -> np.ndarray:
+    def prepare(self, clip: Clip) -> dict[str, Any]:
+        """Decoding and the features both: there is no model to batch, and numpy on one clip
+        in each decode thread runs side by side where the engine's one model thread would
+        take the clips in turn."""
         from pipeline.media import clip_audio
 
         if not clip.has_audio:
             raise NotApplicable(clip.name)
         audio = clip_audio(clip.audio, clip.video, self.options.sample_rate)
-        return audio[: int(self.options.max_seconds * self.options.sample_rate)]
+        return self._one(audio[: int(self.options.max_seconds * self.options.sample_rate)])
 
-    def extract_batch(self, items: list[np.ndarray]) -> list[dict[str, Any]]:
-        return [self._one(audio) for audio in items]
+    def extract_batch(self, items: list[dict[str, Any]]) -> list[dict[str, Any]]:
+        return items
 
     def _frames(self, audio: np.ndarray) -> np.ndarray:
         o, sr = self.options, self.options.sample_rate
