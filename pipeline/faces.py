@@ -112,9 +112,10 @@ class YuFaceDetector:
                                           (Path(yuface.__file__).parent.parent / "yuface.libs").glob("libgomp*.so*")]
         self._omp = [(rt.omp_get_max_threads, rt.omp_set_num_threads) for rt in runtimes
                      if hasattr(rt, "omp_set_num_threads")]
-        library = ctypes.CDLL(str(self._library()))
+        path = self._library()
+        library = ctypes.CDLL(str(path))
         if not hasattr(library, self._SYMBOL):
-            raise RuntimeError(f"{self._library()}: no facedetect_cnn in this build of yuface "
+            raise RuntimeError(f"{path}: no facedetect_cnn in this build of yuface "
                                f"{importlib.metadata.version('yuface')}; install yuface==2023.5.1, as "
                                "pyproject.toml pins it")
         cnn = getattr(library, self._SYMBOL)

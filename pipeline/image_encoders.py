@@ -223,8 +223,7 @@ class EfficientNetLite0Encoder(ImageEncoder):
         _fuse_batchnorm(model.eval())
         self.device, self.dim, self.model, self.onnx = device, 1280, None, None
         if resolve_runtime(self.options.runtime, device, f"{self.where}.runtime") == "onnxruntime":
-            self.onnx = OnnxModel(lambda x: model.extract_features(x).mean((2, 3)), model,
-                                  (3, 224, 224), ["features"])
+            self.onnx = OnnxModel(lambda x: _pooled_features(model, x), model, (3, 224, 224), ["features"])
             return
         # channels_last: oneDNN's fast path for batched convolutions on the CPU
         self.model = model.to(device=device, memory_format=torch.channels_last)
@@ -235,8 +234,12 @@ class EfficientNetLite0Encoder(ImageEncoder):
     def _forward(self, x: Any) -> Any:
         import torch
 
-        x = x.contiguous(memory_format=torch.channels_last)
-        return self.model.extract_features(x).mean((2, 3))
+        return _pooled_features(self.model, x.contiguous(memory_format=torch.channels_last))
+
+
+def _pooled_features(model: Any, x: Any) -> Any:
+    """EfficientNet-Lite0's features: the head's activations averaged over space; both runtimes run this."""
+    return model.extract_features(x).mean((2, 3))
 
 
 def _fuse_batchnorm(model: Any) -> None:

@@ -58,7 +58,7 @@ class OnnxModel:
     """
 
     def __init__(self, fn: Callable[[Any], Any], modules: Any, input_shape: Sequence[int],
-                 outputs: Sequence[str], threads: int | None = None):
+                 outputs: Sequence[str]):
         import onnxruntime as ort
         import torch
 
@@ -72,7 +72,7 @@ class OnnxModel:
                               input_names=["x"], output_names=list(outputs),
                               dynamic_axes={"x": {0: "batch"}, **{name: {0: "batch"} for name in outputs}})
         options = ort.SessionOptions()
-        options.intra_op_num_threads = threads or torch.get_num_threads()
+        options.intra_op_num_threads = torch.get_num_threads()  # the engine's (and a Ray worker's) setting
         options.inter_op_num_threads = 1
         # No busy-waiting between kernels: the engine's decode threads need those cores.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
