@@ -13,14 +13,18 @@ commands:
   predict CLIP [CLIP ...]        emotion, probabilities and modality weights for new clips (--json)
   extractors                     list the registered extractors
   store-info PATH                show a feature store's attributes and contents
+  check [--params FILE]          validate the whole params.yaml (keys, types, ranges, paths, device)
   build-demo [--shared DIR]      rebuild data/demo from ../shared/data
 
 `mer COMMAND --help` shows a command's options."""
 
 
 def _extractors(argv: list[str]) -> None:
+    import argparse
+
     from pipeline.extractors import available, get_extractor
 
+    argparse.ArgumentParser(prog="mer extractors", description="list the registered extractors").parse_args(argv)
     for name in available():
         cls = get_extractor(name)
         print(f"{name:24s} {cls.modality:6s} {(cls.__doc__ or '').strip().splitlines()[0]}")
@@ -45,17 +49,13 @@ def _convert(argv: list[str]) -> None:
         p.add_argument("src", type=Path)
         p.add_argument("dst", type=Path)
     args = parser.parse_args(argv)
-    try:
-        if args.corpus == "ravdess":
-            items, report = convert.ravdess(args.src, calm=args.calm)
-        elif args.corpus == "meld":
-            items, report = convert.meld(args.src)
-        else:
-            items, report = convert.folder(args.src, args.labels, args.label_map)
-        convert.write_layout(items, args.dst, report)
-    except convert.ConvertError as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    if args.corpus == "ravdess":
+        items, report = convert.ravdess(args.src, calm=args.calm)
+    elif args.corpus == "meld":
+        items, report = convert.meld(args.src)
+    else:
+        items, report = convert.folder(args.src, args.labels, args.label_map)
+    convert.write_layout(items, args.dst, report)
     print("\n".join(report.lines()) + f"\n-> {args.dst}")
 
 
@@ -77,51 +77,65 @@ def _predict(argv: list[str]) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    try:
-        results = run_predict(args.clips, load_params(args.params), args.models, args.text, args.text_zh)
-    except (FileNotFoundError, KeyError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+    results = run_predict(args.clips, load_params(args.params), args.models, args.text, args.text_zh)
     print(json.dumps(results, indent=2, ensure_ascii=False) if args.json else format_text(results))
 
 
 def _store_info(argv: list[str]) -> None:
+    import argparse
     import json
 
     from pipeline.store import StoreReader
 
-    with StoreReader(argv[0]) as reader:
+    parser = argparse.ArgumentParser(prog="mer store-info", description="a feature store's attributes and contents")
+    parser.add_argument("path", help="a store file, e.g. features/prosody.h5")
+    args = parser.parse_args(argv)
+    with StoreReader(args.path) as reader:
         attrs = {k: (v.item() if hasattr(v, "item") else v) for k, v in reader.attrs.items()
                  if k != "fingerprint_inputs_json"}
         print(json.dumps(attrs, indent=2, default=str))
-        print(f"clips: {len(reader.names)}; outputs: {', '.join(reader.keys)}")
+        if reader.empty:
+            print("clips: 0 (no clip had this store's modality: every reader treats it as missing)")
+        else:
+            print(f"clips: {len(reader.names)}; outputs: {', '.join(reader.keys)}")
+
+
+def _stage(module: str):
+    import importlib
+
+    return importlib.import_module(module).main
+
+
+COMMANDS = {
+    "ingest": lambda: _stage("pipeline.stages.ingest"),
+    "extract": lambda: _stage("pipeline.stages.extract"),
+    "check": lambda: _stage("pipeline.stages.check"),
+    "build-demo": lambda: _stage("pipeline.demo"),
+    "predict": lambda: _predict,
+    "convert": lambda: _convert,
+    "extractors": lambda: _extractors,
+    "store-info": lambda: _store_info,
+}
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Dispatch; the one error boundary of the command: a `MerError` or a missing file is one line."""
+    from pipeline.errors import MerError
+    from pipeline.stages import user_message
+
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(USAGE)
         return
     command, rest = argv[0], argv[1:]
-    if command == "ingest":
-        from pipeline.stages.ingest import main as run
-    elif command == "extract":
-        from pipeline.stages.extract import main as run
-    elif command == "build-demo":
-        from pipeline.demo import main as run
-    elif command == "predict":
-        run = _predict
-    elif command == "convert":
-        run = _convert
-    elif command == "extractors":
-        run = _extractors
-    elif command == "store-info":
-        run = _store_info
-    else:
+    if command not in COMMANDS:
         print(f"mer: unknown command {command!r}\n\n{USAGE}", file=sys.stderr)
         sys.exit(2)
-    run(rest)
-
+    try:
+        COMMANDS[command]()(rest)
+    except (MerError, FileNotFoundError) as err:
+        print(f"error: {user_message(err)}", file=sys.stderr)
+        sys.exit(1)
 
 if __name__ == "__main__":
     main()

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Iterator
 
 from pipeline.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
+from pipeline.errors import MerError
 from pipeline.labels import EMOTIONS
 
 RAVDESS_EMOTIONS = {"01": "neutral", "02": "calm", "03": "happy", "04": "sad", "05": "angry",
@@ -29,7 +30,7 @@ MELD_EMOTIONS = {"neutral": "neutral", "joy": "happy", "anger": "angry", "sadnes
                  "fear": "worried", "surprise": "surprise", "disgust": None}
 
 
-class ConvertError(ValueError):
+class ConvertError(MerError, ValueError):
     """The source cannot be converted; nothing was written."""
 
 

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import asdict, dataclass
@@ -25,7 +25,8 @@ from typing import Any, Iterator
 from tqdm import tqdm
 
 from pipeline.config import EngineConfig, ExtractorSpec, as_dict
-from pipeline.extractors.base import Extractor, ModelMissing, NotApplicable, get_extractor
+from pipeline.errors import MerError
+from pipeline.extractors.base import Extractor, ModelMissing, NotApplicable, build_extractor
 from pipeline.manifest import Clip, read_manifest
 from pipeline import media
 from pipeline.media import MediaError, NoAudioError, NoVideoError
@@ -34,11 +35,11 @@ from pipeline.store import StoreIdentity, StoreWriter, write_failures
 log = logging.getLogger(__name__)
 
 
-class ModelMissingError(RuntimeError):
+class ModelMissingError(MerError, RuntimeError):
     """A production backend's weights are not where params say; nothing was run."""
 
 
-class ExtractionFailed(RuntimeError):
+class ExtractionFailed(MerError, RuntimeError):
     """Too many clips failed; finished clips are kept and a rerun retries the rest."""
 
 
@@ -238,11 +239,13 @@ class _Run:
 def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manifest_path: str | Path,
                    store_path: str | Path, summary_path: str | Path | None = None,
                    failures_path: str | Path | None = None, restart: bool = False,
-                   progress: bool = True) -> ExtractSummary:
-    """Extract every clip of the manifest that is not yet in the store."""
+                   progress: bool = True, section: str | None = None) -> ExtractSummary:
+    """Extract every clip of the manifest that is not yet in the store. `section`: the params key
+    of the spec, named in errors (default `extract.<store>`)."""
+    section = section or f"extract.{store}"
     start = time.perf_counter()
     clips = read_manifest(manifest_path)
-    extractor = get_extractor(spec.extractor)(spec.options)
+    extractor = build_extractor(spec.extractor, spec.options, f"{section}.options")
     on_ray = engine.runner == "ray"
     # Ray actors pick their own device (they may sit on GPU nodes the driver lacks).
     device = check_device(engine.device) if on_ray else resolve_device(engine.device)
@@ -289,10 +292,13 @@ def _finish(run: _Run, clips: list[Clip], store_path: Path, failures_path: str |
     fraction = summary.failed / applicable if applicable else 0.0
     if fraction > engine.max_failed_fraction:
         _write_summary(summary, summary_path, status="failed")
+        kinds = Counter(f["kind"] for f in run.failures)
         raise ExtractionFailed(
-            f"{summary.failed} of {applicable} clips failed ({fraction:.0%} > "
-            f"engine.max_failed_fraction={engine.max_failed_fraction}); see {failures_path}. "
-            "Finished clips are kept: fix the inputs and rerun to retry only the failed ones."
+            f"extract.{summary.store}: {summary.failed} of {applicable} clips failed ({fraction:.0%} > params key "
+            f"'engine.max_failed_fraction' = {engine.max_failed_fraction}): "
+            f"{', '.join(f'{n} {kind}' for kind, n in kinds.most_common())}; each clip and its error is listed in "
+            f"{failures_path}. Fix or remove those clips and rerun (finished clips are kept, only the failed ones "
+            "are retried), or raise engine.max_failed_fraction to go on without them."
         )
     start = time.perf_counter()
     rows = run.writer.finalize([c.name for c in clips])

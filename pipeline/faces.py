@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from pipeline.config import from_dict
-from pipeline.extractors.base import ModelMissing
+from pipeline.errors import ModelMissing
 from pipeline.image_encoders import file_fingerprint
 
 # insightface's arcface_dst: image-left eye, image-right eye, nose tip, mouth corners (112 px crop)

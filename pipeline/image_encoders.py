@@ -24,7 +24,7 @@ import numpy as np
 from PIL import Image
 
 from pipeline.config import from_dict
-from pipeline.extractors.base import ModelMissing
+from pipeline.errors import ModelMissing
 from pipeline.onnx_runtime import OnnxModel, check_runtime, resolve_runtime
 
 _MIB = 1 << 20

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.config import IngestConfig
+from pipeline.errors import MerError
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip
 
@@ -26,7 +27,7 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
 AUDIO_EXTENSIONS = (".wav", ".flac")
 
 
-class IngestError(ValueError):
+class IngestError(MerError, ValueError):
     """The dataset breaks the layout; the message names the file, the row and the fix."""
 
 
@@ -125,18 +126,17 @@ def ingest(cfg: IngestConfig) -> list[Clip]:
     candidates = (_unique_names(_read_csv(cand_path, ("name",)), cand_path)
                   if cand_path.is_file() else {})
 
-    def has_content(name: str) -> bool:
-        sub = subtitles.get(name)
-        text = sub and (sub.values.get("chinese", "").strip() or sub.values.get("english", "").strip())
-        return name in videos or name in audios or name in crops or bool(text)
+    def exists(name: str) -> bool:  # the dataset knows the clip: media, face crops or a subtitle row
+        return name in videos or name in audios or name in crops or name in subtitles
 
-    for table, path in ((labels, label_path), (candidates, cand_path)):
-        for name, row in table.items():
-            if not has_content(name):
-                raise IngestError(
-                    f"{path}, line {row.line}: clip {name!r} has no media and no subtitle under {root}. "
-                    f"Fix: add {cfg.video_dir}/{name}.mp4 (or audio / a subtitle row), or delete the row"
-                )
+    # A label row for a clip the dataset does not have is a typo: refuse it. A candidate is
+    # kept whatever it has (the organisers score every candidate); see `unusable` below.
+    for name, row in labels.items():
+        if not exists(name):
+            raise IngestError(
+                f"{label_path}, line {row.line}: clip {name!r} has no media and no subtitle row under {root}. "
+                f"Fix: add {cfg.video_dir}/{name}.mp4 (or audio / a subtitle row), or delete the row"
+            )
 
     names = sorted(set(videos) | set(audios) | set(crops) | set(subtitles) | set(labels) | set(candidates))
     clips = []
@@ -156,9 +156,20 @@ def ingest(cfg: IngestConfig) -> list[Clip]:
             candidate=name in candidates,
             group=group.strip() if group else None,
         ))
-    clips = [c for c in clips if c.has_audio or c.has_text or c.face_crops]
+    # An unlabelled non-candidate with nothing to read is of no use; every other clip stays.
+    clips = [c for c in clips if c.label or c.candidate or has_content(c)]
+    empty = [c.name for c in clips if not has_content(c)]
+    if empty:
+        log.warning("%d clip(s) have no media and an empty subtitle (kept: candidates get the training prior, "
+                    "labelled ones are left out of training): %s", len(empty),
+                    ", ".join(empty[:10]) + (" ..." if len(empty) > 10 else ""))
     log.info("ingested %d clips from %s", len(clips), root)
     return clips
+
+
+def has_content(clip: Clip) -> bool:
+    """The clip has something to extract features from: media, face crops or a non-empty subtitle."""
+    return clip.has_audio or clip.has_text or clip.face_crops is not None
 
 
 def summarize(clips: list[Clip]) -> dict:
@@ -172,5 +183,7 @@ def summarize(clips: list[Clip]) -> dict:
         "with_audio_file": sum(c.audio is not None for c in clips),
         "with_face_crops": sum(c.face_crops is not None for c in clips),
         "with_text": sum(c.has_text for c in clips),
+        "without_content": sum(not has_content(c) for c in clips),
+        "candidates_without_content": sum(c.candidate and not has_content(c) for c in clips),
         "labels": {k: v for k, v in sorted(Counter(c.label for c in clips if c.label).items())},
     }

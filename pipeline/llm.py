@@ -36,7 +36,7 @@ from typing import Any, ClassVar
 import numpy as np
 
 from pipeline.config import from_dict
-from pipeline.extractors.base import ModelMissing
+from pipeline.errors import MerError, ModelMissing
 from pipeline.text_encoders import file_digest
 
 Messages = list[dict[str, str]]
@@ -48,7 +48,7 @@ HASHED = WEIGHTS + ("config.json", "generation_config.json", "tokenizer*.json", 
                     "*.model", "vocab.*", "merges.txt", "chat_template.*")
 
 
-class LLMError(RuntimeError):
+class LLMError(MerError, RuntimeError):
     """An LLM call failed for good (after retries); the message names the URL and the reason."""
 
 

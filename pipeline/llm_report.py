@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.labels import EMOTION_INDEX, EMOTIONS
 from pipeline.manifest import Clip
-from pipeline.store import StoreReader
+from pipeline.store import StoreError, StoreReader
 from pipeline.tables import rounded
 
 
@@ -27,8 +27,10 @@ def label_store_metrics(clips: list[Clip], store: str | Path, key: str = "uttera
     labelled = [c for c in clips if c.label]
     with StoreReader(store) as reader:
         probs, present = reader.read(key, [c.name for c in labelled])
+    if not present.any():  # no labelled clip has a subtitle (or the store is empty): nothing to score
+        return {"labelled": len(labelled), "scored": 0, "no_subtitle": len(labelled)}
     if probs.shape[1:] != (len(EMOTIONS),):
-        raise ValueError(f"{store}: key {key!r} has shape {probs.shape[1:]}, expected ({len(EMOTIONS)},)")
+        raise StoreError(f"{store}: key {key!r} has shape {probs.shape[1:]}, expected ({len(EMOTIONS)},)")
     gold = np.array([EMOTION_INDEX[c.label] for c in labelled], dtype=np.int64)[present]
     predicted = probs[present].argmax(axis=1)
     classes = list(range(len(EMOTIONS)))

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from pipeline.config import ExtractorSpec, FusionConfig, Params, store_spec
+from pipeline.errors import MerError, TrainError
 from pipeline.enrich import enrich_from_params, enriched_manifest, read_enriched
 from pipeline.extract import resolve_device, run_extraction
 from pipeline.fusion import build_fusion
@@ -38,7 +39,7 @@ def clips_for(paths: list[Path], english: str = "", chinese: str = "") -> list[C
             raise FileNotFoundError(f"{path} not found")
         suffix = path.suffix.lower()
         if suffix not in VIDEO_EXTENSIONS + AUDIO_EXTENSIONS:
-            raise ValueError(f"{path}: not a media file ({', '.join(VIDEO_EXTENSIONS + AUDIO_EXTENSIONS)})")
+            raise MerError(f"{path}: not a media file ({', '.join(VIDEO_EXTENSIONS + AUDIO_EXTENSIONS)})")
         video = str(path) if suffix in VIDEO_EXTENSIONS else None
         audio = str(path) if suffix in AUDIO_EXTENSIONS else None
         clips.append(Clip(name=path.stem, video=video, audio=audio, english=english, chinese=chinese))
@@ -68,33 +69,41 @@ def run_predict(paths: list[Path], params: Params, models: Path, english: str = 
             for line in (Path(tmp) / f"{store}.failures.jsonl").read_text().splitlines():
                 row = json.loads(line)
                 failures.setdefault(row["id"], {})[store] = row["kind"]
-        features = load_features(clips, stores, tmp)
+        features = load_features(clips, stores, tmp, dims=folds[0]["dims"])
     return _ensemble(clips, features, folds, failures)
 
 
 def _spec_and_manifest(store: str, params: Params, clips: list[Clip], manifest: Path) -> tuple[ExtractorSpec, Path]:
     if store in params.extract:
         return params.extract[store], manifest
-    if store == ENRICHED_STORE and params.enriched_text:
+    if store == ENRICHED_STORE and params.enriched_text is not None:
         rows, enriched = manifest.with_name("enriched.jsonl"), manifest.with_name("manifest_enriched.jsonl")
-        enrich_from_params(clips, {**params.llm, "max_failed_fraction": 1.0}, rows,
+        enrich_from_params(clips, replace(params.llm, max_failed_fraction=1.0), rows,
                            resolve_device(params.engine.device))  # a failed call leaves the plain subtitle
         write_manifest(enriched_manifest(clips, read_enriched(rows)), enriched)
         return store_spec(params, store, "enriched_text"), enriched
-    raise KeyError(f"the models use store {store!r}, which params key 'extract' no longer names")
+    raise MerError(f"the models in use store {store!r}, which params key 'extract' no longer names; "
+                   "restore its params or retrain")
 
 
 def _ensemble(clips: list[Clip], features, folds: list[dict], failures: dict) -> list[dict]:
-    rows = np.arange(len(clips))
+    usable = features.mask.any(axis=1)
+    rows = np.flatnonzero(usable)
     probs = np.zeros((len(clips), len(EMOTIONS)))
     weights = np.zeros((len(clips), len(features.stores)))
     for ckpt in folds:
         model = build_fusion(ckpt["dims"], FusionConfig(**ckpt["config"]["model"]))
         model.load_state_dict(ckpt["model"])
         norm = Standardizer.from_stats(ckpt["normalizer"])
-        p, w = predict(model, norm(features, rows), torch.from_numpy(features.mask))
-        probs += p / len(folds)
-        weights += w / len(folds)
+        if len(rows):
+            p, w = predict(model, norm(features, rows), torch.from_numpy(features.mask[rows]))
+            probs[rows] += p / len(folds)
+            weights[rows] += w / len(folds)
+    if not usable.all():
+        if "prior" not in folds[0]:
+            raise TrainError(f"{sum(~usable)} clip(s) have no usable modality and these models (trained before "
+                             "the prior was saved) have no fallback; retrain (`dvc repro train`)")
+        probs[~usable] = folds[0]["prior"].numpy()
     out = []
     for i, clip in enumerate(clips):
         missing = [s for j, s in enumerate(features.stores) if not features.mask[i, j]]
@@ -103,6 +112,7 @@ def _ensemble(clips: list[Clip], features, folds: list[dict], failures: dict) ->
             "probabilities": {e: round(float(p), 4) for e, p in zip(EMOTIONS, probs[i])},
             "modality_weights": {s: round(float(w), 4) for s, w in zip(features.stores, weights[i])},
             "missing_modalities": {s: failures.get(clip.name, {}).get(s, "not present") for s in missing},
+            "prediction": "model" if usable[i] else "prior_no_modality",
         })
     return out
 
@@ -112,7 +122,9 @@ def format_text(results: list[dict]) -> str:
     for r in results:
         probs = "  ".join(f"{e} {p:.2f}" for e, p in sorted(r["probabilities"].items(), key=lambda x: -x[1]))
         weights = "  ".join(f"{s} {w:.2f}" for s, w in r["modality_weights"].items())
-        lines += [f"{r['clip']}: {r['emotion']}", f"  probabilities: {probs}", f"  modality weights: {weights}"]
+        source = "" if r["prediction"] == "model" else "  (training prior: no usable modality)"
+        lines += [f"{r['clip']}: {r['emotion']}{source}", f"  probabilities: {probs}",
+                  f"  modality weights: {weights}"]
         if r["missing_modalities"]:
             lines.append("  missing: " + ", ".join(f"{s} ({why})" for s, why in r["missing_modalities"].items()))
     return "\n".join(lines)

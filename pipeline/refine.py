@@ -38,57 +38,14 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError, from_dict
+from pipeline.config import ConfigError, RefineConfig, load_params
 from pipeline.labels import EMOTION_INDEX, EMOTIONS
 from pipeline.manifest import Clip
 from pipeline.store import StoreReader
-from pipeline.weak import (WEAK_CLASSIFIERS, DawidSkeneConfig, FoldError, LightGBMConfig, LogRegConfig,
-                          cross_fit, dawid_skene, make_weak, precision_weights, vote_precision,
+from pipeline.weak import (FoldError, cross_fit, dawid_skene, make_weak, precision_weights, vote_precision,
                           weighted_vote)
 
 log = logging.getLogger(__name__)
-METHODS = ("weighted_vote", "dawid_skene")
-MODES = ("hard", "soft")
-
-
-@dataclass(frozen=True)
-class RefineConfig:
-    """The `refine:` section of params.yaml."""
-
-    stores: list[str] = field(default_factory=lambda: ["prosody"])  # features/<store>.h5, trained on
-    classifiers: list[str] = field(default_factory=lambda: ["logreg", "lightgbm"])
-    label_stores: list[str] = field(default_factory=list)  # stores holding 6 probabilities, used as-is
-    key: str = "utterance"  # the per-clip vector read from each store
-    k: int = 5
-    seed: int = 0
-    method: str = "weighted_vote"  # weighted_vote | dawid_skene
-    mode: str = "hard"  # hard | soft
-    correct_threshold: float = 0.9
-    pseudo_threshold: float = 0.8
-    pseudo_thresholds: dict[str, float] = field(default_factory=dict)  # per-class overrides
-    min_agreeing_sources: int = 2
-    logreg: LogRegConfig = field(default_factory=LogRegConfig)
-    lightgbm: LightGBMConfig = field(default_factory=LightGBMConfig)
-    dawid_skene: DawidSkeneConfig = field(default_factory=DawidSkeneConfig)
-
-    def __post_init__(self) -> None:
-        checks = [("method", self.method in METHODS, f"one of {', '.join(METHODS)}"),
-                  ("mode", self.mode in MODES, f"one of {', '.join(MODES)}"),
-                  ("classifiers", set(self.classifiers) <= set(WEAK_CLASSIFIERS),
-                   f"a list from {', '.join(WEAK_CLASSIFIERS)}"),
-                  ("pseudo_thresholds", set(self.pseudo_thresholds) <= set(EMOTIONS),
-                   f"a mapping from classes {', '.join(EMOTIONS)}"),
-                  ("k", self.k >= 2, "at least 2"),
-                  ("min_agreeing_sources", self.min_agreeing_sources >= 0, "0 or more"),
-                  ("stores", bool(self.stores or self.label_stores), "non-empty (or label_stores)")]
-        for key, ok, expected in checks:
-            if not ok:
-                raise ConfigError(f"params key 'refine.{key}' is {getattr(self, key)!r}; expected {expected}")
-
-    def threshold(self, label: str) -> float:
-        return self.pseudo_thresholds.get(label, self.pseudo_threshold)
-
-
 @dataclass
 class Votes:
     """Every source's probabilities over EMOTIONS for every clip."""
@@ -144,7 +101,11 @@ def collect_votes(clips: list[Clip], cfg: RefineConfig, features: Path) -> Votes
     for store, path in paths.items():
         votes += _trained_sources(clips, cfg, store, path, skipped)
     for store, path in label_paths.items():
-        votes.append((store, store, *_label_store(clips, cfg, store, path)))
+        probs, present = _label_store(clips, cfg, store, path)
+        if present.any():
+            votes.append((store, store, probs, present))
+        else:
+            _carries_nothing(store, "label_stores", skipped)
     if not votes:
         empty = np.zeros((0, len(clips), len(EMOTIONS)))
         return Votes([], [], empty, empty[..., 0].astype(bool), skipped)
@@ -162,6 +123,8 @@ def _trained_sources(clips: list[Clip], cfg: RefineConfig, store: str, path: Pat
     names, gold, groups = [c.name for c in clips], gold_of(clips), [c.group for c in clips]
     with StoreReader(path) as reader:
         X, mask = reader.read(cfg.key, names)
+    if not mask.any():
+        return _carries_nothing(store, "stores", skipped)
     X = X.reshape(len(names), -1).astype(np.float64)
     out = []
     for name in cfg.classifiers:
@@ -177,10 +140,19 @@ def _trained_sources(clips: list[Clip], cfg: RefineConfig, store: str, path: Pat
     return out
 
 
+def _carries_nothing(store: str, key: str, skipped: dict[str, str]) -> list:
+    """A store no clip has (e.g. LLM labels on a dataset without subtitles) gives no votes: said once."""
+    log.warning("refine: store %r (params key refine.%s) carries nothing: no clip has its modality", store, key)
+    skipped[store] = "carries nothing: no clip has this store's modality"
+    return []
+
+
 def _label_store(clips: list[Clip], cfg: RefineConfig, store: str, path: Path) -> tuple[np.ndarray, np.ndarray]:
     """(probabilities renormalised to sum 1, present) of a store of ready-made labels."""
     with StoreReader(path) as reader:
         probs, mask = reader.read(cfg.key, [c.name for c in clips])
+    if not mask.any():
+        return np.zeros((len(clips), len(EMOTIONS))), mask
     if probs.shape[1:] != (len(EMOTIONS),):
         raise ConfigError(f"params key 'refine.label_stores': {store!r} key {cfg.key!r} has shape "
                           f"{probs.shape[1:]}, expected ({len(EMOTIONS)},) probabilities over {EMOTIONS}")
@@ -233,14 +205,8 @@ def decide(clips: list[Clip], votes: Votes, agg: np.ndarray, weights: np.ndarray
 
 
 def load_refine_config(params_path: str | Path = "params.yaml") -> RefineConfig:
-    """The strict `refine:` section of params.yaml (defaults when it is absent)."""
-    import yaml
-
-    path = Path(params_path)
-    if not path.is_file():
-        raise ConfigError(f"{path} not found; run from the repository root or pass --params")
-    data = yaml.safe_load(path.read_text(encoding="utf-8")) or {}
-    return from_dict(RefineConfig, data.get("refine") or {}, "refine")
+    """The `refine:` section of the whole, validated params.yaml."""
+    return load_params(params_path).refine
 
 
 def refine(clips: list[Clip], cfg: RefineConfig, features: Path) -> Refinement:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.errors import TrainError
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip
 from pipeline.tables import rounded
@@ -28,15 +29,42 @@ def classification_metrics(gold: np.ndarray, predicted: np.ndarray) -> dict:
     }
 
 
+def candidates_of(clips: list[Clip]) -> list[int]:
+    """Rows to submit: the clips marked `candidate`, or every unlabelled clip when none is marked."""
+    marked = [i for i, c in enumerate(clips) if c.candidate]
+    return marked or [i for i, c in enumerate(clips) if not c.label]
+
+
 def cv_metrics(clips: list[Clip], result: CVResult) -> dict:
+    """Out-of-fold scores plus what they cover: clips left out, candidates answered by the prior."""
     gold = np.array([EMOTIONS.index(clips[i].label) for i in result.labelled])
     metrics = classification_metrics(gold, result.oof_probs.argmax(1))
     scores = np.array(result.fold_scores)
     metrics["folds"] = {"weighted_f1_mean": float(scores.mean()), "weighted_f1_std": float(scores.std()),
-                        "weighted_f1": [float(s) for s in scores]}
+                        "weighted_f1": [float(s) for s in scores], "selected_epochs": result.selected_epochs}
     metrics["n_labelled"] = len(result.labelled)
+    metrics["excluded_no_modality"] = len(result.excluded)
+    metrics["speaker_independent"] = bool(result.speaker_independent)
+    metrics["epoch_selection"] = "inner split of each training fold"
+    metrics["stores"] = list(result.stores)
+    metrics["stores_without_clips"] = list(result.dropped)
+    candidates = candidates_of(clips)
+    by_prior = int(sum(bool(result.no_modality[i]) for i in candidates)) if result.no_modality is not None else 0
+    metrics["candidates"] = {"total": len(candidates), "predicted_by_model": len(candidates) - by_prior,
+                             "prior_no_modality": by_prior,
+                             "coverage": (len(candidates) - by_prior) / len(candidates) if candidates else 1.0}
     metrics["seconds_per_fold"] = float(np.mean(result.seconds_per_fold))
+    if not _all_finite(metrics):
+        raise TrainError(f"metrics are not finite ({metrics}); nothing was written")
     return rounded(metrics)
+
+
+def _all_finite(value: object) -> bool:
+    if isinstance(value, dict):
+        return all(_all_finite(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return all(_all_finite(v) for v in value)
+    return not isinstance(value, float) or bool(np.isfinite(value))
 
 
 def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
@@ -47,12 +75,13 @@ def _write_csv(path: Path, header: list[str], rows: list[list]) -> None:
         writer.writerows(rows)
 
 
-def write_reports(clips: list[Clip], result: CVResult, stores: list[str], out: Path) -> dict:
-    """metrics.json, plots/*.csv (DVC plots), predictions.csv (+ probabilities)."""
+def write_reports(clips: list[Clip], result: CVResult, out: Path) -> dict:
+    """predictions.csv (+ probabilities), plots/*.csv (DVC plots), and metrics.json last."""
     out = Path(out)
     metrics = cv_metrics(clips, result)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_predictions(clips, result, out)
+    stores = result.stores
     plots = out / "plots"
     predicted = result.oof_probs.argmax(1)
     _write_csv(plots / "confusion.csv", ["actual", "predicted"],
@@ -67,18 +96,34 @@ def write_reports(clips: list[Clip], result: CVResult, stores: list[str], out: P
     _write_csv(plots / "modality_weights.csv", ["emotion", "modality", "weight"],
                [[e, m, round(float(weights[predicted == c, j].mean()) if (predicted == c).any() else 0.0, 4)]
                 for c, e in enumerate(EMOTIONS) for j, m in enumerate(columns)])
-    write_predictions(clips, result, out)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     return metrics
 
 
+def clip_probabilities(clips: list[Clip], result: CVResult) -> dict[int, tuple[str, np.ndarray]]:
+    """Row -> (kind, probabilities) for every clip: `labelled_oof`, `unlabelled` (fold average) or
+    `prior_no_modality` (no usable modality: the training prior)."""
+    out: dict[int, tuple[str, np.ndarray]] = {}
+    out.update({i: ("labelled_oof", p) for i, p in zip(result.labelled, result.oof_probs)})
+    for i, p in zip(result.unlabelled, result.unlabelled_probs):
+        out[i] = ("prior_no_modality" if result.no_modality is not None and result.no_modality[i] else "unlabelled", p)
+    out.update({i: ("prior_no_modality", result.prior) for i in result.excluded})
+    return out
+
+
 def write_predictions(clips: list[Clip], result: CVResult, out: Path) -> None:
-    """MER2025 submission `name,discrete` for candidates (all unlabelled clips when none are
-    marked), plus every clip's probabilities (out-of-fold for labelled clips)."""
-    rows = {clips[i].name: p for i, p in zip(result.unlabelled, result.unlabelled_probs)}
-    candidates = [c.name for c in clips if c.candidate] or [clips[i].name for i in result.unlabelled]
+    """MER2025 submission `name,discrete`: exactly one row per candidate (all unlabelled clips
+    when none are marked), labelled candidates by their out-of-fold prediction; plus every
+    clip's probabilities, with its kind and a `no_modality` flag."""
+    probs = clip_probabilities(clips, result)
+    candidates = candidates_of(clips)
+    missing = [clips[i].name for i in candidates if i not in probs]
+    if missing:
+        raise TrainError(f"{len(missing)} candidates got no prediction (e.g. {missing[:3]}); this is a bug")
     _write_csv(out / "predictions.csv", ["name", "discrete"],
-               [[n, EMOTIONS[int(rows[n].argmax())]] for n in candidates if n in rows])
-    all_rows = [(clips[i].name, "labelled_oof", p) for i, p in zip(result.labelled, result.oof_probs)]
-    all_rows += [(clips[i].name, "unlabelled", p) for i, p in zip(result.unlabelled, result.unlabelled_probs)]
-    _write_csv(out / "predictions_proba.csv", ["name", "kind", *EMOTIONS],
-               [[n, kind, *[round(float(x), 5) for x in p]] for n, kind, p in sorted(all_rows)])
+               [[clips[i].name, EMOTIONS[int(probs[i][1].argmax())]] for i in candidates])
+    is_candidate = set(candidates)
+    rows = sorted((clips[i].name, kind, int(i in is_candidate), int(kind == "prior_no_modality"), p)
+                  for i, (kind, p) in probs.items())
+    _write_csv(out / "predictions_proba.csv", ["name", "kind", "candidate", "no_modality", *EMOTIONS],
+               [[n, kind, cand, flag, *[round(float(x), 5) for x in p]] for n, kind, cand, flag, p in rows])

@@ -31,6 +31,7 @@ from typing import Any, Iterable, Iterator, Mapping, Sequence
 import h5py
 import numpy as np
 
+from pipeline.errors import MerError
 from pipeline.tables import write_jsonl
 
 SCHEMA_VERSION = 1
@@ -39,11 +40,11 @@ _STR = h5py.string_dtype(encoding="utf-8")
 _BLOCK = 1024  # clips copied per block when writing or merging
 
 
-class FingerprintMismatch(RuntimeError):
+class FingerprintMismatch(MerError, RuntimeError):
     """Existing store or segments were made with other settings than the current ones."""
 
 
-class StoreError(RuntimeError):
+class StoreError(MerError, RuntimeError):
     """A store file is unreadable or inconsistent; the message names the file."""
 
 
@@ -198,6 +199,11 @@ class StoreReader:
         return list(self._row)
 
     @property
+    def empty(self) -> bool:
+        """No clip is stored: none had the modality (an audio-only dataset's `frames` store)."""
+        return not self._row
+
+    @property
     def keys(self) -> list[str]:
         return list(self._keys)
 
@@ -221,6 +227,10 @@ class StoreReader:
         """
         if key in self.sequence_keys:
             raise StoreError(f"{self.path}: {key!r} is a sequence; use read_sequences()")
+        if key not in self._keys:
+            if self.empty:  # no clip had the modality: a valid store, every clip missing
+                return np.zeros((len(names), 0), np.float32), np.zeros(len(names), bool)
+            raise StoreError(f"{self.path} has no output {key!r}; it has {', '.join(self._keys)}")
         node = self._file["data"][key]
         out = np.zeros((len(names),) + node.shape[1:], dtype=node.dtype)
         mask = np.zeros(len(names), dtype=bool)
@@ -237,6 +247,8 @@ class StoreReader:
 
     def read_sequences(self, key: str, names: list[str]) -> tuple[list[np.ndarray | None], np.ndarray]:
         """Variable-length sequences aligned to `names` (None where absent) and the mask."""
+        if key not in self._keys and self.empty:
+            return [None] * len(names), np.zeros(len(names), bool)
         seqs = [self._value(key, self._row[n]) if n in self._row else None for n in names]
         _, mask = self.read(PRESENT_KEY, names) if PRESENT_KEY in self.keys else (None, None)
         present = np.array([s is not None for s in seqs], dtype=bool)

@@ -29,7 +29,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from pipeline.extractors.base import ModelMissing
+from pipeline.errors import ModelMissing
 
 log = logging.getLogger(__name__)
 

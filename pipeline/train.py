@@ -1,16 +1,29 @@
 """The fusion trainer: stratified (group-aware) k-fold cross-validation on cached features.
 
-One model per fold, selected on the fold's validation weighted F1 (the MER metric).
-Labelled clips get out-of-fold predictions; unlabelled and candidate clips get the
-average of the fold models. Refined labels and pseudo-labels, when given, are used in
-training folds only: validation is always scored against the original gold labels.
+Honest scores. Each outer fold is scored by a model that never saw it and was not chosen
+on it: the epoch is selected on an inner split of the outer fold's training clips (one
+stratified, group-aware split holding out about 1/folds of them), and the model of that
+epoch scores the outer fold. The reported weighted F1 is the outer folds' out-of-fold one.
+When the manifest has no `group` (speaker), folds cannot be speaker-independent: the log
+and `metrics.json` (`speaker_independent: false`) say so.
+
+What enters training. A store where no clip has the modality (the `frames` store of an
+audio-only dataset) carries nothing: it is left out, with one warning. A labelled clip
+with no usable modality (every store lacks it, or its values are not finite) never enters
+a fold: it is named in the log and counted (`excluded_no_modality`). Unlabelled and
+candidate clips with no usable modality get the training prior, flagged as such.
+Labelled clips get out-of-fold predictions; the others the average of the fold models.
+Refined labels and pseudo-labels, when given, are used in training rows only:
+validation is always scored against the original gold labels. A non-finite loss stops
+training with one line naming the fold and epoch.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, replace
+import warnings
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +31,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
+from pipeline.errors import TrainError
 from pipeline.fusion import build_fusion
 from pipeline.labels import EMOTIONS, EMOTION_INDEX
 from pipeline.manifest import Clip
@@ -33,11 +47,19 @@ class Features:
     inputs: dict[str, np.ndarray]  # store -> (N, D) float32
     mask: np.ndarray  # (N, M) bool, columns in `stores` order
     stores: list[str]
+    dropped: list[str] = field(default_factory=list)  # stores named but carrying nothing, left out
 
 
-def load_features(clips: list[Clip], stores: list[str], feature_dir: str | Path = "features") -> Features:
+def load_features(clips: list[Clip], stores: list[str], feature_dir: str | Path = "features",
+                  dims: dict[str, int] | None = None) -> Features:
+    """The `utterance` vector of every clip from each store, and where each is usable.
+
+    A store no clip has (empty, or every row not present) is left out with a warning, unless
+    `dims` (a trained model's input widths) is given: then it is read as all-missing zeros of
+    that width, so the model masks it. Rows with non-finite values count as missing.
+    """
     names = [c.name for c in clips]
-    inputs, masks = {}, []
+    inputs, masks, kept, dropped = {}, [], [], []
     for store in stores:
         path = Path(feature_dir) / f"{store}.h5"
         if not path.is_file():
@@ -45,13 +67,37 @@ def load_features(clips: list[Clip], stores: list[str], feature_dir: str | Path 
                                     f"run `dvc repro extract@{store}` or remove it from train.stores")
         with StoreReader(path) as reader:
             values, mask = reader.read("utterance", names)
-        inputs[store] = np.nan_to_num(values.astype(np.float32))
+        values = values.reshape(len(names), -1).astype(np.float32)
+        if dims is not None and values.shape[1] != dims[store]:
+            if mask.any():
+                raise TrainError(f"{path}: vectors of width {values.shape[1]}, but the model was trained on "
+                                 f"{dims[store]}; re-extract with the params the model was trained with")
+            values = np.zeros((len(names), dims[store]), np.float32)
+        finite = np.isfinite(values).all(axis=1)
+        if (mask & ~finite).any():
+            log.warning("%s: %d clips with non-finite values are treated as missing this modality",
+                        path, int((mask & ~finite).sum()))
+        mask = mask & finite
+        if not mask.any() and dims is None:
+            log.warning("store %r carries nothing (no clip has its modality): training goes on without it",
+                        store)
+            dropped.append(store)
+            continue
+        inputs[store] = np.where(mask[:, None], values, 0).astype(np.float32)
         masks.append(mask)
-    return Features(names, inputs, np.stack(masks, axis=1), list(stores))
+        kept.append(store)
+    if not kept:
+        raise TrainError(f"no store of params key 'train.stores' ({', '.join(stores)}) holds any clip: "
+                         "the dataset has none of their modalities; name stores this dataset has")
+    return Features(names, inputs, np.stack(masks, axis=1), kept, dropped)
 
 
 def select(features: Features, stores: list[str]) -> Features:
     """The same clips with only `stores` (for single-modality models and ablations)."""
+    missing = [s for s in stores if s not in features.stores]
+    if missing:
+        raise TrainError(f"store(s) {', '.join(missing)} carry nothing on this dataset (see the warning above); "
+                         f"stores with clips: {', '.join(features.stores)}")
     cols = [features.stores.index(s) for s in stores]
     return Features(features.names, {s: features.inputs[s] for s in stores}, features.mask[:, cols], list(stores))
 
@@ -96,19 +142,23 @@ def _weighted_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def train_fold(features: Features, train_rows: np.ndarray, train_targets: np.ndarray, val_rows: np.ndarray,
-               val_gold: np.ndarray, cfg: TrainConfig, seed: int) -> dict:
-    """Train one fold; returns the best state, its epoch and score, and the per-epoch history."""
+               val_gold: np.ndarray, cfg: TrainConfig, seed: int, fold: int = 0) -> dict:
+    """Train one model on `train_rows`, keeping the epoch with the best weighted F1 on `val_rows`
+    (the inner validation split: never the clips the model is scored on). Returns the model,
+    its normaliser, the chosen epoch and score, and the per-epoch history."""
     _set_seed(seed)
+    device = train_device(cfg.device)
     norm = Standardizer(features, train_rows)
     dims = {s: features.inputs[s].shape[1] for s in features.stores}
-    model = build_fusion(dims, cfg.model).to(cfg.device)
+    model = build_fusion(dims, cfg.model).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     counts = np.bincount(train_targets.argmax(1), minlength=len(EMOTIONS)).astype(np.float32)
     class_weight = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(EMOTIONS))
-    loss_weight = class_weight if cfg.class_balance == "weights" else None
-    x_train, m_train = norm(features, train_rows), torch.from_numpy(features.mask[train_rows])
+    loss_weight = class_weight.to(device) if cfg.class_balance == "weights" else None
+    x_train = {k: v.to(device) for k, v in norm(features, train_rows).items()}
+    m_train = torch.from_numpy(features.mask[train_rows])
     x_val, m_val = norm(features, val_rows), torch.from_numpy(features.mask[val_rows])
-    y_train = torch.from_numpy(train_targets.astype(np.float32))
+    y_train = torch.from_numpy(train_targets.astype(np.float32)).to(device)
     generator = torch.Generator().manual_seed(seed)
     best = {"val_f1": -1.0, "epoch": -1, "state": None}
     history = []
@@ -118,9 +168,14 @@ def train_fold(features: Features, train_rows: np.ndarray, train_targets: np.nda
         total = 0.0
         for start in range(0, len(order), cfg.batch_size):
             idx = order[start:start + cfg.batch_size]
-            mask = _drop_modalities(m_train[idx], cfg.model.modality_dropout, generator)
-            logits, _ = model({k: v[idx] for k, v in x_train.items()}, mask)
-            loss = _soft_cross_entropy(logits, y_train[idx], loss_weight)
+            mask = _drop_modalities(m_train[idx], cfg.model.modality_dropout, generator).to(device)
+            logits, _ = model({k: v[idx.to(device)] for k, v in x_train.items()}, mask)
+            loss = _soft_cross_entropy(logits, y_train[idx.to(device)], loss_weight)
+            if not torch.isfinite(loss):
+                raise TrainError(
+                    f"fold {fold}, epoch {epoch}: the training loss is {float(loss)}; likely cause: "
+                    f"params key 'train.lr' ({cfg.lr}) too high for these features, or a store with extreme "
+                    "values (check `mer store-info`); lower train.lr or re-extract that store")
             optimizer.zero_grad()
             loss.backward()
             optimizer.step()
@@ -132,7 +187,19 @@ def train_fold(features: Features, train_rows: np.ndarray, train_targets: np.nda
             best = {"val_f1": val_f1, "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     model.load_state_dict(best["state"])
-    return {"model": model, "optimizer": optimizer, "norm": norm, "history": history, **best}
+    return {"model": model.cpu(), "optimizer": optimizer, "norm": norm, "history": history, **best}
+
+
+def train_device(requested: str) -> str:
+    """`train.device`: auto picks cuda when there is one; cuda without one is an error, never a fallback."""
+    if requested == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda" if requested == "auto" else requested
+    if requested == "auto":
+        return "cpu"
+    raise TrainError(f"params key 'train.device' is {requested!r} but no CUDA device is visible; "
+                     "allowed here: auto | cpu")
 
 
 def _epoch_order(targets: np.ndarray, class_weight: torch.Tensor, balance: str,
@@ -164,14 +231,14 @@ def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: tor
 
 @torch.inference_mode()
 def predict(model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
-    """Class probabilities (N, 6) and modality weights (N, M). A clip with no modality at all
-    gets the prior of an all-missing input: it is given one zero modality to attend to."""
+    """Class probabilities (N, 6) and modality weights (N, M) on the CPU. Every clip must have
+    at least one modality: a clip with none has nothing to attend to (callers give it the prior)."""
+    if len(mask) and not mask.any(dim=1).all():
+        raise TrainError("predict() was given clips without any modality; give them the training prior")
     model.eval()
-    mask = mask.clone()
-    empty = ~mask.any(dim=1)
-    mask[empty, 0] = True
-    logits, weights = model(inputs, mask)
-    return torch.softmax(logits, dim=1).numpy(), weights.numpy()
+    device = next(model.parameters()).device
+    logits, weights = model({k: v.to(device) for k, v in inputs.items()}, mask.to(device))
+    return torch.softmax(logits, dim=1).cpu().numpy(), weights.cpu().numpy()
 
 
 def one_hot(labels: list[str]) -> np.ndarray:
@@ -182,15 +249,50 @@ def one_hot(labels: list[str]) -> np.ndarray:
 
 @dataclass
 class CVResult:
-    oof_probs: np.ndarray  # (n_labelled, 6)
-    labelled: list[int]  # rows of the labelled clips
-    unlabelled_probs: np.ndarray  # (n_unlabelled, 6), fold average
+    oof_probs: np.ndarray  # (n_labelled, 6), out of fold
+    labelled: list[int]  # rows of the labelled clips that were cross-validated
+    unlabelled_probs: np.ndarray  # (n_unlabelled, 6), fold average (the prior where `no_modality`)
     unlabelled: list[int]
     weights: np.ndarray  # (N, M) modality weights, oof for labelled, fold average otherwise
-    fold_scores: list[float]
-    histories: list[list[dict]]
+    fold_scores: list[float]  # weighted F1 of each outer fold's out-of-fold predictions
+    histories: list[list[dict]]  # per fold, per epoch: train loss and inner-validation weighted F1
     checkpoints: list[dict]
     seconds_per_fold: list[float]
+    excluded: list[int] = field(default_factory=list)  # labelled rows with no usable modality: never trained on
+    no_modality: np.ndarray | None = None  # (N,) bool: the clip has no usable modality (its prediction is the prior)
+    prior: np.ndarray | None = None  # (6,) class frequencies of the cross-validated labelled clips
+    speaker_independent: bool = False  # folds split by the manifest's `group`
+    selected_epochs: list[int] = field(default_factory=list)
+    stores: list[str] = field(default_factory=list)  # the stores the models read
+    dropped: list[str] = field(default_factory=list)  # stores named in params that carried nothing
+
+
+def _folds(labels: list[str], groups: list[str | None], k: int, seed: int, what: str, warn: bool = True) -> list:
+    try:
+        with warnings.catch_warnings():  # small classes are reported once, by _warn_small_classes
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            return fold_indices(labels, groups, k=k, seed=seed, warn=warn)
+    except ValueError as err:
+        raise TrainError(f"{what}: {err}; lower params key 'train.folds' (now {k}) or label more clips") from None
+
+
+def _inner_split(labels: list[str], groups: list[str | None], cfg: TrainConfig, seed: int,
+                 fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inner train, inner validation) positions within one outer training fold: about 1/folds held out."""
+    n_groups = len({g if g is not None else f"__clip_{i}" for i, g in enumerate(groups)})
+    k = min(cfg.folds, n_groups, len(labels))
+    if k < 2:
+        raise TrainError(f"fold {fold}: {len(labels)} training clips cannot be split to choose the epoch; "
+                         "lower params key 'train.folds' or label more clips")
+    return _folds(labels, groups, k, seed, f"fold {fold}, inner split", warn=False)[0]
+
+
+def _warn_small_classes(labels: list[str], k: int) -> None:
+    counts = {e: labels.count(e) for e in EMOTIONS}
+    small = {e: n for e, n in counts.items() if 0 < n < k}
+    if small:
+        log.warning("class(es) %s have fewer labelled clips than params key 'train.folds' (%d): some folds "
+                    "score them on no clip, and their F1 is noisy", ", ".join(f"{e} ({n})" for e, n in small.items()), k)
 
 
 def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
@@ -200,48 +302,71 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     target for unlabelled clips. Both only ever enter training rows."""
     torch.set_num_threads(cfg.threads)
     if cfg.model.kind == "single":
-        if cfg.model.single not in features.stores:
-            raise ValueError(f"params key 'train.model.single' is {cfg.model.single!r}; "
-                             f"choose one of train.stores: {', '.join(features.stores)}")
         features = select(features, [cfg.model.single])
-    labelled = [i for i, c in enumerate(clips) if c.label]
+    usable = features.mask.any(axis=1)
+    excluded = [i for i, c in enumerate(clips) if c.label and not usable[i]]
+    if excluded:
+        shown = ", ".join(clips[i].name for i in excluded[:10]) + (" ..." if len(excluded) > 10 else "")
+        log.warning("%d labelled clip(s) have no usable modality in %s and are left out of training and "
+                    "scoring: %s", len(excluded), ", ".join(features.stores), shown)
+    labelled = [i for i, c in enumerate(clips) if c.label and usable[i]]
     unlabelled = [i for i, c in enumerate(clips) if not c.label]
-    gold = np.array([EMOTION_INDEX[clips[i].label] for i in labelled])
-    targets = one_hot([clips[i].label for i in labelled])
+    if len(labelled) < 2:
+        raise TrainError(f"{len(labelled)} labelled clip(s) have a usable modality in "
+                         f"{', '.join(features.stores)}; training needs clips with features and labels")
+    labels = [clips[i].label for i in labelled]
+    groups = [clips[i].group for i in labelled]
+    speaker_independent = any(g is not None for g in groups)
+    if not speaker_independent:
+        log.warning("the manifest has no `group` (speaker): folds are not speaker-independent, so the CV score "
+                    "is optimistic for unseen speakers; add a group column to the label file")
+    _warn_small_classes(labels, cfg.folds)
+    gold = np.array([EMOTION_INDEX[x] for x in labels])
+    prior = np.bincount(gold, minlength=len(EMOTIONS)).astype(np.float32) / len(gold)
+    targets = one_hot(labels)
     if cfg.use_refined and refined:
         targets = np.stack([refined.get(clips[i].name, targets[k]) for k, i in enumerate(labelled)])
-    pseudo_rows = [i for i in unlabelled if cfg.use_pseudo and pseudo and clips[i].name in pseudo]
-    folds = fold_indices([clips[i].label for i in labelled], [clips[i].group for i in labelled],
-                         k=cfg.folds, seed=cfg.seed)
+    pseudo_rows = [i for i in unlabelled if cfg.use_pseudo and pseudo and clips[i].name in pseudo and usable[i]]
+    pseudo_targets = np.stack([pseudo[clips[i].name] for i in pseudo_rows]) if pseudo_rows else None
+    folds = _folds(labels, groups, cfg.folds, cfg.seed, f"{len(labels)} labelled clips")
     oof = np.zeros((len(labelled), len(EMOTIONS)), np.float32)
-    n_mod = len(features.stores)
-    weights = np.zeros((len(clips), n_mod), np.float32)
+    weights = np.zeros((len(clips), len(features.stores)), np.float32)
     unl_probs = np.zeros((len(unlabelled), len(EMOTIONS)), np.float32)
-    result = CVResult(oof, labelled, unl_probs, unlabelled, weights, [], [], [], [])
+    unl_usable = usable[unlabelled] if unlabelled else np.zeros(0, bool)
+    unl_probs[~unl_usable] = prior
+    result = CVResult(oof, labelled, unl_probs, unlabelled, weights, [], [], [], [], excluded, ~usable, prior,
+                      speaker_independent, stores=list(features.stores), dropped=list(features.dropped))
     lab_rows = np.array(labelled)
+    pred_rows = np.array(unlabelled, dtype=int)[unl_usable]
     for k, (tr, va) in enumerate(folds):
         start = time.perf_counter()
-        train_rows = np.concatenate([lab_rows[tr], np.array(pseudo_rows, dtype=int)])
-        train_targets = np.concatenate([targets[tr]] + ([np.stack([pseudo[clips[i].name] for i in pseudo_rows])]
-                                                        if pseudo_rows else []))
-        fold = train_fold(features, train_rows, train_targets, lab_rows[va], gold[va], cfg, cfg.seed + k)
+        inner_tr, inner_va = _inner_split([labels[j] for j in tr], [groups[j] for j in tr], cfg, cfg.seed + k, k)
+        fit, pick = tr[inner_tr], tr[inner_va]
+        train_rows = np.concatenate([lab_rows[fit], np.array(pseudo_rows, dtype=int)])
+        train_targets = targets[fit] if pseudo_targets is None else np.concatenate([targets[fit], pseudo_targets])
+        fold = train_fold(features, train_rows, train_targets, lab_rows[pick], gold[pick], cfg, cfg.seed + k, k)
         x_val = fold["norm"](features, lab_rows[va])
         oof[va], weights[lab_rows[va]] = predict(fold["model"], x_val, torch.from_numpy(features.mask[lab_rows[va]]))
-        if unlabelled:
-            rows = np.array(unlabelled)
-            probs, w = predict(fold["model"], fold["norm"](features, rows), torch.from_numpy(features.mask[rows]))
-            unl_probs += probs / len(folds)
-            weights[rows] += w / len(folds)
-        result.fold_scores.append(fold["val_f1"])
+        if len(pred_rows):
+            probs, w = predict(fold["model"], fold["norm"](features, pred_rows),
+                               torch.from_numpy(features.mask[pred_rows]))
+            unl_probs[unl_usable] += probs / len(folds)
+            weights[pred_rows] += w / len(folds)
+        result.fold_scores.append(_weighted_f1(gold[va], oof[va].argmax(1)))
         result.histories.append(fold["history"])
-        result.checkpoints.append(_checkpoint(fold, cfg, features, k))
+        result.selected_epochs.append(fold["epoch"])
+        result.checkpoints.append(_checkpoint(fold, cfg, features, k, prior))
         result.seconds_per_fold.append(time.perf_counter() - start)
-        log.info("fold %d: best epoch %d, val weighted F1 %.4f (%.1fs)", k, fold["epoch"], fold["val_f1"],
-                 result.seconds_per_fold[-1])
+        log.info("fold %d: epoch %d chosen on the inner split (weighted F1 %.4f), outer fold weighted F1 %.4f "
+                 "(%.1fs)", k, fold["epoch"], fold["val_f1"], result.fold_scores[-1], result.seconds_per_fold[-1])
+    for name, values in (("out-of-fold probabilities", oof), ("candidate probabilities", unl_probs),
+                         ("modality weights", weights)):
+        if not np.isfinite(values).all():
+            raise TrainError(f"training gave non-finite {name}; this is a bug: please report it with the params")
     return result
 
 
-def _checkpoint(fold: dict, cfg: TrainConfig, features: Features, k: int) -> dict:
+def _checkpoint(fold: dict, cfg: TrainConfig, features: Features, k: int, prior: np.ndarray) -> dict:
     """Plain tensors and primitives only, so `torch.load(..., weights_only=True)` reads it."""
     return {
         "model": fold["model"].state_dict(),
@@ -252,6 +377,8 @@ def _checkpoint(fold: dict, cfg: TrainConfig, features: Features, k: int) -> dic
         "fold": k,
         "stores": features.stores,
         "dims": {s: int(features.inputs[s].shape[1]) for s in features.stores},
+        "prior": torch.from_numpy(prior.copy()),  # the answer for a clip with no usable modality
+        "selected_on": "inner split of the training fold",
         "normalizer": {s: [torch.from_numpy(m), torch.from_numpy(sd)] for s, (m, sd) in fold["norm"].stats.items()},
     }
 

@@ -10,7 +10,6 @@ and `dawid_skene` combine the sources. pipeline/refine.py wires them to stores a
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, Sequence
 
 import numpy as np
@@ -18,40 +17,11 @@ from sklearn.base import BaseEstimator, ClassifierMixin, clone
 from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
-
-@dataclass(frozen=True)
-class LogRegConfig:
-    """`refine.logreg`: StandardScaler + LogisticRegression."""
-
-    C: float = 0.5  # inverse L2 strength; features are standardised first
-    max_iter: int = 2000
+from pipeline.config import WEAK_CLASSIFIERS, DawidSkeneConfig, LightGBMConfig, LogRegConfig  # noqa: F401 - re-exported
+from pipeline.errors import MerError
 
 
-@dataclass(frozen=True)
-class LightGBMConfig:
-    """`refine.lightgbm`: gradient-boosted trees (lightgbm.LGBMClassifier)."""
-
-    n_estimators: int = 200
-    learning_rate: float = 0.05
-    num_leaves: int = 15
-    min_child_samples: int = 10  # small folds of rare classes need small leaves
-    colsample_bytree: float = 0.5  # wide embeddings: each tree sees half the dimensions
-    n_jobs: int = 1  # threads per model (results do not depend on it)
-
-
-@dataclass(frozen=True)
-class DawidSkeneConfig:
-    """`refine.dawid_skene`: EM settings."""
-
-    max_iter: int = 100
-    tol: float = 1e-6  # stop when no confusion entry moves more than this
-    smoothing: float = 1.0  # Dirichlet pseudo-count per confusion cell and class prior
-
-
-WEAK_CLASSIFIERS = ("logreg", "lightgbm")
-
-
-class FoldError(ValueError):
+class FoldError(MerError, ValueError):
     """Too few labelled clips or groups for the folds asked for."""
 
 

@@ -5,7 +5,7 @@ import torch
 from fixtures_media import write_clip
 
 from pipeline.cli import main as cli_main
-from pipeline.config import EngineConfig, ExtractorSpec, FusionConfig, Params, TrainConfig
+from pipeline.config import EnrichConfig, EngineConfig, ExtractorSpec, FusionConfig, Params, TrainConfig
 from pipeline.extract import run_extraction
 from pipeline.ingest import ingest
 from pipeline.manifest import write_manifest
@@ -87,9 +87,9 @@ def test_predict_enriches_the_subtitle_for_a_text_enriched_model(tmp_path):
     server = FakeLLMServer().start()
     server.respond = lambda body, call: Reply("Sounds delighted.")
     try:
-        params = Params(engine=EngineConfig(device="cpu"), train=cfg, enriched_text={"extractor": "toy"},
-                        llm={"backend": "endpoint", "backend_options": {"base_url": server.url, "model": "m"},
-                             "cache_path": str(tmp_path / "cache.sqlite")})
+        params = Params(engine=EngineConfig(device="cpu"), train=cfg, enriched_text=ExtractorSpec("toy"),
+                        llm=EnrichConfig(backend="endpoint", backend_options={"base_url": server.url, "model": "m"},
+                                         cache_path=str(tmp_path / "cache.sqlite")))
         clip = write_clip(tmp_path / "new.mp4", seconds=0.6)
         results = run_predict([clip], params, tmp_path / "models", english="We won!")
     finally:

@@ -34,7 +34,7 @@ def test_learns_and_weights_favour_the_informative_modality(kind):
     from sklearn.metrics import f1_score
 
     f1 = f1_score(y[:150], result.oof_probs.argmax(1), average="weighted")
-    assert f1 > 0.9
+    assert f1 > 0.8  # honest: epochs chosen on an inner split, so the model trains on 2/3 of each fold
     mean_weights = result.weights[result.labelled].mean(axis=0)
     assert mean_weights[0] == mean_weights.max() and mean_weights[0] > 0.4
     assert result.unlabelled_probs.shape == (30, 6)
@@ -53,21 +53,36 @@ def test_folds_never_leak_and_pseudo_labels_only_train(monkeypatch):
     seen = []
     original = train_mod.train_fold
 
-    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed):
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold):
         seen.append((set(train_rows.tolist()), set(val_rows.tolist())))
-        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed)
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold)
 
     monkeypatch.setattr(train_mod, "train_fold", spy)
     pseudo = {clips[i].name: np.eye(6, dtype=np.float32)[0] for i in range(72, 90)}
     cross_validate(clips, features, small(epochs=1, use_pseudo=True), pseudo=pseudo)
     unlabelled = set(range(72, 90))
-    all_val = set()
-    for train_rows, val_rows in seen:
+    scored_by = {i: 0 for i in range(72)}
+    for train_rows, val_rows in seen:  # val_rows: the inner split the epoch is chosen on
         assert not train_rows & val_rows
-        assert not val_rows & unlabelled  # pseudo-labelled clips are never scored
+        assert not val_rows & unlabelled  # pseudo-labelled clips never choose the epoch
         assert unlabelled <= train_rows  # ...and they do train
-        all_val |= val_rows
-    assert all_val == set(range(72))
+        for i in set(range(72)) - train_rows - val_rows:  # the outer fold: neither trained nor chose on
+            scored_by[i] += 1
+    assert set(scored_by.values()) == {1}  # each labelled clip is scored once, by a model blind to it
+
+
+def test_epoch_is_never_chosen_on_the_scored_fold(monkeypatch):
+    """The reported fold score is the outer fold's; the selection score is the inner split's."""
+    clips, features, y = synthetic(n=90, n_labelled=90)
+    result = cross_validate(clips, features, small(epochs=4))
+    from sklearn.metrics import f1_score
+
+    assert len(result.selected_epochs) == 3 and all(0 <= e < 4 for e in result.selected_epochs)
+    chosen = [max(h["val_weighted_f1"] for h in history) for history in result.histories]
+    pooled = f1_score(y, result.oof_probs.argmax(1), average="weighted")
+    assert result.fold_scores != chosen  # fold scores are not the selection scores
+    assert abs(np.mean(result.fold_scores) - pooled) < 0.1
+    assert not result.speaker_independent  # no groups in these clips
 
 
 def test_refined_labels_train_but_gold_scores(monkeypatch):
@@ -75,9 +90,9 @@ def test_refined_labels_train_but_gold_scores(monkeypatch):
     captured = []
     original = train_mod.train_fold
 
-    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed):
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold):
         captured.append((train_targets, val_gold))
-        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed)
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold)
 
     monkeypatch.setattr(train_mod, "train_fold", spy)
     refined = {c.name: np.eye(6, dtype=np.float32)[5] for c in clips}  # everything "surprise"

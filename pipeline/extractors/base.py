@@ -14,27 +14,13 @@ from typing import Any, Callable, ClassVar
 
 import numpy as np
 
-from pipeline.config import from_dict
+from pipeline.config import ConfigError, from_dict
+from pipeline.errors import MerError, ModelMissing  # noqa: F401 - ModelMissing re-exported
 from pipeline.manifest import Clip
 
 
-class UnknownExtractor(KeyError):
-    pass
-
-
-class ModelMissing(RuntimeError):
-    """A backend's weights are not on disk. Raised by `model_identity()`, before any work.
-
-    `option` is the key under `extract.<store>.options` that must point at them; the
-    engine turns this into one line naming the full params key and what to put there.
-    """
-
-    def __init__(self, option: str, expected: str, got: object = None):
-        super().__init__(f"options.{option}: {expected} (now {got!r})")
-        self.option, self.expected, self.got = option, expected, got
-
-    def for_store(self, store: str) -> str:
-        return f"params key 'extract.{store}.options.{self.option}' must name {self.expected}; now {self.got!r}"
+class UnknownExtractor(MerError, KeyError):
+    """`extract.<store>.extractor` names no registered extractor."""
 
 
 class NotApplicable(Exception):
@@ -98,6 +84,19 @@ def get_extractor(name: str) -> type[Extractor]:
         raise UnknownExtractor(
             f"unknown extractor {name!r}; known: {', '.join(sorted(REGISTRY))}"
         ) from None
+
+
+def build_extractor(spec_extractor: str, options: dict[str, Any], where: str) -> Extractor:
+    """The extractor `spec_extractor` with `options` checked; `where` is the params key of the
+    options (`extract.frames.options`), named in every error. Nothing loads."""
+    import re
+
+    cls = get_extractor(spec_extractor)
+    try:
+        return cls(options)
+    except (ConfigError, ValueError, TypeError) as err:
+        message = re.sub(r"extract\.<store>\.options(\[[^\]]*\])?", where, str(err))
+        raise ConfigError(message if where in message else f"params key '{where}': {message}") from None
 
 
 def available() -> list[str]:

@@ -1,7 +1,9 @@
 """Thin DVC stage entry points: argv paths -> params section -> library call.
 
-`entry_point` is the one error boundary: a known user error prints one clear line
-(no traceback) and exits 1; anything else is a bug and keeps its traceback.
+`entry_point` is the one error boundary: a user error (`pipeline.errors.MerError`, or a
+missing input file) prints one clear line (no traceback) and exits 1; anything else is a
+bug and keeps its traceback. It imports only `pipeline.errors`, so a stage pulls in no
+more of the package than it uses.
 """
 
 from __future__ import annotations
@@ -11,18 +13,12 @@ import logging
 import sys
 from typing import Callable
 
+from pipeline.errors import MerError
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from pipeline.config import ConfigError
-    from pipeline.enrich import EnrichmentFailed
-    from pipeline.extract import ExtractionFailed, ModelMissingError
-    from pipeline.extractors.base import UnknownExtractor
-    from pipeline.ingest import IngestError
-    from pipeline.llm import LLMError
-    from pipeline.store import FingerprintMismatch, StoreError
 
-    return (ConfigError, IngestError, FingerprintMismatch, StoreError, ExtractionFailed,
-            UnknownExtractor, ModelMissingError, LLMError, EnrichmentFailed, FileNotFoundError)
+def user_message(err: BaseException) -> str:
+    """The one line a user sees for a known error."""
+    return err.message() if isinstance(err, MerError) else str(err)
 
 
 def entry_point(func: Callable[..., None]) -> Callable[..., None]:
@@ -31,8 +27,7 @@ def entry_point(func: Callable[..., None]) -> Callable[..., None]:
         logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
         try:
             func(argv)
-        except _user_errors() as err:
-            message = err.args[0] if isinstance(err, KeyError) and err.args else err
-            print(f"error: {message}", file=sys.stderr)
+        except (MerError, FileNotFoundError) as err:
+            print(f"error: {user_message(err)}", file=sys.stderr)
             sys.exit(1)
     return wrapper

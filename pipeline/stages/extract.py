@@ -36,6 +36,7 @@ def main(argv: list[str] | None = None) -> None:
         args.store, spec, params.engine, args.manifest, output,
         summary_path=args.summary or Path("reports/extract") / f"{args.store}.json",
         restart=args.restart, progress=not args.no_progress,
+        section=f"extract.{args.store}" if args.section == "extract" else args.section,
     )
     print(f"{args.store}: {summary.done} extracted, {summary.skipped} already done, "
           f"{summary.failed} failed, {summary.not_applicable} without {summary.store}'s modality "

@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.config import load_params
+from pipeline.check import load_checked
 from pipeline.ingest import ingest, summarize
 from pipeline.manifest import write_manifest
 from pipeline.stages import entry_point
@@ -19,12 +19,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("summary", type=Path, nargs="?", help="metrics JSON to write")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    clips = ingest(load_params(args.params).ingest)
+    clips = ingest(load_checked(args.params).ingest)  # the whole params.yaml, before any work
     write_manifest(clips, args.manifest)
     if args.summary:
         args.summary.parent.mkdir(parents=True, exist_ok=True)
         args.summary.write_text(json.dumps(summarize(clips), indent=2, sort_keys=True) + "\n")
-    print(f"{len(clips)} clips -> {args.manifest}")
+    summary = summarize(clips)
+    note = (f"; {summary['candidates_without_content']} candidate(s) have no media and an empty subtitle "
+            "(they get the training prior)" if summary["candidates_without_content"] else "")
+    print(f"{len(clips)} clips ({summary['labelled']} labelled, {summary['candidates']} candidates){note} "
+          f"-> {args.manifest}")
 
 
 if __name__ == "__main__":

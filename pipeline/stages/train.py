@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.check import check_device
 from pipeline.config import load_params
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import read_manifest
@@ -48,6 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     cfg = load_params(args.params).train
+    check_device("train.device", cfg.device)  # before any store is read
     clips = read_manifest(args.manifest)
     features = load_features(clips, cfg.stores, args.features)
     refined, pseudo = read_refined(args.refined)
@@ -57,11 +59,17 @@ def main(argv: list[str] | None = None) -> None:
         old.unlink()
     for ckpt in result.checkpoints:
         torch.save(ckpt, args.models / f"fold{ckpt['fold']}.pt")
-    stores = cfg.stores if cfg.model.kind != "single" else [cfg.model.single]
-    metrics = write_reports(clips, result, stores, args.reports)
+    metrics = write_reports(clips, result, args.reports)
+    cands = metrics["candidates"]
+    notes = [f"{metrics['n_labelled']} labelled clips scored out of fold"]
+    if metrics["excluded_no_modality"]:
+        notes.append(f"{metrics['excluded_no_modality']} left out: no usable modality")
+    if not metrics["speaker_independent"]:
+        notes.append("folds NOT speaker-independent (no group column)")
+    notes.append(f"{cands['total']} candidates predicted, {cands['prior_no_modality']} of them by the prior "
+                 "(no usable modality)")
     print(f"weighted F1 {metrics['weighted_f1']:.4f} (folds {metrics['folds']['weighted_f1_mean']:.4f} "
-          f"± {metrics['folds']['weighted_f1_std']:.4f}) -> {args.reports / 'metrics.json'}")
-
+          f"± {metrics['folds']['weighted_f1_std']:.4f}); {'; '.join(notes)} -> {args.reports / 'metrics.json'}")
 
 if __name__ == "__main__":
     main()
