@@ -66,7 +66,7 @@ def test_enrich_stage_then_text_enriched_store(server, tmp_path, capsys):
 def test_extract_stage_section_errors(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"extract": {"text": E5}}))
     write_manifest(CLIPS, tmp_path / "m.jsonl")
-    for section, message in (("enriched_text", "params key 'enriched_text' is empty"),
+    for section, message in (("enriched_text", "params key 'enriched_text' is not set"),
                              ("nonsense", "section 'nonsense'")):
         with pytest.raises(SystemExit):
             extract_stage.main(["x", str(tmp_path / "m.jsonl"), "--params", str(tmp_path / "params.yaml"),

@@ -188,7 +188,7 @@ def test_killed_ray_run_resumes_without_redoing_committed_clips(toy_manifest, tm
 def test_runner_is_validated_with_the_params_key():
     assert from_dict(EngineConfig, {"runner": "ray", "ray_address": "auto", "ray_workers": 2}).runner == "ray"
     assert from_dict(EngineConfig, {}).runner == "local"
-    with pytest.raises(ConfigError, match="engine.runner.*spark.*local or ray"):
+    with pytest.raises(ConfigError, match=r"engine.runner.*spark.*local \| ray"):
         from_dict(EngineConfig, {"runner": "spark"}, "engine")
     with pytest.raises(ConfigError, match="engine.ray_workers"):
         from_dict(EngineConfig, {"ray_workers": -1}, "engine")
