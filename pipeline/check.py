@@ -60,7 +60,7 @@ def check_params(params: Params) -> list[str]:
     if params.enriched_text is not None:
         specs["enriched_text"] = params.enriched_text
     for key, spec in specs.items():
-        build_extractor(spec.extractor, spec.options, f"{key}.options")
+        build_extractor(spec.extractor, spec.options, key)
     try:
         build_llm(params.llm.backend, params.llm.backend_options, "llm.backend_options")
     except ConfigError:

@@ -146,6 +146,7 @@ class TrainConfig:
     class_balance: str = "weights"  # weights | sampler | none
     use_refined: bool = False  # train on refined labels of labelled clips (reports/refine/labels.jsonl)
     use_pseudo: bool = False  # add pseudo-labelled clips to every training fold
+    refit: bool = True  # after choosing the epoch on the inner split, retrain on the whole training fold
     device: str = "cpu"
     threads: int = 1  # the fusion model is tiny: one CPU thread is fastest and reproducible
 

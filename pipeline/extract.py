@@ -245,7 +245,7 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
     section = section or f"extract.{store}"
     start = time.perf_counter()
     clips = read_manifest(manifest_path)
-    extractor = build_extractor(spec.extractor, spec.options, f"{section}.options")
+    extractor = build_extractor(spec.extractor, spec.options, section)
     on_ray = engine.runner == "ray"
     # Ray actors pick their own device (they may sit on GPU nodes the driver lacks).
     device = check_device(engine.device) if on_ray else resolve_device(engine.device)

@@ -180,8 +180,11 @@ def train_fold(features: Features, train_rows: np.ndarray, train_targets: np.nda
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(idx)
-        val_probs, _ = predict(model, x_val, m_val)
-        val_f1 = _weighted_f1(val_gold, val_probs.argmax(1))
+        if len(val_rows):
+            val_probs, _ = predict(model, x_val, m_val)
+            val_f1 = _weighted_f1(val_gold, val_probs.argmax(1))
+        else:  # no selection: a refit for a fixed number of epochs keeps the last one
+            val_f1 = float(epoch)
         history.append({"epoch": epoch, "train_loss": total / len(order), "val_weighted_f1": val_f1})
         if val_f1 > best["val_f1"]:
             best = {"val_f1": val_f1, "epoch": epoch,
@@ -345,6 +348,13 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
         train_rows = np.concatenate([lab_rows[fit], np.array(pseudo_rows, dtype=int)])
         train_targets = targets[fit] if pseudo_targets is None else np.concatenate([targets[fit], pseudo_targets])
         fold = train_fold(features, train_rows, train_targets, lab_rows[pick], gold[pick], cfg, cfg.seed + k, k)
+        if cfg.refit:  # the chosen epoch count, retrained on the whole training fold (nothing chosen on it)
+            inner = fold
+            full_rows = np.concatenate([lab_rows[tr], np.array(pseudo_rows, dtype=int)])
+            full_targets = targets[tr] if pseudo_targets is None else np.concatenate([targets[tr], pseudo_targets])
+            fold = train_fold(features, full_rows, full_targets, np.zeros(0, int), np.zeros(0, int),
+                              replace(cfg, epochs=inner["epoch"] + 1), cfg.seed + k, k)
+            fold.update(history=inner["history"], epoch=inner["epoch"], val_f1=inner["val_f1"])
         x_val = fold["norm"](features, lab_rows[va])
         oof[va], weights[lab_rows[va]] = predict(fold["model"], x_val, torch.from_numpy(features.mask[lab_rows[va]]))
         if len(pred_rows):

@@ -119,3 +119,21 @@ def test_stage_error_is_one_line_and_exit_1(dataset, tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error: ") and "'joy'" in err and "Traceback" not in err
     assert not (tmp_path / "m.jsonl").exists()
+
+
+def test_candidates_without_content_are_kept_and_counted(dataset):
+    """The organisers score every candidate: one with an empty subtitle and no media, or listed
+    nowhere else, stays in the manifest (it gets the training prior); an unlabelled
+    non-candidate with nothing to read is dropped."""
+    from pipeline.ingest import summarize
+
+    with (dataset / "track_all_candidates.csv").open("a", encoding="utf-8") as fh:
+        fh.write("empty_sub\nlisted_only\n")
+    with (dataset / "subtitle_chieng.csv").open("a", encoding="utf-8") as fh:
+        fh.write("empty_sub,,\nnot_a_candidate,, \n")
+    clips = {c.name: c for c in ingest(IngestConfig(root=str(dataset)))}
+    assert clips["empty_sub"].candidate and clips["listed_only"].candidate
+    assert not clips["empty_sub"].has_text and clips["empty_sub"].video is None
+    assert "not_a_candidate" not in clips
+    summary = summarize(list(clips.values()))
+    assert summary["candidates_without_content"] == 2 and summary["candidates"] == 4

@@ -96,3 +96,22 @@ def test_predict_enriches_the_subtitle_for_a_text_enriched_model(tmp_path):
         server.stop()
     assert [json.loads(subtitle_of(b).splitlines()[2]) for b in server.requests] == ["We won!"]
     assert results[0]["missing_modalities"] == {} and list(results[0]["modality_weights"]) == ["text_enriched"]
+
+
+def test_predict_without_text_and_a_clip_with_nothing_usable(trained, tmp_path, capsys, monkeypatch):
+    """The README's `mer predict clip --json` without --text: the text store of the new clips is empty
+    (it used to crash); a clip with no audio and no text gets the training prior, flagged."""
+    params, models = trained
+    monkeypatch.setattr("pipeline.config.load_params", lambda path: params)
+    with_audio = write_clip(tmp_path / "a.mp4", seconds=0.6, tone_hz=300.0)
+    nothing = write_clip(tmp_path / "b.mp4", seconds=0.6, audio=None)
+    cli_main(["predict", str(with_audio), str(nothing), "--json", "--models", str(models)])
+    first, second = json.loads(capsys.readouterr().out)
+    assert first["missing_modalities"] == {"words": "not present"} and first["prediction"] == "model"
+    assert first["modality_weights"]["words"] == 0 and abs(sum(first["probabilities"].values()) - 1) < 1e-3
+    assert second["prediction"] == "prior_no_modality"
+    assert second["missing_modalities"] == {"prosody": "no_audio_track", "words": "not present"}
+    prior = torch.load(models / "fold0.pt", weights_only=True)["prior"]
+    assert list(second["probabilities"].values()) == pytest.approx(prior.tolist(), abs=1e-4)
+    cli_main(["predict", str(nothing), "--models", str(models)])
+    assert "training prior: no usable modality" in capsys.readouterr().out

@@ -54,21 +54,26 @@ def test_folds_never_leak_and_pseudo_labels_only_train(monkeypatch):
     original = train_mod.train_fold
 
     def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold):
-        seen.append((set(train_rows.tolist()), set(val_rows.tolist())))
+        seen.append((fold, set(train_rows.tolist()), set(val_rows.tolist())))
         return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold)
 
     monkeypatch.setattr(train_mod, "train_fold", spy)
     pseudo = {clips[i].name: np.eye(6, dtype=np.float32)[0] for i in range(72, 90)}
     cross_validate(clips, features, small(epochs=1, use_pseudo=True), pseudo=pseudo)
     unlabelled = set(range(72, 90))
+    assert [fold for fold, _, _ in seen] == [0, 0, 1, 1, 2, 2]  # inner fit + refit on the whole training fold
     scored_by = {i: 0 for i in range(72)}
-    for train_rows, val_rows in seen:  # val_rows: the inner split the epoch is chosen on
-        assert not train_rows & val_rows
-        assert not val_rows & unlabelled  # pseudo-labelled clips never choose the epoch
-        assert unlabelled <= train_rows  # ...and they do train
-        for i in set(range(72)) - train_rows - val_rows:  # the outer fold: neither trained nor chose on
+    for k in range(3):
+        used = set()
+        for fold, train_rows, val_rows in seen:  # val_rows: the inner split the epoch is chosen on
+            if fold == k:
+                assert not train_rows & val_rows
+                assert not val_rows & unlabelled  # pseudo-labelled clips never choose the epoch
+                assert unlabelled <= train_rows  # ...and they do train
+                used |= train_rows | val_rows
+        for i in set(range(72)) - used:  # the outer fold: neither trained on nor chosen on
             scored_by[i] += 1
-    assert set(scored_by.values()) == {1}  # each labelled clip is scored once, by a model blind to it
+    assert set(scored_by.values()) == {1}  # each labelled clip is scored once, by models blind to it
 
 
 def test_epoch_is_never_chosen_on_the_scored_fold(monkeypatch):
@@ -99,7 +104,8 @@ def test_refined_labels_train_but_gold_scores(monkeypatch):
     cross_validate(clips, features, small(epochs=1, use_refined=True), refined=refined)
     for targets, gold in captured:
         assert (targets.argmax(1) == 5).all()
-        assert set(gold.tolist()) == set(range(6))
+    chosen_on = [gold for _, gold in captured if len(gold)]  # the refit chooses nothing
+    assert len(chosen_on) == 3 and set(np.concatenate(chosen_on).tolist()) == set(range(6))
 
 
 def test_missing_modality_is_masked_and_gets_zero_weight():

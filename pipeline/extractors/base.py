@@ -86,12 +86,16 @@ def get_extractor(name: str) -> type[Extractor]:
         ) from None
 
 
-def build_extractor(spec_extractor: str, options: dict[str, Any], where: str) -> Extractor:
-    """The extractor `spec_extractor` with `options` checked; `where` is the params key of the
-    options (`extract.frames.options`), named in every error. Nothing loads."""
+def build_extractor(spec_extractor: str, options: dict[str, Any], section: str) -> Extractor:
+    """The extractor `spec_extractor` with `options` checked; `section` is the store's params key
+    (`extract.frames`), named in every error. Nothing loads."""
     import re
 
-    cls = get_extractor(spec_extractor)
+    try:
+        cls = get_extractor(spec_extractor)
+    except UnknownExtractor as err:
+        raise UnknownExtractor(f"params key '{section}.extractor': {err.message()}") from None
+    where = f"{section}.options"
     try:
         return cls(options)
     except (ConfigError, ValueError, TypeError) as err:
