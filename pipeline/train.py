@@ -344,17 +344,18 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     for k, (tr, va) in enumerate(folds):
         start = time.perf_counter()
         inner_tr, inner_va = _inner_split([labels[j] for j in tr], [groups[j] for j in tr], cfg, cfg.seed + k, k)
-        fit, pick = tr[inner_tr], tr[inner_va]
-        train_rows = np.concatenate([lab_rows[fit], np.array(pseudo_rows, dtype=int)])
-        train_targets = targets[fit] if pseudo_targets is None else np.concatenate([targets[fit], pseudo_targets])
-        fold = train_fold(features, train_rows, train_targets, lab_rows[pick], gold[pick], cfg, cfg.seed + k, k)
-        if cfg.refit:  # the chosen epoch count, retrained on the whole training fold (nothing chosen on it)
-            inner = fold
-            full_rows = np.concatenate([lab_rows[tr], np.array(pseudo_rows, dtype=int)])
-            full_targets = targets[tr] if pseudo_targets is None else np.concatenate([targets[tr], pseudo_targets])
-            fold = train_fold(features, full_rows, full_targets, np.zeros(0, int), np.zeros(0, int),
-                              replace(cfg, epochs=inner["epoch"] + 1), cfg.seed + k, k)
-            fold.update(history=inner["history"], epoch=inner["epoch"], val_f1=inner["val_f1"])
+
+        def rows_and_targets(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # labelled part + pseudo rows
+            rows = np.concatenate([lab_rows[part], np.array(pseudo_rows, dtype=int)])
+            return rows, targets[part] if pseudo_targets is None else np.concatenate([targets[part], pseudo_targets])
+
+        pick = tr[inner_va]
+        fold = train_fold(features, *rows_and_targets(tr[inner_tr]), lab_rows[pick], gold[pick], cfg, cfg.seed + k, k)
+        if cfg.refit:  # the chosen epoch count, retrained on the whole training fold (nothing is chosen on it)
+            chosen = fold
+            fold = train_fold(features, *rows_and_targets(tr), np.zeros(0, int), np.zeros(0, int),
+                              replace(cfg, epochs=chosen["epoch"] + 1), cfg.seed + k, k)
+            fold.update(history=chosen["history"], epoch=chosen["epoch"], val_f1=chosen["val_f1"])
         x_val = fold["norm"](features, lab_rows[va])
         oof[va], weights[lab_rows[va]] = predict(fold["model"], x_val, torch.from_numpy(features.mask[lab_rows[va]]))
         if len(pred_rows):

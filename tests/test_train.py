@@ -136,3 +136,24 @@ def test_checkpoint_loads_with_weights_only(tmp_path):
 def test_unknown_kind_names_the_key():
     with pytest.raises(ValueError, match="train.model.kind"):
         build_fusion({"a": 2}, FusionConfig(kind="transformer-xl"))
+
+
+def test_clips_without_any_modality_never_train_and_get_the_prior(monkeypatch):
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    features.mask[[0, 1, 80]] = False  # two labelled clips and one unlabelled with nothing usable
+    seen = []
+    original = train_mod.train_fold
+
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold):
+        seen.append(set(train_rows.tolist()) | set(val_rows.tolist()))
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold)
+
+    monkeypatch.setattr(train_mod, "train_fold", spy)
+    result = cross_validate(clips, features, small(epochs=2))
+    assert all(not rows & {0, 1, 80} for rows in seen)
+    assert result.excluded == [0, 1] and 0 not in result.labelled and len(result.labelled) == 70
+    assert result.no_modality[[0, 1, 80]].all() and result.no_modality.sum() == 3
+    row = result.unlabelled.index(80)
+    np.testing.assert_allclose(result.unlabelled_probs[row], result.prior)
+    np.testing.assert_allclose(result.prior.sum(), 1, atol=1e-6)
+    assert np.isfinite(result.oof_probs).all() and np.isfinite(result.unlabelled_probs).all()
