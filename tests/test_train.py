@@ -157,3 +157,16 @@ def test_clips_without_any_modality_never_train_and_get_the_prior(monkeypatch):
     np.testing.assert_allclose(result.unlabelled_probs[row], result.prior)
     np.testing.assert_allclose(result.prior.sum(), 1, atol=1e-6)
     assert np.isfinite(result.oof_probs).all() and np.isfinite(result.unlabelled_probs).all()
+
+
+def test_ablation_rows_are_scored_on_the_same_clips():
+    from pipeline.ablation import run_ablation, to_markdown
+
+    clips, features, _ = synthetic(n=72, n_labelled=72)
+    features.mask[:6, 1] = False  # noise_a missing for 6 clips...
+    features.mask[:3, [0, 2]] = False  # ...3 of which have nothing else
+    rows = run_ablation(clips, features, small(epochs=1))
+    assert {r["scored"] for r in rows} == {72 - 3}  # the clips the full model is scored on
+    by_name = {r["variant"]: r for r in rows}
+    assert by_name["single: noise_a"]["prior"] == 3 and by_name["ecmf (all)"]["prior"] == 0
+    assert "| clips scored | by the prior |" in to_markdown(rows)
