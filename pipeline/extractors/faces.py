@@ -73,6 +73,8 @@ class FacesExtractor(Extractor):
         o = self.options
         if min(o.num_frames, o.max_side, o.detect_size, o.crop_size) < 1:
             raise ValueError("faces options num_frames, max_side, detect_size and crop_size must be >= 1")
+        if not 0 <= o.min_confidence <= 1:
+            raise ValueError(f"faces option min_confidence must be in [0, 1], got {o.min_confidence}")
         check_runtime(o.expression_runtime, "extract.<store>.options.expression_runtime")
         self.detector = build_detector(o.detector, o.detector_options, o.detect_size, o.min_confidence)
         self.encoder = build_image_encoder(o.encoder, o.encoder_options,

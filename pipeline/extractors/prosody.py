@@ -27,6 +27,13 @@ class ProsodyOptions:
     silence_dbfs: float = -60.0  # a clip whose peak is below this counts as silent (present=0)
     max_seconds: float = 120.0  # longer audio is cut, so memory stays flat
 
+    def __post_init__(self) -> None:
+        if min(self.sample_rate, self.n_mfcc) < 1 or min(self.hop_ms, self.pitch_frame_ms, self.max_seconds) <= 0:
+            raise ValueError("numpy_prosody options sample_rate and n_mfcc must be >= 1, hop_ms, pitch_frame_ms and "
+                             "max_seconds > 0")
+        if not 0 < self.fmin < self.fmax:
+            raise ValueError(f"numpy_prosody options need 0 < fmin < fmax, got {self.fmin} and {self.fmax}")
+
 
 def _yin(frames: np.ndarray, sr: int, fmin: float, fmax: float, threshold: float = 0.15) -> np.ndarray:
     """YIN pitch (de Cheveigne & Kawahara 2002) per frame in numpy; 0 where no period is found.
