@@ -45,7 +45,6 @@ def cv_metrics(clips: list[Clip], result: CVResult) -> dict:
     metrics["n_labelled"] = len(result.labelled)
     metrics["excluded_no_modality"] = len(result.excluded)
     metrics["speaker_independent"] = bool(result.speaker_independent)
-    metrics["epoch_selection"] = "inner split of each training fold"
     metrics["stores"] = list(result.stores)
     metrics["stores_without_clips"] = list(result.dropped)
     candidates = candidates_of(clips)

@@ -81,7 +81,10 @@ def test_repro_runs_ingest_to_predictions(repo: Path):
     assert "llm_labels" in json.dumps(refine)  # the LLM labels voted
     metrics = json.loads((repo / "reports" / "metrics.json").read_text())
     assert 0 <= metrics["weighted_f1"] <= 1 and metrics["n_labelled"] == 18
+    assert metrics["speaker_independent"] is True and metrics["candidates"]["coverage"] == 1.0
     predictions = _rows(repo / "reports" / "predictions.csv")
+    assert sorted(p["name"] for p in predictions) == sorted(r["name"] for r in _rows(
+        repo / "data" / "subset" / "track_all_candidates.csv"))
     assert len(predictions) == 4 and {p["discrete"] for p in predictions} <= {
         "neutral", "angry", "happy", "sad", "worried", "surprise"}
     assert len(list((repo / "models" / "fusion").glob("fold*.pt"))) == 3
@@ -103,3 +106,25 @@ def test_second_repro_does_nothing_and_one_param_reruns_one_extractor(repo: Path
     assert not any(f"Running stage 'extract@{s}'" in out for s in others)
     assert "Running stage 'ingest'" not in out
     assert "Running stage 'train'" in out  # it depends on the prosody store
+
+
+@pytest.mark.slow
+def test_a_wrong_setting_stops_before_dvc_touches_the_manifest(repo: Path):
+    """The check stage runs first: a typo'd dataset root is one line naming the key, and the
+    old manifest (which DVC would delete before rerunning ingest) is still there."""
+    dvc = str(BIN / "dvc")
+    manifest = (repo / "data" / "manifest.jsonl").read_bytes()
+    original = (repo / "params.yaml").read_text()
+    params = yaml.safe_load(original)
+    params["ingest"]["root"] = "data/subsett"
+    (repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    env = {**os.environ, "PATH": f"{BIN}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    try:
+        done = subprocess.run([dvc, "repro"], cwd=repo, env=env, capture_output=True, text=True)
+        assert done.returncode != 0
+        assert "error: params key 'ingest.root' is 'data/subsett', which is not a folder" in done.stdout + done.stderr
+        assert "Traceback" not in done.stdout + done.stderr
+        assert (repo / "data" / "manifest.jsonl").read_bytes() == manifest
+    finally:
+        (repo / "params.yaml").write_text(original)
+    assert "Running stage 'ingest'" not in _sh([dvc, "repro"], repo)  # the same check passes again: nothing reruns
