@@ -33,7 +33,7 @@ def fold_indices(labels: list[str], groups: list[str | None], k: int = 5,
         group_ids = np.array([g if g is not None else f"__clip_{i}" for i, g in enumerate(groups)])
         n_groups = len(set(group_ids))
         if n_groups < k:
-            raise ValueError(f"{n_groups} groups cannot make {k} group-aware folds; lower k")
+            raise ValueError(f"{n_groups} groups cannot make {k} group-aware folds")
         if not stratify:
             return list(GroupKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, group_ids))
         splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)

@@ -276,7 +276,8 @@ def _folds(labels: list[str], groups: list[str | None], k: int, seed: int, what:
             warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
             return fold_indices(labels, groups, k=k, seed=seed, warn=warn)
     except ValueError as err:
-        raise TrainError(f"{what}: {err}; lower params key 'train.folds' (now {k}) or label more clips") from None
+        raise TrainError(f"{what}: {err}; lower params key 'train.folds' (now {k}) or label clips of more "
+                         "speakers") from None
 
 
 def _inner_split(labels: list[str], groups: list[str | None], cfg: TrainConfig, seed: int,
@@ -331,7 +332,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
         targets = np.stack([refined.get(clips[i].name, targets[k]) for k, i in enumerate(labelled)])
     pseudo_rows = [i for i in unlabelled if cfg.use_pseudo and pseudo and clips[i].name in pseudo and usable[i]]
     pseudo_targets = np.stack([pseudo[clips[i].name] for i in pseudo_rows]) if pseudo_rows else None
-    folds = _folds(labels, groups, cfg.folds, cfg.seed, f"{len(labels)} labelled clips")
+    folds = _folds(labels, groups, cfg.folds, cfg.seed, f"train: {len(labels)} labelled clips")
     oof = np.zeros((len(labelled), len(EMOTIONS)), np.float32)
     weights = np.zeros((len(clips), len(features.stores)), np.float32)
     unl_probs = np.zeros((len(unlabelled), len(EMOTIONS)), np.float32)
