@@ -43,27 +43,27 @@ test-fast: $(STAMP)  ## tests without the ones marked slow
 	$(RUN) $(BIN)/python -m pytest -q -m "not slow"
 
 demo: $(STAMP)  ## rebuild data/demo from ../shared/data (maintainers only; the result is committed)
-	$(RUN) $(BIN)/python -m pipeline.demo --shared ../shared/data --out data/demo
+	$(RUN) $(BIN)/python -m pipeline.bench.demo --shared ../shared/data --out data/demo
 
 bench: $(STAMP)  ## real-data benchmark: RAVDESS (audio, by actor) + MELD (text, by dialogue) from ../shared/data
-	$(RUN) $(BIN)/python -m pipeline.bench_real --shared ../shared/data --work build/bench --out reports/bench/real
+	$(RUN) $(BIN)/python -m pipeline.bench.real --shared ../shared/data --work build/bench --out reports/bench/real
 
 bench-extract: $(STAMP)  ## extractor speed on the demo clips vs a naive one-clip-one-frame loop
 	$(RUN) $(BIN)/dvc repro ingest
 	for store in frames faces prosody whisper text; do \
-	  $(RUN) $(BIN)/python -m pipeline.bench_extract --manifest data/manifest.jsonl --store $$store --limit 24 || exit 1; \
+	  $(RUN) $(BIN)/python -m pipeline.bench.extract --manifest data/manifest.jsonl --store $$store --limit 24 || exit 1; \
 	done
 
 bench-refine: $(STAMP)  ## label refinement on real data with 10%/20% known flipped labels (RAVDESS, MELD)
-	$(RUN) $(BIN)/python -m pipeline.bench_refine --shared ../shared/data --work build/bench
+	$(RUN) $(BIN)/python -m pipeline.bench.refine --shared ../shared/data --work build/bench
 
 bench-llm: $(STAMP)  ## LLM stage seconds per clip, batched vs one at a time (+ zero-shot quality on MELD)
 	$(RUN) $(BIN)/dvc repro ingest
-	$(RUN) $(BIN)/python -m pipeline.bench_llm --manifest data/manifest.jsonl --limit 24 \
+	$(RUN) $(BIN)/python -m pipeline.bench.llm --manifest data/manifest.jsonl --limit 24 \
 	  $$(test -d ../shared/data/meld && echo --meld ../shared/data --meld-clips 300)
 
 bench-scale: $(STAMP) $(RAY_STAMP)  ## extraction clips/s locally and on Ray with 1 and 2 workers (frames store, the 80 demo clips)
-	$(RUN) $(BIN)/python -m pipeline.bench_scale --store frames --clips 80 --out reports/bench/scale.json
+	$(RUN) $(BIN)/python -m pipeline.bench.scale --store frames --clips 80 --out reports/bench/scale.json
 
 clean-features:  ## delete feature stores, partial work and reports (DVC can restore cached ones)
 	rm -rf features/*.h5 features/.partial reports/extract

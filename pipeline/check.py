@@ -49,7 +49,7 @@ def check_store_names(params: Params) -> None:
 def check_params(params: Params) -> list[str]:
     """Raise ConfigError (one line: key, value, what is allowed) for the first problem; return what was checked."""
     from pipeline.extractors.base import build_extractor
-    from pipeline.llm import build_llm
+    from pipeline.llm.backends import build_llm
 
     root = Path(params.ingest.root)
     if not root.is_dir():

@@ -34,7 +34,7 @@ def _convert(argv: list[str]) -> None:
     import argparse
     from pathlib import Path
 
-    from pipeline import convert
+    from pipeline.data import convert
 
     parser = argparse.ArgumentParser(prog="mer convert", description=convert.__doc__)
     sub = parser.add_subparsers(dest="corpus", required=True)
@@ -66,7 +66,7 @@ def _predict(argv: list[str]) -> None:
     from pathlib import Path
 
     from pipeline.config import load_params
-    from pipeline.predict import format_text, run_predict
+    from pipeline.fusion.predict import format_text, run_predict
 
     parser = argparse.ArgumentParser(prog="mer predict", description="emotion of clips never ingested")
     parser.add_argument("clips", nargs="+", type=Path)
@@ -110,7 +110,7 @@ COMMANDS = {
     "ingest": lambda: _stage("pipeline.stages.ingest"),
     "extract": lambda: _stage("pipeline.stages.extract"),
     "check": lambda: _stage("pipeline.stages.check"),
-    "build-demo": lambda: _stage("pipeline.demo"),
+    "build-demo": lambda: _stage("pipeline.bench.demo"),
     "predict": lambda: _predict,
     "convert": lambda: _convert,
     "extractors": lambda: _extractors,

@@ -27,7 +27,7 @@ CLASS_BALANCE = ("weights", "sampler", "none")
 REFINE_METHODS = ("weighted_vote", "dawid_skene")
 REFINE_MODES = ("hard", "soft")
 WEAK_CLASSIFIERS = ("logreg", "lightgbm")
-LLM_BACKENDS = ("endpoint", "llama_cpp", "transformers")  # = pipeline.llm.BACKENDS
+LLM_BACKENDS = ("endpoint", "llama_cpp", "transformers")  # = pipeline.llm.backends.BACKENDS
 LANGUAGES = {"chinese": ("chinese",), "english": ("english",), "both": ("chinese", "english")}
 ENRICHED_STORE = "text_enriched"  # the store the `text_enriched` stage writes from params `enriched_text`
 
@@ -78,7 +78,7 @@ class EngineConfig:
     flush_seconds: float = 30.0  # ...or this many seconds, whichever comes first
     max_failed_fraction: float = 0.1  # the stage fails above this fraction of failed clips
     # Where `extract` runs (issue #8's `extract.engine`; it lives here because `extract` maps store
-    # names). Same extractor, params and store either way; see pipeline/extract_ray.py.
+    # names). Same extractor, params and store either way; see pipeline/extract/ray.py.
     runner: str = "local"  # local | ray
     ray_address: str | None = None  # a running cluster ("auto", "host:6379"); None: a local Ray for the run
     ray_workers: int = 0  # actors, each with one loaded model; 0: one per GPU (cuda) or per CPU slot
@@ -216,7 +216,7 @@ class DawidSkeneConfig:
 
 @dataclass(frozen=True)
 class RefineConfig:
-    """The `refine:` section of params.yaml (pipeline/refine.py)."""
+    """The `refine:` section of params.yaml (pipeline/refine/vote.py)."""
 
     stores: list[str] = field(default_factory=lambda: ["prosody"])  # features/<store>.h5, trained on
     classifiers: list[str] = field(default_factory=lambda: ["logreg", "lightgbm"])
@@ -270,7 +270,7 @@ ENRICH_TEMPLATES = {
 
 @dataclass(frozen=True)
 class EnrichConfig:
-    """params.yaml `llm:`, the enrichment stage's settings (pipeline/enrich.py)."""
+    """params.yaml `llm:`, the enrichment stage's settings (pipeline/llm/enrich.py)."""
 
     backend: str = "transformers"  # transformers (model_path "" = shipped SmolLM2) | endpoint | llama_cpp
     backend_options: dict[str, Any] = field(default_factory=dict)  # the backend's own options

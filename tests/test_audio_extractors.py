@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 from fixtures_media import write_clip, write_wav
 
-from pipeline import audio_encoders as enc
+from pipeline.backends import audio as enc
 from pipeline.config import ConfigError, ExtractorSpec
-from pipeline.extract import ModelMissingError, run_extraction
+from pipeline.extract.engine import ModelMissingError, run_extraction
 from pipeline.extractors.base import get_extractor
 from pipeline.manifest import Clip, write_manifest
 from pipeline.store import StoreReader
@@ -115,7 +115,7 @@ def test_whisper_end_to_end(whisper_cache, dataset, engine, tmp_path):
     if not WHISPER_PACKAGED:
         pytest.skip("whisper packages not installed")
     from pipeline.config import IngestConfig
-    from pipeline.ingest import ingest
+    from pipeline.data.ingest import ingest
 
     manifest = _manifest(ingest(IngestConfig(root=str(dataset))), tmp_path / "m.jsonl")
     spec = ExtractorSpec("whisper_encoder", {"cache_dir": whisper_cache, "num_threads": 2})
@@ -182,7 +182,7 @@ def _speech(folder: Path, **options):
 def test_speech_inputs_are_the_feature_extractors_output(tiny_models, tmp_path):
     from transformers import AutoFeatureExtractor
 
-    from pipeline.media import load_audio
+    from pipeline.data.media import load_audio
 
     wav = write_wav(tmp_path / "a.wav", seconds=1.3, tone_hz=250.0)
     item = _speech(tiny_models["hubert"]).prepare(Clip("a", audio=str(wav)))
@@ -232,7 +232,7 @@ def test_speech_missing_model_names_the_key(tmp_path, engine):
 
 def test_speech_end_to_end_with_tiny_model(tiny_models, dataset, engine, tmp_path):
     from pipeline.config import IngestConfig
-    from pipeline.ingest import ingest
+    from pipeline.data.ingest import ingest
 
     manifest = _manifest(ingest(IngestConfig(root=str(dataset))), tmp_path / "m.jsonl")
     spec = ExtractorSpec("speech_transformers", {"model_path": str(tiny_models["hubert"]), "layers": [-1]})

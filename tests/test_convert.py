@@ -5,10 +5,10 @@ import pytest
 from conftest import write_csv
 from fixtures_media import write_wav
 
-from pipeline import convert
+from pipeline.data import convert
 from pipeline.config import IngestConfig
-from pipeline.ingest import ingest
-from pipeline.splits import fold_indices
+from pipeline.data.ingest import ingest
+from pipeline.data.splits import fold_indices
 
 
 def _ravdess_tree(root):

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import soundfile as sf
 
-from pipeline import demo
+from pipeline.bench import demo
 from pipeline.labels import EMOTIONS
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
@@ -161,8 +161,8 @@ def fake_shared(tmp_path: Path) -> Path:
 def test_every_demo_clip_decodes_through_the_pipeline():
     """The pipeline's own decoders read every demo clip: frames and 16 kHz audio."""
     from pipeline.config import IngestConfig
-    from pipeline.ingest import ingest
-    from pipeline.media import clip_audio, sample_frames
+    from pipeline.data.ingest import ingest
+    from pipeline.data.media import clip_audio, sample_frames
 
     clips = ingest(IngestConfig(root=str(DEMO)))
     assert len(clips) == 80

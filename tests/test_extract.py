@@ -4,10 +4,10 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
-from pipeline import media
+from pipeline.data import media
 from pipeline.config import EngineConfig, ExtractorSpec
-from pipeline.extract import ExtractionFailed, _prefetch, decoder_threads, resolve_device, run_extraction
-from pipeline.ingest import ingest
+from pipeline.extract.engine import ExtractionFailed, _prefetch, decoder_threads, resolve_device, run_extraction
+from pipeline.data.ingest import ingest
 from pipeline.manifest import write_manifest
 from pipeline.store import FingerprintMismatch, StoreReader
 

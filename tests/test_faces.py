@@ -17,11 +17,11 @@ import pytest
 from conftest import write_csv
 from fixtures_media import write_clip
 
-from pipeline import faces as F
+from pipeline.backends import faces as F
 from pipeline.config import ConfigError, ExtractorSpec, IngestConfig
-from pipeline.extract import ModelMissingError, run_extraction
+from pipeline.extract.engine import ModelMissingError, run_extraction
 from pipeline.extractors.base import ModelMissing, NotApplicable
-from pipeline.ingest import ingest
+from pipeline.data.ingest import ingest
 from pipeline.manifest import Clip, write_manifest
 from pipeline.store import StoreReader
 
@@ -394,7 +394,7 @@ def test_insightface_without_model_dir_fails_before_work(tmp_path, engine):
 
 
 def test_naive_bench_loop_encodes_face_crops_one_frame_at_a_time():
-    from pipeline.bench_extract import per_frame
+    from pipeline.bench.extract import per_frame
     from pipeline.extractors.faces import FaceItem
 
     item = FaceItem(np.arange(3 * 3 * 2 * 2, dtype=np.float32).reshape(3, 3, 2, 2),

@@ -9,9 +9,9 @@ import pytest
 from test_image_encoders import TINY_CLIP, write_tiny_open_clip
 
 from pipeline.config import ExtractorSpec
-from pipeline.extract import ModelMissingError, run_extraction
+from pipeline.extract.engine import ModelMissingError, run_extraction
 from pipeline.extractors.base import get_extractor
-from pipeline.ingest import ingest
+from pipeline.data.ingest import ingest
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.store import StoreReader
 
@@ -95,7 +95,7 @@ def test_bad_options_fail_before_work():
 
 
 def test_bench_reports_engine_and_naive(manifest, engine, tmp_path):
-    from pipeline.bench_extract import bench
+    from pipeline.bench.extract import bench
 
     checkpoint = write_tiny_open_clip(tmp_path / "clip")  # tiny model: the test measures plumbing
     spec = ExtractorSpec("frames", {"encoder": "open_clip", "num_frames": 2,
@@ -109,7 +109,7 @@ def test_bench_reports_engine_and_naive(manifest, engine, tmp_path):
 
 
 def test_bench_naive_loop_runs_every_model_in_pytorch(manifest, engine):
-    from pipeline.bench_extract import bench, pytorch_spec
+    from pipeline.bench.extract import bench, pytorch_spec
 
     frames = ExtractorSpec("frames", {"num_frames": 2, "encoder_options": {"max_batch": 4}})
     assert pytorch_spec(frames).options == {"num_frames": 2, "encoder_options": {"max_batch": 4, "runtime": "torch"}}

@@ -11,7 +11,7 @@ from PIL import Image
 
 from pipeline.config import ConfigError
 from pipeline.extractors.base import ModelMissing
-from pipeline.image_encoders import build_image_encoder, with_option_prefix
+from pipeline.backends.image import build_image_encoder, with_option_prefix
 
 TINY_CLIP = "tiny-test-vit"  # registered with open_clip by `tiny_open_clip`
 TINY_CONFIG = {

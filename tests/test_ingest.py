@@ -4,7 +4,7 @@ import pytest
 from conftest import build_dataset, write_csv
 
 from pipeline.config import IngestConfig
-from pipeline.ingest import IngestError, ingest, summarize
+from pipeline.data.ingest import IngestError, ingest, summarize
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.stages.ingest import main as ingest_main
 
@@ -125,7 +125,7 @@ def test_candidates_without_content_are_kept_and_counted(dataset):
     """The organisers score every candidate: one with an empty subtitle and no media, or listed
     nowhere else, stays in the manifest (it gets the training prior); an unlabelled
     non-candidate with nothing to read is dropped."""
-    from pipeline.ingest import summarize
+    from pipeline.data.ingest import summarize
 
     with (dataset / "track_all_candidates.csv").open("a", encoding="utf-8") as fh:
         fh.write("empty_sub\nlisted_only\n")

@@ -13,7 +13,7 @@ import pytest
 from conftest import build_dataset
 
 from pipeline.config import IngestConfig
-from pipeline.ingest import ingest
+from pipeline.data.ingest import ingest
 from pipeline.manifest import write_manifest
 from pipeline.store import StoreReader
 
@@ -28,7 +28,7 @@ def _script(tmp_path: Path) -> Path:
         sys.path.insert(0, {str(TESTS)!r})
         import toy_extractors  # registers "toy"
         from pipeline.config import EngineConfig, ExtractorSpec
-        from pipeline.extract import run_extraction
+        from pipeline.extract.engine import run_extraction
         engine = EngineConfig(device="cpu", batch_size=1, decode_workers=2, flush_every=1)
         run_extraction("toy", ExtractorSpec("toy", {{"dim": 16}}), engine, sys.argv[1], sys.argv[2],
                        progress=False)

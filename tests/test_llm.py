@@ -15,14 +15,14 @@ import pytest
 from llm_server import FakeLLMServer, Reply, subtitle_of
 
 from pipeline.config import ConfigError, ExtractorSpec
-from pipeline.enrich import (ENRICH_TEMPLATES, EnrichmentFailed, enrich_from_params, enriched_manifest,
+from pipeline.llm.enrich import (ENRICH_TEMPLATES, EnrichmentFailed, enrich_from_params, enriched_manifest,
                              read_enriched, run_enrichment)
-from pipeline.extract import ExtractionFailed, ModelMissingError, run_extraction
+from pipeline.extract.engine import ExtractionFailed, ModelMissingError, run_extraction
 from pipeline.extractors.base import ModelMissing, get_extractor
 from pipeline.extractors.llm_labels import TEMPLATE_ENGLISH
-from pipeline.ingest import ingest
+from pipeline.data.ingest import ingest
 from pipeline.labels import EMOTIONS
-from pipeline.llm import LLMCache, LLMError, build_llm, build_messages, user_message
+from pipeline.llm.backends import LLMCache, LLMError, build_llm, build_messages, user_message
 from pipeline.manifest import Clip, write_manifest
 from pipeline.store import StoreReader
 

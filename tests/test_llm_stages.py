@@ -8,7 +8,7 @@ import yaml
 from llm_server import FakeLLMServer, Reply, subtitle_of
 
 from pipeline.labels import EMOTIONS
-from pipeline.llm_report import label_store_metrics
+from pipeline.llm.report import label_store_metrics
 from pipeline.manifest import Clip, read_manifest, write_manifest
 from pipeline.stages import enrich as enrich_stage
 from pipeline.stages import extract as extract_stage

@@ -1,4 +1,4 @@
-"""Tests for pipeline.media on real tiny media built in tmp_path (see fixtures_media)."""
+"""Tests for pipeline.data.media on real tiny media built in tmp_path (see fixtures_media)."""
 
 from __future__ import annotations
 
@@ -21,8 +21,8 @@ from fixtures_media import (
     write_wav,
 )
 
-from pipeline import media
-from pipeline.media import (
+from pipeline.data import media
+from pipeline.data.media import (
     Frames,
     MediaError,
     NoAudioError,

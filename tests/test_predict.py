@@ -6,11 +6,11 @@ from fixtures_media import write_clip
 
 from pipeline.cli import main as cli_main
 from pipeline.config import EnrichConfig, EngineConfig, ExtractorSpec, FusionConfig, Params, TrainConfig
-from pipeline.extract import run_extraction
-from pipeline.ingest import ingest
+from pipeline.extract.engine import run_extraction
+from pipeline.data.ingest import ingest
 from pipeline.manifest import write_manifest
-from pipeline.predict import run_predict
-from pipeline.train import cross_validate, load_features
+from pipeline.fusion.predict import run_predict
+from pipeline.fusion.train import cross_validate, load_features
 
 
 @pytest.fixture

@@ -21,8 +21,8 @@ from conftest import build_dataset
 from fixtures_media import write_clip, write_corrupt
 
 from pipeline.config import ConfigError, EngineConfig, ExtractorSpec, IngestConfig, from_dict
-from pipeline.extract import run_extraction
-from pipeline.ingest import ingest
+from pipeline.extract.engine import run_extraction
+from pipeline.data.ingest import ingest
 from pipeline.manifest import write_manifest
 from pipeline.store import StoreReader
 
@@ -140,7 +140,7 @@ def _driver_script(tmp_path: Path) -> Path:
         sys.path.insert(0, {str(TESTS)!r})
         import toy_extractors  # registers "toy"
         from pipeline.config import EngineConfig, ExtractorSpec
-        from pipeline.extract import run_extraction
+        from pipeline.extract.engine import run_extraction
         engine = EngineConfig(device="cpu", batch_size=1, flush_every=1, runner="ray", ray_workers=2)
         run_extraction("toy", ExtractorSpec("toy", {{"dim": 8}}), engine, sys.argv[1], sys.argv[2],
                        progress=False)

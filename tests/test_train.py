@@ -3,11 +3,11 @@ import pytest
 import torch
 
 from pipeline.config import FusionConfig, TrainConfig
-from pipeline.fusion import build_fusion
+from pipeline.fusion.models import build_fusion
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip
-from pipeline import train as train_mod
-from pipeline.train import Features, cross_validate
+from pipeline.fusion import train as train_mod
+from pipeline.fusion.train import Features, cross_validate
 
 
 def synthetic(n=180, n_labelled=150, seed=0):
@@ -160,7 +160,7 @@ def test_clips_without_any_modality_never_train_and_get_the_prior(monkeypatch):
 
 
 def test_ablation_rows_are_scored_on_the_same_clips():
-    from pipeline.ablation import run_ablation, to_markdown
+    from pipeline.fusion.ablation import run_ablation, to_markdown
 
     clips, features, _ = synthetic(n=72, n_labelled=72)
     features.mask[:6, 1] = False  # noise_a missing for 6 clips...

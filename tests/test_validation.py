@@ -18,8 +18,8 @@ from pipeline.cli import COMMANDS
 from pipeline.cli import main as mer
 from pipeline.config import ConfigError, EngineConfig, ExtractorSpec, load_params
 from pipeline.errors import MerError, TrainError
-from pipeline.extract import ExtractionFailed, run_extraction
-from pipeline.llm_report import label_store_metrics
+from pipeline.extract.engine import ExtractionFailed, run_extraction
+from pipeline.llm.report import label_store_metrics
 from pipeline.manifest import Clip, write_manifest
 from pipeline.store import StoreReader
 
@@ -113,14 +113,14 @@ def test_store_info_on_a_missing_file_is_one_line():
 
 
 def test_every_user_error_derives_from_one_base():
-    from pipeline.convert import ConvertError
-    from pipeline.enrich import EnrichmentFailed
-    from pipeline.extract import ModelMissingError
+    from pipeline.data.convert import ConvertError
+    from pipeline.llm.enrich import EnrichmentFailed
+    from pipeline.extract.engine import ModelMissingError
     from pipeline.extractors.base import UnknownExtractor
-    from pipeline.ingest import IngestError
-    from pipeline.llm import LLMError
+    from pipeline.data.ingest import IngestError
+    from pipeline.llm.backends import LLMError
     from pipeline.store import FingerprintMismatch, StoreError
-    from pipeline.weak import FoldError
+    from pipeline.refine.weak import FoldError
 
     for cls in (ConfigError, ConvertError, EnrichmentFailed, ModelMissingError, UnknownExtractor, IngestError,
                 LLMError, FingerprintMismatch, StoreError, FoldError, ExtractionFailed, TrainError):
@@ -165,9 +165,9 @@ def test_a_store_no_clip_has_is_valid_and_read_as_missing(tmp_path, capsys):
 
 
 def test_a_non_finite_loss_stops_with_the_fold_and_epoch(monkeypatch):
-    from pipeline import train as train_mod
+    from pipeline.fusion import train as train_mod
     from pipeline.config import FusionConfig, TrainConfig
-    from pipeline.train import Features, cross_validate
+    from pipeline.fusion.train import Features, cross_validate
 
     rng = np.random.default_rng(0)
     clips = [Clip(name=f"c{i}", english="x", label=["sad", "happy"][i % 2], split="labelled") for i in range(24)]
@@ -181,7 +181,7 @@ def test_a_non_finite_loss_stops_with_the_fold_and_epoch(monkeypatch):
 
 def test_non_finite_feature_values_count_as_missing(tmp_path):
     from pipeline.store import StoreIdentity, StoreWriter
-    from pipeline.train import load_features
+    from pipeline.fusion.train import load_features
 
     writer = StoreWriter(tmp_path / "s.h5", StoreIdentity("s", "toy", {}))
     writer.add("a", {"utterance": np.array([1.0, np.nan], np.float32)})
@@ -193,7 +193,7 @@ def test_non_finite_feature_values_count_as_missing(tmp_path):
 
 def test_folds_that_cannot_be_made_name_train_folds():
     from pipeline.config import FusionConfig, TrainConfig
-    from pipeline.train import Features, cross_validate
+    from pipeline.fusion.train import Features, cross_validate
 
     clips = [Clip(name=f"c{i}", english="x", label="sad", split="labelled", group="one") for i in range(6)]
     features = Features([c.name for c in clips], {"a": np.ones((6, 2), np.float32)}, np.ones((6, 1), bool), ["a"])

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import audio_encoders as enc
+from pipeline.backends import audio as enc
 from pipeline.config import ConfigError
 from pipeline.extractors.base import Extractor, ModelMissing, NotApplicable, register
 from pipeline.manifest import Clip
@@ -54,7 +54,7 @@ def _per_call(requested: int, device: str) -> int:
 
 
 def _decode(clip: Clip, sample_rate: int, max_seconds: float) -> np.ndarray:
-    from pipeline.media import clip_audio
+    from pipeline.data.media import clip_audio
 
     if not clip.has_audio:
         raise NotApplicable(clip.name)

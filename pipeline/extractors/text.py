@@ -6,7 +6,7 @@ joined into one string: each half then always means the same language, a classif
 weigh them apart, and a clip missing one subtitle gets zeros in that half, with
 `languages[i] = 0` recording which half is absent. Each half is L2-normalised on its own
 (with `normalize: true`), so a full clip has norm √2 and a one-sided clip norm 1.
-The encoders live in `pipeline.text_encoders`, shared with the LLM-enrichment stage.
+The encoders live in `pipeline.backends.text`, shared with the LLM-enrichment stage.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.config import ConfigError
 from pipeline.extractors.base import Extractor, NotApplicable, register
 from pipeline.manifest import Clip
-from pipeline.text_encoders import TextEncoder, build_text_encoder
+from pipeline.backends.text import TextEncoder, build_text_encoder
 
 LANGUAGES = {"chinese": ("chinese",), "english": ("english",), "both": ("chinese", "english")}
 

@@ -14,8 +14,8 @@ from pipeline.tables import write_table
 
 @entry_point
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.ablation import run_ablation, to_markdown
-    from pipeline.train import load_features
+    from pipeline.fusion.ablation import run_ablation, to_markdown
+    from pipeline.fusion.train import load_features
 
     parser = argparse.ArgumentParser(prog="mer ablate", description=__doc__)
     parser.add_argument("manifest", type=Path)

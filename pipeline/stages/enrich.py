@@ -15,8 +15,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.enrich import enrich_from_params, enriched_manifest, read_enriched
-from pipeline.extract import resolve_device
+from pipeline.llm.enrich import enrich_from_params, enriched_manifest, read_enriched
+from pipeline.extract.engine import resolve_device
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.stages import entry_point
 

@@ -10,7 +10,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.config import load_params, store_spec
-from pipeline.extract import run_extraction
+from pipeline.extract.engine import run_extraction
 from pipeline.stages import entry_point
 
 

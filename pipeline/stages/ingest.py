@@ -7,7 +7,7 @@ import json
 from pathlib import Path
 
 from pipeline.check import load_checked
-from pipeline.ingest import ingest, summarize
+from pipeline.data.ingest import ingest, summarize
 from pipeline.manifest import write_manifest
 from pipeline.stages import entry_point
 

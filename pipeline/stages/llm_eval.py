@@ -6,7 +6,7 @@ import argparse
 import json
 from pathlib import Path
 
-from pipeline.llm_report import label_store_metrics
+from pipeline.llm.report import label_store_metrics
 from pipeline.manifest import read_manifest
 from pipeline.stages import entry_point
 

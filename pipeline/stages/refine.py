@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.manifest import read_manifest
-from pipeline.refine import load_refine_config, refine, write_outputs
+from pipeline.refine.vote import load_refine_config, refine, write_outputs
 from pipeline.stages import entry_point
 
 

@@ -21,7 +21,7 @@ def read_refined(path: Path | None) -> tuple[dict[str, np.ndarray], dict[str, np
     if path is None or not path.is_file():
         return refined, pseudo
     for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)  # the refine stage's labels.jsonl (pipeline/refine.py: label_rows)
+        row = json.loads(line)  # the refine stage's labels.jsonl (pipeline/refine/vote.py: label_rows)
         if row.get("refined") is None:
             continue  # an unlabelled clip that got no pseudo-label
         target = np.asarray(row.get("soft") or np.eye(len(EMOTIONS))[EMOTIONS.index(row["refined"])],
@@ -37,8 +37,8 @@ def read_refined(path: Path | None) -> tuple[dict[str, np.ndarray], dict[str, np
 def main(argv: list[str] | None = None) -> None:
     import torch
 
-    from pipeline.report import write_reports
-    from pipeline.train import cross_validate, load_features
+    from pipeline.fusion.report import write_reports
+    from pipeline.fusion.train import cross_validate, load_features
 
     parser = argparse.ArgumentParser(prog="mer train", description=__doc__)
     parser.add_argument("manifest", type=Path)

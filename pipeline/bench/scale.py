@@ -1,6 +1,6 @@
 """Scale-out benchmark: one store extracted locally, then on Ray with 1 and with 2 workers.
 
-    python -m pipeline.bench_scale --store frames --clips 80      (make bench-scale)
+    python -m pipeline.bench.scale --store frames --clips 80      (make bench-scale)
 
 All runs use the same extractor and params on the same first N clips of the dataset in
 params (`ingest.root`), in this process, each into a fresh temporary store; the Ray runs
@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.config import EngineConfig, ExtractorSpec, load_params
-from pipeline.extract import ExtractSummary, run_extraction
-from pipeline.extract_ray import connect, import_ray, last_run_stats
-from pipeline.ingest import ingest
+from pipeline.extract.engine import ExtractSummary, run_extraction
+from pipeline.extract.ray import connect, import_ray, last_run_stats
+from pipeline.data.ingest import ingest
 from pipeline.manifest import write_manifest
 from pipeline.store import StoreReader
 

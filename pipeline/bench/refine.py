@@ -21,16 +21,16 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bench_real import CORPORA, Corpus, build
+from pipeline.bench.real import CORPORA, Corpus, build
 from pipeline.config import EngineConfig, IngestConfig
-from pipeline.extract import run_extraction
+from pipeline.extract.engine import run_extraction
 from pipeline.extractors.base import available
-from pipeline.ingest import ingest
+from pipeline.data.ingest import ingest
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip, write_manifest
-from pipeline.refine import RefineConfig, aggregate, collect_votes, decide, gold_of
+from pipeline.refine.vote import RefineConfig, aggregate, collect_votes, decide, gold_of
 from pipeline.store import StoreReader
-from pipeline.weak import LightGBMConfig
+from pipeline.refine.weak import LightGBMConfig
 from pipeline.tables import write_table
 
 log = logging.getLogger(__name__)
@@ -109,7 +109,7 @@ def _f1(truth: list[int], predicted: list[int]) -> float:
 
 def run_corpus(corpus: Corpus, stores: list[str], args: argparse.Namespace, engine: EngineConfig) -> list[dict]:
     """Outer group-aware folds: each holds out ~20% of the groups untouched; tallies pooled."""
-    from pipeline.splits import fold_indices
+    from pipeline.data.splits import fold_indices
 
     clips, features = prepare(corpus, args.shared, args.work, engine, stores)
     X = np.hstack([features[s] for s in stores]).astype(np.float64)
@@ -179,7 +179,7 @@ def plan(args: argparse.Namespace) -> list[tuple[Corpus, list[str]]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_refine", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.refine", description=__doc__)
     parser.add_argument("--shared", type=Path, default=Path("../shared/data"))
     parser.add_argument("--work", type=Path, default=Path("build/bench"))
     parser.add_argument("--out", type=Path, default=Path("reports/bench/refine"))

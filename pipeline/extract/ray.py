@@ -1,7 +1,7 @@
 """Extraction on a Ray cluster: `engine.runner: ray` (the `extract.engine` of issue #8).
 
 The only module that imports ray, and only when the runner is `ray`. Everything but the
-place where clips are computed is the local engine's (pipeline/extract.py): the same
+place where clips are computed is the local engine's (pipeline/extract/engine.py): the same
 extractor class and options, the same fingerprint, the same `StoreWriter` and flush policy,
 the same failure records, threshold and summary. The `engine` settings are not in the
 store's fingerprint, so a store begun locally can be finished on Ray and the other way round.
@@ -59,7 +59,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, EngineConfig, as_dict
-from pipeline.extract import (ClipResult, ClipWorker, ExtractSummary, ModelMissingError, _Run,
+from pipeline.extract.engine import (ClipResult, ClipWorker, ExtractSummary, ModelMissingError, _Run,
                               decoder_threads, failure_record, resolve_device)
 from pipeline.extractors.base import Extractor, ModelMissing
 from pipeline.manifest import Clip

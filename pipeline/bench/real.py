@@ -17,14 +17,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline import convert
+from pipeline.data import convert
 from pipeline.config import EngineConfig, ExtractorSpec, IngestConfig
-from pipeline.extract import run_extraction
+from pipeline.extract.engine import run_extraction
 from pipeline.extractors.base import available
-from pipeline.ingest import ingest
+from pipeline.data.ingest import ingest
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip, write_manifest
-from pipeline.splits import fold_indices
+from pipeline.data.splits import fold_indices
 from pipeline.store import StoreReader
 from pipeline.tables import write_table
 
@@ -108,8 +108,8 @@ def run_corpus(corpus: Corpus, shared: Path, work: Path, engine: EngineConfig) -
 def fusion_rows(corpus: Corpus, clips: list[Clip], stores: list[str], feature_dir: Path) -> list[dict]:
     """The fusion trainer on the corpus' stores: ECMF against the baseline fusions, same folds."""
     from pipeline.config import FusionConfig, TrainConfig
-    from pipeline.report import classification_metrics
-    from pipeline.train import cross_validate, load_features
+    from pipeline.fusion.report import classification_metrics
+    from pipeline.fusion.train import cross_validate, load_features
 
     features = load_features(clips, stores, feature_dir)
     gold = np.array([EMOTIONS.index(c.label) for c in clips])
@@ -135,7 +135,7 @@ def to_markdown(rows: list[dict]) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_real", description=__doc__)
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.real", description=__doc__)
     parser.add_argument("--shared", type=Path, default=Path("../shared/data"))
     parser.add_argument("--work", type=Path, default=Path("build/bench"))
     parser.add_argument("--out", type=Path, default=Path("reports/bench/real"))

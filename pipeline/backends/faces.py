@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.config import from_dict
 from pipeline.errors import ModelMissing
-from pipeline.image_encoders import file_fingerprint
+from pipeline.backends.image import file_fingerprint
 
 # insightface's arcface_dst: image-left eye, image-right eye, nose tip, mouth corners (112 px crop)
 ARCFACE_TEMPLATE = np.array([[38.2946, 51.6963], [73.5318, 51.5014], [56.0252, 71.7366],

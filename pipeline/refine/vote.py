@@ -1,6 +1,6 @@
 """Label refinement: weak sources vote, gold labels are corrected and pseudo-labels added.
 
-Sources. Each (feature store, weak classifier) pair is cross-fitted (pipeline.weak): every
+Sources. Each (feature store, weak classifier) pair is cross-fitted (pipeline.refine.weak): every
 labelled clip gets an out-of-fold probability vector, every unlabelled clip the mean of
 the k fold models. Label stores (e.g. `llm_labels`, six probabilities in EMOTIONS order)
 are used as they are. A clip a store lacks (mask 0) gets no vote from its sources.
@@ -42,7 +42,7 @@ from pipeline.config import ConfigError, RefineConfig, load_params
 from pipeline.labels import EMOTION_INDEX, EMOTIONS
 from pipeline.manifest import Clip
 from pipeline.store import StoreReader
-from pipeline.weak import (FoldError, cross_fit, dawid_skene, make_weak, precision_weights, vote_precision,
+from pipeline.refine.weak import (FoldError, cross_fit, dawid_skene, make_weak, precision_weights, vote_precision,
                           weighted_vote)
 
 log = logging.getLogger(__name__)

@@ -5,7 +5,7 @@ the model sees batches across clips. Per clip, an error is recorded and the run 
 the stage fails only when the failed fraction passes `engine.max_failed_fraction`.
 
 `engine.runner` decides where the clips are computed: here (`local`), or on Ray actors
-(`ray`, pipeline/extract_ray.py). Both run the same `ClipWorker` on each clip and hand its
+(`ray`, pipeline/extract/ray.py). Both run the same `ClipWorker` on each clip and hand its
 results to the same writer (`_Run`), so stores, failure records and resume are the same.
 """
 
@@ -28,8 +28,8 @@ from pipeline.config import EngineConfig, ExtractorSpec, as_dict
 from pipeline.errors import MerError
 from pipeline.extractors.base import Extractor, ModelMissing, NotApplicable, build_extractor
 from pipeline.manifest import Clip, read_manifest
-from pipeline import media
-from pipeline.media import MediaError, NoAudioError, NoVideoError
+from pipeline.data import media
+from pipeline.data.media import MediaError, NoAudioError, NoVideoError
 from pipeline.store import StoreIdentity, StoreWriter, write_failures
 
 log = logging.getLogger(__name__)
@@ -263,7 +263,7 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
     bar = tqdm(total=len(todo), desc=f"extract {store}", unit="clip", disable=not progress)
     try:
         if on_ray:
-            from pipeline.extract_ray import extract_on_ray
+            from pipeline.extract.ray import extract_on_ray
 
             extract_on_ray(run, todo, bar)
         else:

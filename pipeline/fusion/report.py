@@ -12,7 +12,7 @@ from pipeline.errors import TrainError
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip
 from pipeline.tables import rounded
-from pipeline.train import CVResult
+from pipeline.fusion.train import CVResult
 
 
 def classification_metrics(gold: np.ndarray, predicted: np.ndarray) -> dict:

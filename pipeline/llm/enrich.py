@@ -9,7 +9,7 @@
 The output holds one JSON line per clip and language, `{name, language, subtitle,
 enriched, status}`, in manifest order. `enriched_manifest` puts "subtitle\\n\\nenriched"
 into the clips' subtitle fields, so the existing `text` extractor encodes the enriched
-text with its own code. Answers are cached per clip and batch (`pipeline.llm.LLMCache`), so
+text with its own code. Answers are cached per clip and batch (`pipeline.llm.backends.LLMCache`), so
 an interrupted run resumes and an unchanged rerun calls the model zero times. Rows with the
 same language and subtitle are asked once per run (greedy decoding gives them one answer).
 """
@@ -27,7 +27,7 @@ from tqdm import tqdm
 
 from pipeline.config import ENRICH_TEMPLATES, LANGUAGES, ConfigError, EnrichConfig, from_dict  # noqa: F401
 from pipeline.errors import MerError, ModelMissing
-from pipeline.llm import LLM, LLMCache, LLMError, build_llm, build_messages
+from pipeline.llm.backends import LLM, LLMCache, LLMError, build_llm, build_messages
 from pipeline.manifest import Clip
 from pipeline.tables import write_jsonl
 
@@ -154,7 +154,7 @@ def enrich_from_params(clips: list[Clip], cfg: EnrichConfig | dict[str, Any], ou
         llm = build_llm(cfg.backend, cfg.backend_options, "llm.backend_options")
         llm.identity()
     except ModelMissing as err:
-        from pipeline.extract import ModelMissingError  # the error stages report in one line
+        from pipeline.extract.engine import ModelMissingError  # the error stages report in one line
 
         raise ModelMissingError(f"params key 'llm.backend_options.{err.option}' must name "
                                 f"{err.expected}; now {err.got!r}") from None

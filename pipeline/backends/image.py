@@ -25,7 +25,7 @@ from PIL import Image
 
 from pipeline.config import from_dict
 from pipeline.errors import ModelMissing
-from pipeline.onnx_runtime import OnnxModel, check_runtime, resolve_runtime
+from pipeline.backends.onnx import OnnxModel, check_runtime, resolve_runtime
 
 _MIB = 1 << 20
 
@@ -174,7 +174,7 @@ class ImageEncoder:
 class EfficientNetLite0Options:
     max_batch: int = 16  # images per forward pass; 32+ thrashed the CPU caches on 2 cores
     # auto: onnxruntime on the CPU (3x torch's speed here, features equal to ~1e-5), torch on
-    # cuda | torch | onnxruntime (CPU only); see pipeline/onnx_runtime.py
+    # cuda | torch | onnxruntime (CPU only); see pipeline/backends/onnx.py
     runtime: str = "auto"
 
 

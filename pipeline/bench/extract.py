@@ -1,8 +1,8 @@
 """Throughput of one extraction store: the real engine against a naive loop, same clips.
 
-    python -m pipeline.bench_extract --manifest data/manifest.jsonl --store frames --limit 32
+    python -m pipeline.bench.extract --manifest data/manifest.jsonl --store frames --limit 32
 
-(a) `pipeline.extract.run_extraction` into a temporary folder (decode threads, batches
+(a) `pipeline.extract.engine.run_extraction` into a temporary folder (decode threads, batches
 across clips, store writes); (b) in the same process, a naive loop: one clip at a time,
 decoded then encoded one frame per model call (`per_frame`: a frame stack, or the faces
 extractor's per-frame crops; whole clips otherwise), every model in PyTorch: the loop
@@ -27,9 +27,9 @@ from typing import Any
 
 import numpy as np
 
-from pipeline import media
+from pipeline.data import media
 from pipeline.config import EngineConfig, ExtractorSpec, load_params
-from pipeline.extract import decoder_threads, resolve_device, run_extraction
+from pipeline.extract.engine import decoder_threads, resolve_device, run_extraction
 from pipeline.extractors.base import Extractor, NotApplicable, get_extractor
 from pipeline.manifest import Clip, read_manifest, write_manifest
 
@@ -81,7 +81,7 @@ def _naive_one(extractor: Extractor, clip: Clip, times: NaiveTimes) -> None:
 
 def pytorch_spec(spec: ExtractorSpec) -> ExtractorSpec:
     """`spec` with every model that offers a `runtime` choice run in PyTorch (the naive loop's)."""
-    from pipeline.image_encoders import ENCODERS
+    from pipeline.backends.image import ENCODERS
 
     defaults = {f.name: f.default for f in dataclasses.fields(get_extractor(spec.extractor).Options)}
     options = dict(spec.options)

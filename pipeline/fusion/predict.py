@@ -20,13 +20,13 @@ import torch
 
 from pipeline.config import ExtractorSpec, FusionConfig, Params, store_spec
 from pipeline.errors import MerError, TrainError
-from pipeline.enrich import enrich_from_params, enriched_manifest, read_enriched
-from pipeline.extract import resolve_device, run_extraction
-from pipeline.fusion import build_fusion
-from pipeline.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
+from pipeline.llm.enrich import enrich_from_params, enriched_manifest, read_enriched
+from pipeline.extract.engine import resolve_device, run_extraction
+from pipeline.fusion.models import build_fusion
+from pipeline.data.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip, write_manifest
-from pipeline.train import Standardizer, load_features, predict
+from pipeline.fusion.train import Standardizer, load_features, predict
 
 log = logging.getLogger(__name__)
 ENRICHED_STORE = "text_enriched"  # made by the enrich + text_enriched stages (dvc.yaml)

@@ -1,6 +1,6 @@
 """LLM stage speed (and zero-shot quality) with the offline default, batched vs one at a time.
 
-    python -m pipeline.bench_llm --manifest data/manifest.jsonl --limit 24 \\
+    python -m pipeline.bench.llm --manifest data/manifest.jsonl --limit 24 \\
         [--meld ../shared/data --meld-clips 300]
 
 On the same subtitles, in one process, through the stage code itself (`run_enrichment`,
@@ -27,10 +27,10 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import EngineConfig, ExtractorSpec
-from pipeline.enrich import ENRICH_TEMPLATES, run_enrichment
-from pipeline.extract import run_extraction
-from pipeline.llm import build_llm
-from pipeline.llm_report import label_store_metrics
+from pipeline.llm.enrich import ENRICH_TEMPLATES, run_enrichment
+from pipeline.extract.engine import run_extraction
+from pipeline.llm.backends import build_llm
+from pipeline.llm.report import label_store_metrics
 from pipeline.manifest import Clip, read_manifest, write_manifest
 
 log = logging.getLogger(__name__)
@@ -65,9 +65,9 @@ def time_labels(manifest: Path, batch_size: int, work: Path, calibrate: bool = T
 
 def meld_sample(shared: Path, work: Path, n: int, seed: int) -> list[Clip]:
     """A seeded sample of `n` MELD utterances, through the project's own MELD adapter."""
-    from pipeline.bench_real import CORPORA, build
+    from pipeline.bench.real import CORPORA, build
     from pipeline.config import IngestConfig
-    from pipeline.ingest import ingest
+    from pipeline.data.ingest import ingest
 
     corpus = next(c for c in CORPORA if c.name == "meld")
     clips = [c for c in ingest(IngestConfig(root=str(build(corpus, shared, work)))) if c.label]
@@ -75,7 +75,7 @@ def meld_sample(shared: Path, work: Path, n: int, seed: int) -> list[Clip]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.bench_llm", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.llm", description=__doc__.splitlines()[0])
     parser.add_argument("--manifest", type=Path, default=Path("data/manifest.jsonl"))
     parser.add_argument("--limit", type=int, default=24, help="subtitles timed per run")
     parser.add_argument("--batch-size", type=int, default=8)

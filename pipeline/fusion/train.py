@@ -32,10 +32,10 @@ from torch import nn
 
 from pipeline.config import TrainConfig
 from pipeline.errors import TrainError
-from pipeline.fusion import build_fusion
+from pipeline.fusion.models import build_fusion
 from pipeline.labels import EMOTIONS, EMOTION_INDEX
 from pipeline.manifest import Clip
-from pipeline.splits import fold_indices
+from pipeline.data.splits import fold_indices
 from pipeline.store import StoreReader
 
 log = logging.getLogger(__name__)

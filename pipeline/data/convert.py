@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator
 
-from pipeline.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
+from pipeline.data.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from pipeline.errors import MerError
 from pipeline.labels import EMOTIONS
 

@@ -1,4 +1,4 @@
-"""Build the bundled demo dataset ``data/demo/`` (MER2025 layout): ``python -m pipeline.demo``.
+"""Build the bundled demo dataset ``data/demo/`` (MER2025 layout): ``python -m pipeline.bench.demo``.
 
 Each clip pairs real acted speech (RAVDESS, which gives the label) with an unrelated real
 face (a face-video window, or a photo under a slow pan/zoom) in one small MP4 (H.264 + AAC
@@ -254,7 +254,7 @@ def build_demo(shared_data: Path, out: Path, n_labelled: int = 60, n_unlabelled:
 
 @entry_point
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m pipeline.demo [--shared DIR] [--out DIR] [--seed N]``."""
+    """Command line: ``python -m pipeline.bench.demo [--shared DIR] [--out DIR] [--seed N]``."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shared", type=Path, default=REPO_ROOT / "../shared/data")
     parser.add_argument("--out", type=Path, default=REPO_ROOT / "data/demo")
@@ -293,7 +293,7 @@ pseudo-labels. `sources.csv`: provenance. `LICENSES`: licences (non-commercial u
 
 ## Rebuild
 From the repository root, with `../shared/data` (RAVDESS actors 01-12 and face media):
-`python -m pipeline.demo --shared ../shared/data --out data/demo` (seeded, deterministic).
+`python -m pipeline.bench.demo --shared ../shared/data --out data/demo` (seeded, deterministic).
 """}
 
 if __name__ == "__main__":

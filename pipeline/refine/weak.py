@@ -5,7 +5,7 @@ that `predict_proba` always has one column per class of a fixed list (the six EM
 their order), even when a cross-fitting fold lacks a class: the missing columns are 0.
 `make_weak` builds the two weak learners the refine stage knows from their params
 sections; `cross_fit` scores every clip out of fold; `precision_weights` + `weighted_vote`
-and `dawid_skene` combine the sources. pipeline/refine.py wires them to stores and params.
+and `dawid_skene` combine the sources. pipeline/refine/vote.py wires them to stores and params.
 """
 
 from __future__ import annotations
@@ -122,7 +122,7 @@ def cross_fit(model: CompleteClassifier, X: np.ndarray, mask: np.ndarray, gold: 
     mean of the k fold models. No clip is ever scored by a model that saw it.
     Returns (probs (N, C), scored (N,) = mask); rows of clips not scored are 0.
     """
-    from pipeline.splits import fold_indices
+    from pipeline.data.splits import fold_indices
 
     classes = np.asarray(list(model.classes))
     labelled = np.flatnonzero(mask & (gold >= 0))
