@@ -37,5 +37,17 @@ class ModelMissing(MerError, RuntimeError):
         return f"params key 'extract.{store}.options.{self.option}' must name {self.expected}; now {self.got!r}"
 
 
+class ModelMissingError(MerError, RuntimeError):
+    """A production backend's weights are not where params say; nothing was run (the message names the key)."""
+
+
+class ExtractionFailed(MerError, RuntimeError):
+    """Too many clips failed; finished clips are kept and a rerun retries the rest."""
+
+
+class LLMError(MerError, RuntimeError):
+    """An LLM call failed for good (after retries); the message names the URL and the reason."""
+
+
 class TrainError(MerError, ValueError):
     """Training cannot give a true number (no usable clips, a non-finite loss, folds that cannot be made)."""

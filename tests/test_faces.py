@@ -18,6 +18,7 @@ from conftest import write_csv
 from fixtures_media import write_clip
 
 from pipeline.backends import faces as F
+from pipeline.backends import fer as FER
 from pipeline.config import ConfigError, ExtractorSpec, IngestConfig
 from pipeline.extract.engine import ModelMissingError, run_extraction
 from pipeline.extractors.base import ModelMissing, NotApplicable
@@ -270,7 +271,7 @@ def test_tensorflow_same_padding_puts_the_odd_pixel_last():
     import torch
 
     x = torch.arange(64.0).reshape(1, 1, 8, 8)
-    padded = F._same_pad(x, [3, 3], [2, 2], float("-inf"))  # 8 -> 4 needs 1 pixel: after
+    padded = FER._same_pad(x, [3, 3], [2, 2], float("-inf"))  # 8 -> 4 needs 1 pixel: after
     assert padded.shape[-2:] == (9, 9) and padded[0, 0, 0, 0] == 0 and torch.isinf(padded[0, 0, -1, -1])
 
 

@@ -17,7 +17,7 @@ Design: one writer, on the driver.
   * Two shards per actor are in flight: while one is in the model (behind a lock, one batch
     at a time) the next one is decoding, so a GPU does not wait for the start of each shard.
     As a shard comes back the driver first sends that actor another, then writes the results
-    through the local `_Run` (a segment every `flush_every` clips).
+    through the local `RunWriter` (a segment every `flush_every` clips).
 Why not a store per shard and a merge step: the segments already are small stores merged
 at the end, and a clip's results (KB to a few hundred KB) cost the driver ~1-3 ms to write
 against tens to hundreds of ms of model time, so one writer serves tens of GPUs (see
@@ -59,8 +59,9 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, EngineConfig, as_dict
-from pipeline.extract.engine import (ClipResult, ClipWorker, ExtractSummary, ModelMissingError, _Run,
-                              decoder_threads, failure_record, resolve_device)
+from pipeline.errors import ModelMissingError
+from pipeline.extract.worker import (ClipResult, ClipWorker, ExtractSummary, RunWriter, decoder_threads,
+                                     failure_record, resolve_device)
 from pipeline.extractors.base import Extractor, ModelMissing
 from pipeline.manifest import Clip
 from pipeline.store import FingerprintMismatch, StoreIdentity, describe_changes
@@ -144,9 +145,9 @@ class _Slot:
 
 
 class _Pool:
-    """Actors, the shard queue and the driver loop that feeds `_Run`."""
+    """Actors, the shard queue and the driver loop that feeds `RunWriter`."""
 
-    def __init__(self, ray: Any, run: _Run, bar: tqdm):
+    def __init__(self, ray: Any, run: RunWriter, bar: tqdm):
         self.ray, self.run, self.bar = ray, run, bar
         self.identity = run.writer.identity  # what the store holds; every worker must match it
         self.engine = run.engine
@@ -318,7 +319,7 @@ def connect(ray: Any, engine: EngineConfig) -> bool:
     return True
 
 
-def extract_on_ray(run: _Run, todo: list[Clip], bar: tqdm) -> None:
+def extract_on_ray(run: RunWriter, todo: list[Clip], bar: tqdm) -> None:
     """Compute `todo` on Ray actors and write it through `run`; the caller flushes and finishes."""
     if not todo:
         return  # nothing left: no cluster to start

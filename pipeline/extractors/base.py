@@ -115,9 +115,8 @@ def _load_builtin() -> None:
     """
     import importlib
     import pkgutil
+    from pathlib import Path
 
-    import pipeline.extractors as package
-
-    for module in pkgutil.iter_modules(package.__path__):
+    for module in pkgutil.iter_modules([str(Path(__file__).parent)]):  # this package's files
         if not module.name.startswith("_") and module.name != "base":
             importlib.import_module(f"pipeline.extractors.{module.name}")

@@ -1,0 +1,44 @@
+"""The answers cache shared by the LLM stages: one SQLite table, JSON values, no pickle."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+from typing import Any
+
+from pipeline.llm.base import template_hash
+
+
+class LLMCache:
+    """Answers in one SQLite table (WAL), keyed by what determines them; JSON values, no pickle."""
+
+    def __init__(self, path: str | Path):
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(str(path), timeout=60.0)  # waits while another stage writes
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("CREATE TABLE IF NOT EXISTS answers (key TEXT PRIMARY KEY, value TEXT NOT NULL)")
+        self.db.commit()
+
+    @staticmethod
+    def key(identity: dict[str, Any], template: str, kind: str, clip: str, text: str,
+            settings: dict[str, Any] | None = None) -> str:
+        """sha256 of model identity, template hash, kind (enrich|labels), clip, text, settings."""
+        parts = [identity, template_hash(template), kind, clip, text, settings or {}]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    def get(self, key: str) -> Any | None:
+        row = self.db.execute("SELECT value FROM answers WHERE key = ?", (key,)).fetchone()
+        return None if row is None else json.loads(row[0])
+
+    def put(self, key: str, value_json: str) -> None:
+        """Stage one answer (a JSON string); `commit()` after each batch makes it durable."""
+        json.loads(value_json)  # refuse anything that would not read back
+        self.db.execute("INSERT OR REPLACE INTO answers (key, value) VALUES (?, ?)", (key, value_json))
+
+    def commit(self) -> None:
+        self.db.commit()
+
+    def close(self) -> None:
+        self.db.close()
