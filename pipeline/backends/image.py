@@ -13,7 +13,6 @@ default) and `open_clip` (CLIP ViT-L/14 and friends from a local checkpoint; pro
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import importlib.metadata
 import logging
 import os
@@ -25,21 +24,12 @@ from PIL import Image
 
 from pipeline.config import from_dict
 from pipeline.errors import ModelMissing
+from pipeline.backends.digest import head_tail_sha256
 from pipeline.backends.onnx import OnnxModel, check_runtime, resolve_runtime
-
-_MIB = 1 << 20
-
 
 def file_fingerprint(path: str | os.PathLike[str]) -> dict[str, Any]:
     """Cheap content identity of a weights file: size + sha256 of its first and last MiB."""
-    size = os.path.getsize(path)
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        digest.update(fh.read(_MIB))
-        if size > _MIB:
-            fh.seek(max(_MIB, size - _MIB))
-            digest.update(fh.read(_MIB))
-    return {"size": size, "sha256_head_tail": digest.hexdigest()}
+    return {"size": os.path.getsize(path), "sha256_head_tail": head_tail_sha256(path)}
 
 
 def with_option_prefix(err: ModelMissing, prefix: str, backend_key: str = "encoder") -> ModelMissing:

@@ -18,7 +18,6 @@ tokens, as MER baselines pool their text features. Heavy libraries load in `load
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
 import importlib.util
 import logging
@@ -29,6 +28,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
+from pipeline.backends.digest import head_tail_sha256
 from pipeline.errors import ModelMissing
 
 log = logging.getLogger(__name__)
@@ -43,17 +43,10 @@ HASHED_PATTERNS = WEIGHT_PATTERNS + ("*.safetensors.index.json", "pytorch_model.
                                      "merges.txt", "*.model")
 
 
-def file_digest(path: str | Path, chunk: int = 1 << 20) -> str:
+def file_digest(path: str | Path) -> str:
     """Cheap content hash: sha256 of the size, the first and the last MiB."""
-    path = Path(path)
-    size = path.stat().st_size
-    digest = hashlib.sha256(str(size).encode())
-    with path.open("rb") as fh:
-        digest.update(fh.read(chunk))
-        if size > chunk:
-            fh.seek(max(chunk, size - chunk))
-            digest.update(fh.read(chunk))
-    return f"{size}:{digest.hexdigest()[:32]}"
+    size = Path(path).stat().st_size
+    return f"{size}:{head_tail_sha256(path, prefix=str(size).encode())[:32]}"
 
 
 class TextEncoder(ABC):

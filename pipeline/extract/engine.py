@@ -11,7 +11,6 @@ results to the same writer (`RunWriter`, pipeline/extract/worker.py), so stores,
 
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections import Counter
@@ -28,6 +27,7 @@ from pipeline.extract.worker import (ClipResult, ClipWorker, ExtractSummary, Run
 from pipeline.extractors.base import build_extractor
 from pipeline.manifest import Clip, read_manifest
 from pipeline.store import StoreIdentity, StoreWriter, write_failures
+from pipeline.tables import write_json
 
 log = logging.getLogger(__name__)
 
@@ -108,8 +108,5 @@ def _finish(run: RunWriter, clips: list[Clip], store_path: Path, failures_path: 
 def _write_summary(summary: ExtractSummary, path: str | Path | None, status: str) -> None:
     if path is None:
         return
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     data = {**asdict(summary), "status": status, "clips_per_second": summary.clips_per_second}
-    data = {k: round(v, 4) if isinstance(v, float) else v for k, v in data.items()}
-    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(path, {k: round(v, 4) if isinstance(v, float) else v for k, v in data.items()})

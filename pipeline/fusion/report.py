@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import json
 from pathlib import Path
 
 import numpy as np
@@ -11,7 +10,7 @@ import numpy as np
 from pipeline.errors import TrainError
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip
-from pipeline.tables import rounded
+from pipeline.tables import rounded, write_json
 from pipeline.fusion.train import CVResult
 
 
@@ -95,7 +94,7 @@ def write_reports(clips: list[Clip], result: CVResult, out: Path) -> dict:
     _write_csv(plots / "modality_weights.csv", ["emotion", "modality", "weight"],
                [[e, m, round(float(weights[predicted == c, j].mean()) if (predicted == c).any() else 0.0, 4)]
                 for c, e in enumerate(EMOTIONS) for j, m in enumerate(columns)])
-    (out / "metrics.json").write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    write_json(out / "metrics.json", metrics)
     return metrics
 
 

@@ -29,19 +29,18 @@ each source's out-of-fold accuracy / macro-F1 and reliability P(truth c | it say
 
 from __future__ import annotations
 
-import json
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from pipeline.config import ConfigError, RefineConfig, load_params
+from pipeline.config import ConfigError, RefineConfig
 from pipeline.labels import EMOTION_INDEX, EMOTIONS
 from pipeline.manifest import Clip
 from pipeline.store import StoreReader
+from pipeline.tables import write_json, write_jsonl
 from pipeline.refine.weak import (FoldError, cross_fit, dawid_skene, make_weak, precision_weights, vote_precision,
                           weighted_vote)
 
@@ -204,11 +203,6 @@ def decide(clips: list[Clip], votes: Votes, agg: np.ndarray, weights: np.ndarray
                       refined, soft, changed, pseudo)
 
 
-def load_refine_config(params_path: str | Path = "params.yaml") -> RefineConfig:
-    """The `refine:` section of the whole, validated params.yaml."""
-    return load_params(params_path).refine
-
-
 def refine(clips: list[Clip], cfg: RefineConfig, features: Path) -> Refinement:
     """Collect the votes, aggregate them, decide."""
     votes = collect_votes(clips, cfg, features)
@@ -277,17 +271,9 @@ def summarize(result: Refinement, cfg: RefineConfig) -> dict[str, Any]:
     }
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(text, encoding="utf-8", newline="\n")
-    os.replace(tmp, path)
-
-
 def write_outputs(result: Refinement, cfg: RefineConfig, labels_path: Path, summary_path: Path) -> dict[str, Any]:
     """labels.jsonl (one JSON object per clip) and summary.json; returns the summary."""
-    lines = [json.dumps(row, ensure_ascii=False, sort_keys=True) for row in label_rows(result)]
-    _write_atomic(Path(labels_path), "\n".join(lines) + ("\n" if lines else ""))
+    write_jsonl(labels_path, label_rows(result))
     summary = summarize(result, cfg)
-    _write_atomic(Path(summary_path), json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    write_json(summary_path, summary)
     return summary

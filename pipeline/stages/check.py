@@ -9,10 +9,10 @@ the same for the same params, so a passing check reruns nothing downstream.
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from pipeline.stages import entry_point
+from pipeline.tables import write_json
 
 
 @entry_point
@@ -26,9 +26,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     checked = check_params(load_params(args.params))
     if args.output:
-        args.output.parent.mkdir(parents=True, exist_ok=True)
-        args.output.write_text(json.dumps({"params": args.params, "checked": checked}, indent=2) + "\n",
-                               encoding="utf-8")
+        write_json(args.output, {"params": args.params, "checked": checked})
     print(f"{args.params}: ok ({'; '.join(checked)})")
 
 

@@ -10,7 +10,6 @@ unchanged or interrupted run asks the model nothing twice.
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -19,6 +18,7 @@ from pipeline.llm.enrich import enrich_from_params, enriched_manifest, read_enri
 from pipeline.extract.engine import resolve_device
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.stages import entry_point
+from pipeline.tables import write_json
 
 
 @entry_point
@@ -37,9 +37,7 @@ def main(argv: list[str] | None = None) -> None:
                                  progress=not args.no_progress)
     write_manifest(enriched_manifest(clips, read_enriched(args.enriched)), args.manifest_out)
     if args.summary:
-        args.summary.parent.mkdir(parents=True, exist_ok=True)
-        data = {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(summary).items()}
-        args.summary.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        write_json(args.summary, {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(summary).items()})
     print(f"{summary.ok} subtitles enriched ({summary.cached} from the cache, {summary.asked} asked), "
           f"{summary.empty} empty, {summary.failed} failed -> {args.enriched}")
 

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from pipeline.check import load_checked
 from pipeline.data.ingest import ingest, summarize
 from pipeline.manifest import write_manifest
 from pipeline.stages import entry_point
+from pipeline.tables import write_json
 
 
 @entry_point
@@ -22,8 +22,7 @@ def main(argv: list[str] | None = None) -> None:
     clips = ingest(load_checked(args.params).ingest)  # the whole params.yaml, before any work
     write_manifest(clips, args.manifest)
     if args.summary:
-        args.summary.parent.mkdir(parents=True, exist_ok=True)
-        args.summary.write_text(json.dumps(summarize(clips), indent=2, sort_keys=True) + "\n")
+        write_json(args.summary, summarize(clips))
     summary = summarize(clips)
     note = (f"; {summary['candidates_without_content']} candidate(s) have no media and an empty subtitle "
             "(they get the training prior)" if summary["candidates_without_content"] else "")

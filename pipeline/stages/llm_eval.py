@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 from pipeline.llm.report import label_store_metrics
 from pipeline.manifest import read_manifest
 from pipeline.stages import entry_point
+from pipeline.tables import write_json
 
 
 @entry_point
@@ -21,8 +21,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.store.is_file():
         raise FileNotFoundError(f"{args.store} not found; run `dvc repro extract@{args.store.stem}` first")
     metrics = label_store_metrics(read_manifest(args.manifest), args.store)
-    args.metrics.parent.mkdir(parents=True, exist_ok=True)
-    args.metrics.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(args.metrics, metrics)
     print(f"LLM labels on {metrics['scored']} labelled clips: accuracy {metrics.get('accuracy', 'n/a')}, "
           f"weighted F1 {metrics.get('weighted_f1', 'n/a')} (majority class "
           f"{metrics.get('majority_class', {}).get('weighted_f1', 'n/a')}) -> {args.metrics}")
