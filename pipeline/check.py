@@ -36,19 +36,20 @@ def check_store_names(params: Params) -> None:
         return
     if ENRICHED_STORE in params.extract:
         raise ConfigError(f"params key 'extract.{ENRICHED_STORE}' is taken by the enrichment store; "
-                          "set its extractor in params key 'enriched_text' or rename the store")
+                          "set its extractor in params key 'text_enriched' or rename the store")
     for key, stores in (("train.stores", params.train.stores), ("refine.stores", params.refine.stores),
                         ("refine.label_stores", params.refine.label_stores)):
         unknown = [s for s in stores if s not in known]
         if unknown:
             raise ConfigError(f"params key '{key}' names {', '.join(map(repr, unknown))}, which no store makes; "
                               f"allowed: {', '.join(known) or 'none'} (a key under 'extract', or "
-                              f"{ENRICHED_STORE} when 'enriched_text' is set)")
+                              f"{ENRICHED_STORE} when params 'text_enriched' is set)")
 
 
 def check_params(params: Params) -> list[str]:
     """Raise ConfigError (one line: key, value, what is allowed) for the first problem; return what was checked."""
     from pipeline.extractors.base import build_extractor
+    from pipeline.fusion.models import check_kind
     from pipeline.llm.backends import build_llm
 
     root = Path(params.ingest.root)
@@ -57,8 +58,8 @@ def check_params(params: Params) -> list[str]:
                           "allowed: a dataset root in the MER2025 layout (see README 'Your own dataset')")
     check_store_names(params)
     specs = {f"extract.{name}": spec for name, spec in params.extract.items()}
-    if params.enriched_text is not None:
-        specs["enriched_text"] = params.enriched_text
+    if params.text_enriched is not None:
+        specs["text_enriched"] = params.text_enriched
     for key, spec in specs.items():
         build_extractor(spec.extractor, spec.options, key)
     try:
@@ -67,6 +68,7 @@ def check_params(params: Params) -> list[str]:
         raise
     except ValueError as err:
         raise ConfigError(f"params key 'llm.backend_options': {err}") from None
+    check_kind(params.train.model.kind)
     check_device("engine.device", params.engine.device)
     check_device("train.device", params.train.device)
     if params.engine.runner == "ray":

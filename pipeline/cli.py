@@ -38,23 +38,15 @@ def _convert(argv: list[str]) -> None:
 
     parser = argparse.ArgumentParser(prog="mer convert", description=convert.__doc__)
     sub = parser.add_subparsers(dest="corpus", required=True)
-    rav = sub.add_parser("ravdess", help="RAVDESS speech / audio-visual files")
-    rav.add_argument("--calm", choices=["neutral", "drop"], default="neutral",
-                     help="fold 'calm' into neutral (default) or drop it")
-    sub.add_parser("meld", help="MELD *_sent_emo.csv text")
-    fold = sub.add_parser("folder", help="any media folder + labels CSV + label map")
-    fold.add_argument("--labels", type=Path, required=True, help="CSV name,label[,text][,group]")
-    fold.add_argument("--label-map", type=Path, required=True, help="CSV source,mer (mer may be 'drop')")
-    for p in (rav, sub.choices["meld"], fold):
-        p.add_argument("src", type=Path)
-        p.add_argument("dst", type=Path)
-    args = parser.parse_args(argv)
-    if args.corpus == "ravdess":
-        items, report = convert.ravdess(args.src, calm=args.calm)
-    elif args.corpus == "meld":
-        items, report = convert.meld(args.src)
-    else:
-        items, report = convert.folder(args.src, args.labels, args.label_map)
+    for name, adapter in convert.ADAPTERS.items():
+        corpus = sub.add_parser(name, help=adapter.help)
+        adapter.add_options(corpus)
+        corpus.add_argument("src", type=Path)
+        corpus.add_argument("dst", type=Path)
+    options = vars(parser.parse_args(argv))
+    adapter = convert.ADAPTERS[options.pop("corpus")]
+    args = argparse.Namespace(src=options.pop("src"), dst=options.pop("dst"))
+    items, report = adapter.convert(args.src, **options)
     convert.write_layout(items, args.dst, report)
     print("\n".join(report.lines()) + f"\n-> {args.dst}")
 

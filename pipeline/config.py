@@ -22,14 +22,13 @@ from pipeline.errors import ConfigError  # noqa: F401 - re-exported: stages impo
 EMOTION_NAMES = ("neutral", "angry", "happy", "sad", "worried", "surprise")  # = pipeline.labels.EMOTIONS
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 RUNNERS = ("local", "ray")
-FUSION_KINDS = ("ecmf", "mer_baseline", "concat", "single")
 CLASS_BALANCE = ("weights", "sampler", "none")
 REFINE_METHODS = ("weighted_vote", "dawid_skene")
 REFINE_MODES = ("hard", "soft")
 WEAK_CLASSIFIERS = ("logreg", "lightgbm")
 LLM_BACKENDS = ("endpoint", "llama_cpp", "transformers")  # = pipeline.llm.backends.BACKENDS
 LANGUAGES = {"chinese": ("chinese",), "english": ("english",), "both": ("chinese", "english")}
-ENRICHED_STORE = "text_enriched"  # the store the `text_enriched` stage writes from params `enriched_text`
+ENRICHED_STORE = "text_enriched"  # the store the `text_enriched` stage writes from params `text_enriched`
 
 
 def check_values(section: str, rules: list[tuple[str, object, bool, str]]) -> None:
@@ -111,7 +110,7 @@ class ExtractorSpec:
 
 @dataclass(frozen=True)
 class FusionConfig:
-    kind: str = "ecmf"  # ecmf | mer_baseline | concat | single
+    kind: str = "ecmf"  # ecmf | mer_baseline | concat | single: the fusion registry (pipeline/fusion/models.py)
     width: int = 128  # common width every modality is projected to
     depth: int = 1  # self-attention layers over the modality tokens
     heads: int = 4
@@ -121,7 +120,6 @@ class FusionConfig:
 
     def __post_init__(self) -> None:
         check_values("train.model", [
-            _one_of("kind", self.kind, FUSION_KINDS),
             _at_least("width", self.width, 2),
             _at_least("depth", self.depth, 1),
             ("heads", self.heads, self.heads >= 1 and self.width % self.heads == 0,
@@ -300,11 +298,11 @@ class Params:
     train: TrainConfig = field(default_factory=TrainConfig)
     refine: RefineConfig = field(default_factory=RefineConfig)
     llm: EnrichConfig = field(default_factory=EnrichConfig)
-    enriched_text: ExtractorSpec | None = None  # the text_enriched store; None: no enrichment store
+    text_enriched: ExtractorSpec | None = None  # the text_enriched store; None: no enrichment store
 
     def store_names(self) -> list[str]:
         """Every store the params make: the keys of `extract`, and text_enriched when it is set."""
-        return list(self.extract) + ([ENRICHED_STORE] if self.enriched_text is not None else [])
+        return list(self.extract) + ([ENRICHED_STORE] if self.text_enriched is not None else [])
 
 
 def _check_type(value: Any, hint: Any, key: str) -> Any:
@@ -386,14 +384,14 @@ def as_dict(obj: Any) -> Any:
 
 
 def store_spec(params: Params, store: str, section: str = "extract") -> ExtractorSpec:
-    """The extractor spec of a store: `extract.<store>`, or a single-store section (`enriched_text`)."""
+    """The extractor spec of a store: `extract.<store>`, or a single-store section (`text_enriched`)."""
     if section == "extract":
         if store not in params.extract:
             raise ConfigError(f"no store {store!r} under params key 'extract'; "
                               f"known: {', '.join(sorted(params.extract)) or 'none'}")
         return params.extract[store]
-    if section != "enriched_text":
-        raise ConfigError(f"section {section!r}: use extract or enriched_text")
-    if params.enriched_text is None:
-        raise ConfigError("params key 'enriched_text' is not set; give it an extractor and its options")
-    return params.enriched_text
+    if section != "text_enriched":
+        raise ConfigError(f"section {section!r}: use extract or text_enriched")
+    if params.text_enriched is None:
+        raise ConfigError("params key 'text_enriched' is not set; give it an extractor and its options")
+    return params.text_enriched

@@ -14,8 +14,8 @@ LAYERS = {
     "config": 1, "tables": 1, "labels": 1, "manifest": 1, "store": 1,
     "data": 2, "backends": 2,
     "extractors": 3, "llm": 3,
-    "extract": 4, "check": 4,
-    "refine": 5, "fusion": 5,
+    "extract": 4,
+    "refine": 5, "fusion": 5, "check": 5,
     "stages": 6, "cli": 6, "bench": 6,
 }
 

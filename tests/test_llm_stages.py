@@ -34,7 +34,7 @@ def test_enrich_stage_then_text_enriched_store(server, tmp_path, capsys):
     params = {"engine": {"device": "cpu", "batch_size": 2, "flush_every": 1},
               "llm": {"backend": "endpoint", "backend_options": {"base_url": server.url, "model": "m", "retries": 0},
                       "cache_path": str(tmp_path / "cache.sqlite"), "batch_size": 2},
-              "extract": {"text": E5}, "enriched_text": E5}
+              "extract": {"text": E5}, "text_enriched": E5}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     write_manifest(CLIPS, tmp_path / "manifest.jsonl")
     out = {k: tmp_path / f"{k}.jsonl" for k in ("enriched", "manifest_enriched")}
@@ -54,7 +54,7 @@ def test_enrich_stage_then_text_enriched_store(server, tmp_path, capsys):
     extract_stage.main(["text", str(tmp_path / "manifest.jsonl"), str(tmp_path / "text.h5"),
                         str(tmp_path / "text.json"), *common])
     extract_stage.main(["text_enriched", str(out["manifest_enriched"]), str(tmp_path / "text_enriched.h5"),
-                        str(tmp_path / "text_enriched.json"), "--section", "enriched_text", *common])
+                        str(tmp_path / "text_enriched.json"), "--section", "text_enriched", *common])
     assert "3 extracted" in capsys.readouterr().out
     with StoreReader(tmp_path / "text.h5") as plain, StoreReader(tmp_path / "text_enriched.h5") as rich:
         assert rich.names == plain.names == ["a", "c", "d"]  # b has no subtitle in either
@@ -66,7 +66,7 @@ def test_enrich_stage_then_text_enriched_store(server, tmp_path, capsys):
 def test_extract_stage_section_errors(tmp_path, capsys):
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"extract": {"text": E5}}))
     write_manifest(CLIPS, tmp_path / "m.jsonl")
-    for section, message in (("enriched_text", "params key 'enriched_text' is not set"),
+    for section, message in (("text_enriched", "params key 'text_enriched' is not set"),
                              ("nonsense", "section 'nonsense'")):
         with pytest.raises(SystemExit):
             extract_stage.main(["x", str(tmp_path / "m.jsonl"), "--params", str(tmp_path / "params.yaml"),

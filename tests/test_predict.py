@@ -87,7 +87,7 @@ def test_predict_enriches_the_subtitle_for_a_text_enriched_model(tmp_path):
     server = FakeLLMServer().start()
     server.respond = lambda body, call: Reply("Sounds delighted.")
     try:
-        params = Params(engine=EngineConfig(device="cpu"), train=cfg, enriched_text=ExtractorSpec("toy"),
+        params = Params(engine=EngineConfig(device="cpu"), train=cfg, text_enriched=ExtractorSpec("toy"),
                         llm=EnrichConfig(backend="endpoint", backend_options={"base_url": server.url, "model": "m"},
                                          cache_path=str(tmp_path / "cache.sqlite")))
         clip = write_clip(tmp_path / "new.mp4", seconds=0.6)

@@ -57,7 +57,7 @@ def _with(change: dict, tmp_path: Path) -> Path:
     ({"refine.lightgbm": {"num_leaves": 1}}, "refine.lightgbm.num_leaves"),
     ({"llm.language": "french"}, "llm.language"),
     ({"llm.backend_options": {"model_pth": "/x"}}, "llm.backend_options"),
-    ({"enriched_text.options": {"backend": "e5", "langage": "english"}}, "enriched_text.options"),
+    ({"text_enriched.options": {"backend": "e5", "langage": "english"}}, "text_enriched.options"),
     ({"extract.frames.options.num_frame": 8}, "extract.frames.options"),
     ({"extract.whisper.extractor": "whisperx"}, "whisperx"),
     ({"ingest.root": "data/dmeo"}, "ingest.root"),
@@ -204,4 +204,4 @@ def test_folds_that_cannot_be_made_name_train_folds():
 def test_params_sections_are_typed():
     params = load_params(REPO / "params.yaml")
     assert type(params.refine).__name__ == "RefineConfig" and type(params.llm).__name__ == "EnrichConfig"
-    assert type(params.enriched_text).__name__ == "ExtractorSpec"
+    assert type(params.text_enriched).__name__ == "ExtractorSpec"

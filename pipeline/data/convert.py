@@ -16,7 +16,7 @@ import shutil
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Callable, Iterator
 
 from pipeline.data.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from pipeline.errors import MerError
@@ -54,6 +54,39 @@ class Report:
         out = [f"kept {self.kept} clips: " + ", ".join(f"{k} {v}" for k, v in sorted(self.labels.items()))]
         out += [f"dropped {v}: {reason}" for reason, v in sorted(self.dropped.items())]
         return out
+
+
+@dataclass(frozen=True)
+class Adapter:
+    """One corpus adapter of `mer convert`: its help line, its own options, and the conversion."""
+
+    help: str
+    add_options: Callable[[Any], None]  # argparse subparser -> None
+    convert: Callable[..., tuple[list[Item], Report]]  # (src, **options) -> items, report
+
+
+ADAPTERS: dict[str, Adapter] = {}  # the one place a corpus adapter is made known
+
+
+def register_adapter(name: str, help: str, add_options: Callable[[Any], None] = lambda parser: None):
+    def wrap(func: Callable[..., tuple[list[Item], Report]]) -> Callable[..., tuple[list[Item], Report]]:
+        if name in ADAPTERS:
+            raise ValueError(f"adapter {name!r} registered twice")
+        ADAPTERS[name] = Adapter(help, add_options, func)
+        return func
+    return wrap
+
+
+def _ravdess_options(parser: Any) -> None:
+    parser.add_argument("--calm", choices=["neutral", "drop"], default="neutral",
+                        help="fold 'calm' into neutral (default) or drop it")
+
+
+def _folder_options(parser: Any) -> None:
+    parser.add_argument("--labels", type=Path, required=True, dest="labels_csv",
+                        help="CSV name,label[,text][,group]")
+    parser.add_argument("--label-map", type=Path, required=True, dest="label_map_csv",
+                        help="CSV source,mer (mer may be 'drop')")
 
 
 def write_layout(items: list[Item], dst: Path, report: Report) -> Report:
@@ -95,6 +128,7 @@ def _write_items(items: list[Item], root: Path) -> None:
             writer.writerows([i.name, i.chinese, i.english] for i in items)
 
 
+@register_adapter("ravdess", "RAVDESS speech / audio-visual files", _ravdess_options)
 def ravdess(src: Path, calm: str = "neutral") -> tuple[list[Item], Report]:
     """RAVDESS files `MM-VC-EE-II-SS-RR-AA.ext` (03 audio-only, 01/02 audio-visual)."""
     if calm not in ("neutral", "drop"):
@@ -126,6 +160,7 @@ def ravdess(src: Path, calm: str = "neutral") -> tuple[list[Item], Report]:
     return _dedupe(items, report), report
 
 
+@register_adapter("meld", "MELD *_sent_emo.csv text")
 def meld(src: Path) -> tuple[list[Item], Report]:
     """MELD CSVs (`*_sent_emo.csv`): text only; group = dialogue, speaker kept in the name's row."""
     report, items = Report(), []
@@ -151,6 +186,7 @@ def meld(src: Path) -> tuple[list[Item], Report]:
     return _dedupe(items, report), report
 
 
+@register_adapter("folder", "any media folder + labels CSV + label map", _folder_options)
 def folder(src: Path, labels_csv: Path, label_map_csv: Path) -> tuple[list[Item], Report]:
     """Any folder of media + `name,label[,text][,group]` + a `source,mer` label map (mer may be `drop`)."""
     mapping = {r["source"].strip().lower(): r["mer"].strip().lower()

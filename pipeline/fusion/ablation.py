@@ -16,6 +16,7 @@ from pipeline.config import TrainConfig
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip
 from pipeline.fusion.report import classification_metrics
+from pipeline.fusion.models import FUSION_MODELS
 from pipeline.fusion.train import Features, config_with, cross_validate, select
 
 
@@ -25,7 +26,7 @@ def variants(cfg: TrainConfig, stores: list[str]) -> list[tuple[str, TrainConfig
     if len(stores) > 1:
         rows += [(f"{cfg.model.kind} without {s}", cfg, [x for x in stores if x != s]) for s in stores]
     rows += [(f"{kind} (all)", config_with(cfg, kind=kind), stores)
-             for kind in ("ecmf", "mer_baseline", "concat") if kind != cfg.model.kind]
+             for kind in FUSION_MODELS if kind != cfg.model.kind]
     rows += [(f"single: {s}", config_with(cfg, kind="single", single=s), [s]) for s in stores]
     return rows
 

@@ -12,8 +12,24 @@ import torch
 from torch import nn
 
 from pipeline.config import FusionConfig
+from pipeline.errors import ConfigError
 
-KINDS = ("ecmf", "mer_baseline", "concat", "single")
+FUSION_MODELS: dict[str, type[nn.Module]] = {}  # train.model.kind -> model class; `single` is concat on one store
+
+
+def register_fusion(kind: str):
+    """Class decorator: the one place a fusion model is made known (params, `mer check`, ablation)."""
+    def wrap(cls: type[nn.Module]) -> type[nn.Module]:
+        if kind in FUSION_MODELS or kind == "single":
+            raise ValueError(f"fusion kind {kind!r} registered twice")
+        FUSION_MODELS[kind] = cls
+        return cls
+    return wrap
+
+
+def fusion_kinds() -> list[str]:
+    """Every value `train.model.kind` accepts."""
+    return [*FUSION_MODELS, "single"]
 
 
 def _masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
@@ -35,6 +51,7 @@ class _Projector(nn.Module):
         return torch.stack([self.proj[n](inputs[n]) for n in self.names], dim=1)  # (B, M, W)
 
 
+@register_fusion("ecmf")
 class ECMFFusion(nn.Module):
     """Self-attention over modality tokens, a learned gate for dynamic modality weights,
     and a residual path that keeps the projected inputs (ECMF, MER2025-SEMI)."""
@@ -62,6 +79,7 @@ class ECMFFusion(nn.Module):
         return self.classifier(fused), weights
 
 
+@register_fusion("mer_baseline")
 class MERBaselineFusion(nn.Module):
     """The MER2025 official baseline: an MLP per modality, weights from a linear layer over
     their concatenation, weighted sum, classifier."""
@@ -79,6 +97,7 @@ class MERBaselineFusion(nn.Module):
         return self.classifier((weights.unsqueeze(-1) * hidden).sum(dim=1)), weights
 
 
+@register_fusion("concat")
 class ConcatFusion(nn.Module):
     """Plain concatenation of the projected modalities (zeros where missing) + MLP."""
 
@@ -96,12 +115,15 @@ class ConcatFusion(nn.Module):
 
 def build_fusion(dims: dict[str, int], cfg: FusionConfig, n_classes: int = 6) -> nn.Module:
     """The model named by `cfg.kind`; `single` keeps only `cfg.single` and uses the concat head."""
-    if cfg.kind not in KINDS:
-        raise ValueError(f"params key 'train.model.kind' is {cfg.kind!r}; known: {', '.join(KINDS)}")
+    check_kind(cfg.kind)
     if cfg.kind == "single":
         if cfg.single not in dims:
-            raise ValueError(f"params key 'train.model.single' is {cfg.single!r}; "
-                             f"choose one of the stores in train.stores: {', '.join(dims)}")
+            raise ConfigError(f"params key 'train.model.single' is {cfg.single!r}; "
+                              f"choose one of the stores in train.stores: {', '.join(dims)}")
         return ConcatFusion({cfg.single: dims[cfg.single]}, cfg, n_classes)
-    model = {"ecmf": ECMFFusion, "mer_baseline": MERBaselineFusion, "concat": ConcatFusion}[cfg.kind]
-    return model(dims, cfg, n_classes)
+    return FUSION_MODELS[cfg.kind](dims, cfg, n_classes)
+
+
+def check_kind(kind: str) -> None:
+    if kind not in fusion_kinds():
+        raise ConfigError(f"params key 'train.model.kind' is {kind!r}; allowed: {' | '.join(fusion_kinds())}")

@@ -76,12 +76,12 @@ def run_predict(paths: list[Path], params: Params, models: Path, english: str = 
 def _spec_and_manifest(store: str, params: Params, clips: list[Clip], manifest: Path) -> tuple[ExtractorSpec, Path]:
     if store in params.extract:
         return params.extract[store], manifest
-    if store == ENRICHED_STORE and params.enriched_text is not None:
+    if store == ENRICHED_STORE and params.text_enriched is not None:
         rows, enriched = manifest.with_name("enriched.jsonl"), manifest.with_name("manifest_enriched.jsonl")
         enrich_from_params(clips, replace(params.llm, max_failed_fraction=1.0), rows,
                            resolve_device(params.engine.device))  # a failed call leaves the plain subtitle
         write_manifest(enriched_manifest(clips, read_enriched(rows)), enriched)
-        return store_spec(params, store, "enriched_text"), enriched
+        return store_spec(params, store, "text_enriched"), enriched
     raise MerError(f"the models in use store {store!r}, which params key 'extract' no longer names; "
                    "restore its params or retrain")
 

@@ -1,6 +1,6 @@
 """DVC stage `extract@<store>`: manifest -> features/<store>.h5 with the extractor in params.
 
-The spec is `extract.<store>` in params; `--section enriched_text` reads a single-store
+The spec is `extract.<store>` in params; `--section text_enriched` reads a single-store
 section instead (the `text_enriched` stage runs the text extractor on the enriched manifest).
 """
 
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     parser.add_argument("--section", default="extract",
                         help="params section of the spec: 'extract' (a map of stores) or a single-store "
-                             "section such as 'enriched_text'")
+                             "section such as 'text_enriched'")
     parser.add_argument("--restart", action="store_true",
                         help="discard this store's finished and partial work first")
     parser.add_argument("--no-progress", action="store_true")

@@ -37,6 +37,7 @@ def read_refined(path: Path | None) -> tuple[dict[str, np.ndarray], dict[str, np
 def main(argv: list[str] | None = None) -> None:
     import torch
 
+    from pipeline.fusion.models import check_kind
     from pipeline.fusion.report import write_reports
     from pipeline.fusion.train import cross_validate, load_features
 
@@ -50,6 +51,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     cfg = load_params(args.params).train
     check_device("train.device", cfg.device)  # before any store is read
+    check_kind(cfg.model.kind)
     clips = read_manifest(args.manifest)
     features = load_features(clips, cfg.stores, args.features)
     refined, pseudo = read_refined(args.refined)
