@@ -80,9 +80,3 @@ def check_params(params: Params) -> list[str]:
     stores = params.store_names()
     return [f"ingest.root {root}", f"stores {', '.join(stores)}", f"llm backend {params.llm.backend}",
             f"engine.device {params.engine.device}", f"train.device {params.train.device}"]
-
-
-def load_checked(path: str | Path = "params.yaml") -> Params:
-    params = load_params(path)
-    check_params(params)
-    return params

@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.check import load_checked
+from pipeline.config import load_params
 from pipeline.data.ingest import ingest, summarize
 from pipeline.manifest import write_manifest
 from pipeline.stages import entry_point
@@ -19,7 +19,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("summary", type=Path, nargs="?", help="metrics JSON to write")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    clips = ingest(load_checked(args.params).ingest)  # the whole params.yaml, before any work
+    clips = ingest(load_params(args.params).ingest)  # typed and range-checked; `mer check` does the rest
     write_manifest(clips, args.manifest)
     if args.summary:
         write_json(args.summary, summarize(clips))
