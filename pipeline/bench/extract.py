@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.tables import write_json
 from pipeline.data import media
 from pipeline.config import EngineConfig, ExtractorSpec, load_params
 from pipeline.extract.engine import decoder_threads, resolve_device, run_extraction
@@ -227,8 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     engine = dataclasses.replace(params.engine, **{k: v for k, v in overrides.items() if v is not None})
     report = bench(args.store, spec, engine, args.manifest, args.limit)
     out = Path(args.out) / f"extract_{args.store}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(out, report)
     _print(report)
     print(f"  written {out}")
 

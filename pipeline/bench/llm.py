@@ -17,7 +17,6 @@ Writes `reports/bench/llm.json`.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import random
@@ -26,6 +25,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pipeline.tables import write_json
 from pipeline.config import EngineConfig, ExtractorSpec
 from pipeline.llm.enrich import ENRICH_TEMPLATES, run_enrichment
 from pipeline.extract.engine import run_extraction
@@ -114,8 +114,7 @@ def main(argv: list[str] | None = None) -> None:
                                         "uncalibrated": label_store_metrics(sample, raw),
                                         "sample": f"{len(sample)} labelled MELD utterances, seed {args.seed}"}
     report["load_average_1m_after"] = round(os.getloadavg()[0], 2)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    write_json(args.out, report)
     _print(report)
 
 

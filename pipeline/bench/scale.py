@@ -18,7 +18,6 @@ worker spends starting would be most of what is measured.
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import tempfile
@@ -29,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from pipeline.tables import write_json
 from pipeline.config import EngineConfig, ExtractorSpec, load_params
 from pipeline.extract.engine import ExtractSummary, run_extraction
 from pipeline.extract.ray import connect, import_ray, last_run_stats
@@ -118,8 +118,7 @@ def main(argv: list[str] | None = None) -> None:
         report = bench(args.store, params.extract[args.store], engine, manifest, Path(tmp), workers)
     report["bench_seconds"] = round(time.perf_counter() - start, 1)
     out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+    write_json(out, report)
     print(f"{report['store']} ({report['extractor']}), {report['clips']} clips, {report['cpus']} cpus, "
           f"load average before/after {report['load_average_1m']}")
     for r in report["runs"]:
