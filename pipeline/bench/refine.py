@@ -2,13 +2,13 @@
 
 Per corpus (RAVDESS speech by actor: prosody + Whisper stores; MELD text by dialogue:
 the e5 store, when the `text` extractor is registered), through the project's own path
-(bench_real's conversion, ingest, run_extraction). Outer group-aware stratified 5-fold:
+(bench.real's conversion, ingest, run_extraction). Outer group-aware stratified 5-fold:
 each outer fold holds ~20% of the groups out as an untouched test split; 10% and 20% of
 the remaining training labels are flipped to another class at random (seeded), and
 refinement (cross-fitted weak sources, both aggregators, several thresholds) runs on the
 noisy training part only. Reported, pooled over the outer folds run: changes that restore
 a flipped label (precision), flips restored (recall), clean labels wrongly changed, and
-the weighted F1 on the test clips of bench_real's logistic regression trained on the
+the weighted F1 on the test clips of bench.real's logistic regression trained on the
 noisy, the refined and the clean labels (the ceiling).
 """
 
@@ -70,7 +70,7 @@ def flip(gold: np.ndarray, rate: float, seed: int) -> tuple[np.ndarray, np.ndarr
 
 
 def downstream(X: np.ndarray, labels: np.ndarray, test: np.ndarray) -> np.ndarray:
-    """bench_real's logistic regression fitted on the training rows (~test); predicts the test rows."""
+    """bench.real's logistic regression fitted on the training rows (~test); predicts the test rows."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
