@@ -85,6 +85,8 @@ def test_cuda_without_a_gpu_is_refused_at_check_and_train(tmp_path, capsys, monk
         assert err.count("\n") == 1 and f"'{key}' is 'cuda'" in err and "auto | cpu" in err
     from pipeline.stages.train import main as train_main
 
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+
     with pytest.raises(SystemExit):  # before any store is read: the manifest does not even exist
         train_main([str(tmp_path / "none.jsonl"), str(tmp_path / "m"), str(tmp_path / "r"),
                     "--params", str(_with({"train.device": "cuda"}, tmp_path))])

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.check import check_device
 from pipeline.config import load_params
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import read_manifest
@@ -39,7 +38,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipeline.fusion.models import check_kind
     from pipeline.fusion.report import write_reports
-    from pipeline.fusion.train import cross_validate, load_features
+    from pipeline.fusion.train import cross_validate, load_features, train_device
 
     parser = argparse.ArgumentParser(prog="mer train", description=__doc__)
     parser.add_argument("manifest", type=Path)
@@ -50,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     cfg = load_params(args.params).train
-    check_device("train.device", cfg.device)  # before any store is read
+    train_device(cfg.device)  # cuda without a GPU stops here, before any store is read
     check_kind(cfg.model.kind)
     clips = read_manifest(args.manifest)
     features = load_features(clips, cfg.stores, args.features)
