@@ -1,0 +1,1 @@
+"""Ingest (MER2025 layout -> manifest), corpus adapters (`mer convert`), group-aware splits, media decoding."""

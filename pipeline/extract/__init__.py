@@ -1,0 +1,1 @@
+"""The extraction engines: local (engine.py) and Ray (ray.py), both running worker.py's ClipWorker and RunWriter."""

@@ -1,0 +1,1 @@
+"""The fusion models (one registry), the cross-validated trainer, reports, ablation and `mer predict`."""
