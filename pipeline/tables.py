@@ -5,8 +5,11 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Iterable
+
+from tqdm import tqdm
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -35,6 +38,14 @@ def write_table(out: str | Path, rows: list[dict[str, Any]], markdown: str) -> N
     out.with_suffix(".json").write_text(json.dumps(rows, indent=2) + "\n")
     out.with_suffix(".md").write_text(markdown)
     print(markdown)
+
+
+def progress_bar(total: int, desc: str, unit: str, enabled: bool = True) -> tqdm:
+    """A tqdm bar on stderr: live on a terminal; under `dvc repro` piped to a log, one line at
+    most every 30 s, so a long stage is never silent and a log is never flooded."""
+    live = sys.stderr.isatty()
+    return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, file=sys.stderr,
+                mininterval=0.1 if live else 30.0, ascii=not live, dynamic_ncols=live)
 
 
 def rounded(obj: Any, digits: int = 4) -> Any:

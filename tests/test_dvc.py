@@ -89,6 +89,8 @@ def test_repro_runs_ingest_to_predictions(repo: Path):
         "neutral", "angry", "happy", "sad", "worried", "surprise"}
     assert len(list((repo / "models" / "fusion").glob("fold*.pt"))) == 3
     assert "ecmf (all)" in (repo / "reports" / "ablation.md").read_text()
+    shown = _sh([str(BIN / "dvc"), "metrics", "show", "--json"], repo, stdout_only=True)
+    assert "weighted_f1" in shown and "clips_per_second" not in shown and '"seconds' not in shown  # scores, no timings
     plots = json.loads(_sh([str(BIN / "dvc"), "plots", "show", "--json"], repo, stdout_only=True))
     assert {"reports/plots/confusion.csv", "reports/plots/curves.csv"} <= set(plots["data"]), list(plots["data"])
 

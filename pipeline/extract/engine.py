@@ -17,9 +17,6 @@ from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
-
-from tqdm import tqdm
-
 from pipeline.config import EngineConfig, ExtractorSpec, as_dict
 from pipeline.errors import ExtractionFailed, ModelMissing, ModelMissingError  # noqa: F401 - re-exported
 from pipeline.extract.worker import (ClipResult, ClipWorker, ExtractSummary, RunWriter,  # noqa: F401
@@ -27,7 +24,7 @@ from pipeline.extract.worker import (ClipResult, ClipWorker, ExtractSummary, Run
 from pipeline.extractors.base import build_extractor
 from pipeline.manifest import Clip, read_manifest
 from pipeline.store import StoreIdentity, StoreWriter, write_failures
-from pipeline.tables import write_json
+from pipeline.tables import progress_bar, write_json
 
 log = logging.getLogger(__name__)
 
@@ -56,7 +53,7 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
     todo = [c for c in clips if c.name not in writer.done]
     summary.skipped = len(clips) - len(todo)
     run = RunWriter(store, extractor, writer, engine, summary)
-    bar = tqdm(total=len(todo), desc=f"extract {store}", unit="clip", disable=not progress)
+    bar = progress_bar(len(todo), f"extract {store}", "clip", progress)
     try:
         if on_ray:
             from pipeline.extract.ray import extract_on_ray

@@ -8,6 +8,7 @@ training prior in that row, as the submission would answer it, and counted in `p
 
 from __future__ import annotations
 
+import logging
 from dataclasses import replace
 
 import numpy as np
@@ -18,6 +19,8 @@ from pipeline.manifest import Clip
 from pipeline.fusion.report import classification_metrics
 from pipeline.fusion.models import FUSION_MODELS
 from pipeline.fusion.train import Features, config_with, cross_validate, select
+
+log = logging.getLogger(__name__)
 
 
 def variants(cfg: TrainConfig, stores: list[str]) -> list[tuple[str, TrainConfig, list[str]]]:
@@ -37,7 +40,8 @@ def run_ablation(clips: list[Clip], features: Features, cfg: TrainConfig,
     gold = np.array([EMOTIONS.index(clips[i].label) for i in scored])
     rows = []
     for name, variant, stores in variants(cfg, features.stores):
-        result = cross_validate(clips, select(features, stores), replace(variant, stores=stores), refined, pseudo)
+        result = cross_validate(clips, select(features, stores), replace(variant, stores=stores), refined, pseudo,
+                                quiet=bool(rows))  # the dataset warnings once, with the first row
         answer = dict(zip(result.labelled, result.oof_probs.argmax(1)))
         prior = int(result.prior.argmax())
         metrics = classification_metrics(gold, np.array([answer.get(i, prior) for i in scored]))
@@ -46,6 +50,8 @@ def run_ablation(clips: list[Clip], features: Features, cfg: TrainConfig,
                      "fold_std": round(float(np.std(result.fold_scores)), 4), "scored": len(scored),
                      "prior": sum(i not in answer for i in scored),
                      "seconds_per_fold": round(float(np.mean(result.seconds_per_fold)), 2)})
+        log.info("ablate: %s: weighted F1 %.4f on %d clips (%d by the prior), %.1fs per fold", name,
+                 metrics["weighted_f1"], len(scored), rows[-1]["prior"], rows[-1]["seconds_per_fold"])
     return rows
 
 

@@ -51,7 +51,6 @@ def cv_metrics(clips: list[Clip], result: CVResult) -> dict:
     metrics["candidates"] = {"total": len(candidates), "predicted_by_model": len(candidates) - by_prior,
                              "prior_no_modality": by_prior,
                              "coverage": (len(candidates) - by_prior) / len(candidates) if candidates else 1.0}
-    metrics["seconds_per_fold"] = float(np.mean(result.seconds_per_fold))
     if not _all_finite(metrics):
         raise TrainError(f"metrics are not finite ({metrics}); nothing was written")
     return rounded(metrics)

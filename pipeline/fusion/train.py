@@ -24,7 +24,6 @@ import logging
 import time
 import warnings
 from dataclasses import asdict, dataclass, field, replace
-from pathlib import Path
 
 import numpy as np
 import torch
@@ -34,100 +33,11 @@ from pipeline.config import TrainConfig
 from pipeline.errors import TrainError
 from pipeline.fusion.models import build_fusion
 from pipeline.labels import EMOTIONS, EMOTION_INDEX
-from pipeline.manifest import Clip
 from pipeline.data.splits import fold_indices
-from pipeline.store import StoreReader
+from pipeline.fusion.features import Features, Standardizer, load_features, select  # noqa: F401 - re-exported
+from pipeline.manifest import Clip
 
 log = logging.getLogger(__name__)
-
-
-@dataclass
-class Features:
-    names: list[str]
-    inputs: dict[str, np.ndarray]  # store -> (N, D) float32
-    mask: np.ndarray  # (N, M) bool, columns in `stores` order
-    stores: list[str]
-    dropped: list[str] = field(default_factory=list)  # stores named but carrying nothing, left out
-
-
-def load_features(clips: list[Clip], stores: list[str], feature_dir: str | Path = "features",
-                  dims: dict[str, int] | None = None) -> Features:
-    """The `utterance` vector of every clip from each store, and where each is usable.
-
-    A store no clip has (empty, or every row not present) is left out with a warning, unless
-    `dims` (a trained model's input widths) is given: then it is read as all-missing zeros of
-    that width, so the model masks it. Rows with non-finite values count as missing.
-    """
-    names = [c.name for c in clips]
-    inputs, masks, kept, dropped = {}, [], [], []
-    for store in stores:
-        path = Path(feature_dir) / f"{store}.h5"
-        if not path.is_file():
-            raise FileNotFoundError(f"{path} not found: params key 'train.stores' names {store!r}; "
-                                    f"run `dvc repro extract@{store}` or remove it from train.stores")
-        with StoreReader(path) as reader:
-            values, mask = reader.read("utterance", names)
-        values = values.reshape(len(names), -1).astype(np.float32)
-        if dims is not None and values.shape[1] != dims[store]:
-            if mask.any():
-                raise TrainError(f"{path}: vectors of width {values.shape[1]}, but the model was trained on "
-                                 f"{dims[store]}; re-extract with the params the model was trained with")
-            values = np.zeros((len(names), dims[store]), np.float32)
-        finite = np.isfinite(values).all(axis=1)
-        if (mask & ~finite).any():
-            log.warning("%s: %d clips with non-finite values are treated as missing this modality",
-                        path, int((mask & ~finite).sum()))
-        mask = mask & finite
-        if not mask.any() and dims is None:
-            log.warning("store %r carries nothing (no clip has its modality): training goes on without it",
-                        store)
-            dropped.append(store)
-            continue
-        inputs[store] = np.where(mask[:, None], values, 0).astype(np.float32)
-        masks.append(mask)
-        kept.append(store)
-    if not kept:
-        raise TrainError(f"no store of params key 'train.stores' ({', '.join(stores)}) holds any clip: "
-                         "the dataset has none of their modalities; name stores this dataset has")
-    return Features(names, inputs, np.stack(masks, axis=1), kept, dropped)
-
-
-def select(features: Features, stores: list[str]) -> Features:
-    """The same clips with only `stores` (for single-modality models and ablations)."""
-    missing = [s for s in stores if s not in features.stores]
-    if missing:
-        raise TrainError(f"store(s) {', '.join(missing)} carry nothing on this dataset (see the warning above); "
-                         f"stores with clips: {', '.join(features.stores)}")
-    cols = [features.stores.index(s) for s in stores]
-    return Features(features.names, {s: features.inputs[s] for s in stores}, features.mask[:, cols], list(stores))
-
-
-class Standardizer:
-    """Per-store mean/std fitted on the present rows of the training fold only."""
-
-    def __init__(self, features: Features | None = None, rows: np.ndarray | None = None):
-        self.stats: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-        if features is None:
-            return  # filled by from_stats
-        for j, store in enumerate(features.stores):
-            present = rows[features.mask[rows, j]]
-            x = features.inputs[store][present] if len(present) else features.inputs[store][:1] * 0
-            self.stats[store] = (x.mean(axis=0), x.std(axis=0) + 1e-6)
-
-    @classmethod
-    def from_stats(cls, stats: dict[str, list[torch.Tensor]]) -> "Standardizer":
-        """Rebuild from a checkpoint's `normalizer` entry."""
-        norm = cls()
-        norm.stats = {s: (m.numpy(), sd.numpy()) for s, (m, sd) in stats.items()}
-        return norm
-
-    def __call__(self, features: Features, rows: np.ndarray) -> dict[str, torch.Tensor]:
-        out = {}
-        for j, store in enumerate(features.stores):
-            mean, std = self.stats[store]
-            x = (features.inputs[store][rows] - mean) / std
-            out[store] = torch.from_numpy(np.where(features.mask[rows, j:j + 1], x, 0).astype(np.float32))
-        return out
 
 
 def _set_seed(seed: int) -> None:
@@ -291,19 +201,21 @@ def _inner_split(labels: list[str], groups: list[str | None], cfg: TrainConfig, 
     return _folds(labels, groups, k, seed, f"fold {fold}, inner split", warn=False)[0]
 
 
-def _warn_small_classes(labels: list[str], k: int) -> None:
+def _warn_small_classes(labels: list[str], k: int, warn=log.warning) -> None:
     counts = {e: labels.count(e) for e in EMOTIONS}
     small = {e: n for e, n in counts.items() if 0 < n < k}
     if small:
-        log.warning("class(es) %s have fewer labelled clips than params key 'train.folds' (%d): some folds "
+        warn("class(es) %s have fewer labelled clips than params key 'train.folds' (%d): some folds "
                     "score them on no clip, and their F1 is noisy", ", ".join(f"{e} ({n})" for e, n in small.items()), k)
 
 
 def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
                    refined: dict[str, np.ndarray] | None = None,
-                   pseudo: dict[str, np.ndarray] | None = None) -> CVResult:
+                   pseudo: dict[str, np.ndarray] | None = None, quiet: bool = False) -> CVResult:
     """k-fold CV. `refined`: name -> soft target for labelled clips; `pseudo`: name -> soft
-    target for unlabelled clips. Both only ever enter training rows."""
+    target for unlabelled clips. Both only ever enter training rows. `quiet`: the per-fold lines
+    and the dataset warnings at debug level (the ablation says them once, for its first row)."""
+    say, warn = (log.debug, log.debug) if quiet else (log.info, log.warning)
     torch.set_num_threads(cfg.threads)
     if cfg.model.kind == "single":
         features = select(features, [cfg.model.single])
@@ -311,7 +223,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     excluded = [i for i, c in enumerate(clips) if c.label and not usable[i]]
     if excluded:
         shown = ", ".join(clips[i].name for i in excluded[:10]) + (" ..." if len(excluded) > 10 else "")
-        log.warning("%d labelled clip(s) have no usable modality in %s and are left out of training and "
+        warn("%d labelled clip(s) have no usable modality in %s and are left out of training and "
                     "scoring: %s", len(excluded), ", ".join(features.stores), shown)
     labelled = [i for i, c in enumerate(clips) if c.label and usable[i]]
     unlabelled = [i for i, c in enumerate(clips) if not c.label]
@@ -322,9 +234,9 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     groups = [clips[i].group for i in labelled]
     speaker_independent = any(g is not None for g in groups)
     if not speaker_independent:
-        log.warning("the manifest has no `group` (speaker): folds are not speaker-independent, so the CV score "
+        warn("the manifest has no `group` (speaker): folds are not speaker-independent, so the CV score "
                     "is optimistic for unseen speakers; add a group column to the label file")
-    _warn_small_classes(labels, cfg.folds)
+    _warn_small_classes(labels, cfg.folds, warn)
     gold = np.array([EMOTION_INDEX[x] for x in labels])
     prior = np.bincount(gold, minlength=len(EMOTIONS)).astype(np.float32) / len(gold)
     targets = one_hot(labels)
@@ -369,7 +281,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
         result.selected_epochs.append(fold["epoch"])
         result.checkpoints.append(_checkpoint(fold, cfg, features, k, prior))
         result.seconds_per_fold.append(time.perf_counter() - start)
-        log.info("fold %d: epoch %d chosen on the inner split (weighted F1 %.4f), outer fold weighted F1 %.4f "
+        say("fold %d: epoch %d chosen on the inner split (weighted F1 %.4f), outer fold weighted F1 %.4f "
                  "(%.1fs)", k, fold["epoch"], fold["val_f1"], result.fold_scores[-1], result.seconds_per_fold[-1])
     for name, values in (("out-of-fold probabilities", oof), ("candidate probabilities", unl_probs),
                          ("modality weights", weights)):

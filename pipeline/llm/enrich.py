@@ -23,13 +23,11 @@ from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from tqdm import tqdm
-
 from pipeline.config import ENRICH_TEMPLATES, LANGUAGES, ConfigError, EnrichConfig, from_dict  # noqa: F401
 from pipeline.errors import MerError, ModelMissing
 from pipeline.llm.backends import LLM, LLMCache, LLMError, build_llm, build_messages
 from pipeline.manifest import Clip
-from pipeline.tables import write_jsonl
+from pipeline.tables import progress_bar, write_jsonl
 
 log = logging.getLogger(__name__)
 
@@ -125,7 +123,7 @@ def run_enrichment(clips: list[Clip], llm: LLM, cache_path: str | Path, language
     cache = LLMCache(cache_path)
     try:
         groups = _uncached_groups(todo, cache, identity, templates, max_new_tokens, summary)
-        with tqdm(total=len(groups), desc="enrich", unit="prompt", disable=not progress) as bar:
+        with progress_bar(len(groups), "enrich", "prompt", progress) as bar:
             for i in range(0, len(groups), batch_size):
                 _enrich_group(llm, cache, groups[i:i + batch_size], templates, max_new_tokens, summary, device)
                 bar.update(len(groups[i:i + batch_size]))

@@ -37,9 +37,10 @@ def main(argv: list[str] | None = None) -> None:
                                  progress=not args.no_progress)
     write_manifest(enriched_manifest(clips, read_enriched(args.enriched)), args.manifest_out)
     if args.summary:
-        write_json(args.summary, {k: round(v, 3) if isinstance(v, float) else v for k, v in asdict(summary).items()})
+        counts = {k: v for k, v in asdict(summary).items() if k != "seconds"}  # DVC metrics: counts, not timings
+        write_json(args.summary, counts)
     print(f"{summary.ok} subtitles enriched ({summary.cached} from the cache, {summary.asked} asked), "
-          f"{summary.empty} empty, {summary.failed} failed -> {args.enriched}")
+          f"{summary.empty} empty, {summary.failed} failed in {summary.seconds:.1f}s -> {args.enriched}")
 
 
 if __name__ == "__main__":
