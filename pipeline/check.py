@@ -12,20 +12,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.config import ENRICHED_STORE, ConfigError, Params, load_params
-
-
-def cuda_available() -> bool:
-    import torch
-
-    return bool(torch.cuda.is_available())
-
-
-def check_device(key: str, device: str) -> None:
-    """`cuda` (or `cuda:N`) without a visible GPU is an error, never a silent fallback to the CPU."""
-    if device.startswith("cuda") and not cuda_available():
-        raise ConfigError(f"params key '{key}' is {device!r} but no CUDA device is visible; "
-                          "allowed here: auto | cpu")
+from pipeline.config import ENRICHED_STORE, ConfigError, Params, load_params  # noqa: F401
+from pipeline.devices import require_visible
 
 
 def check_store_names(params: Params) -> None:
@@ -69,8 +57,8 @@ def check_params(params: Params) -> list[str]:
     except ValueError as err:
         raise ConfigError(f"params key 'llm.backend_options': {err}") from None
     check_kind(params.train.model.kind)
-    check_device("engine.device", params.engine.device)
-    check_device("train.device", params.train.device)
+    require_visible(params.engine.device, "engine.device")
+    require_visible(params.train.device, "train.device")
     if params.engine.runner == "ray":
         import importlib.util
 

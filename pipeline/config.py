@@ -17,10 +17,10 @@ from typing import Any
 import yaml
 
 
+from pipeline.devices import is_device
 from pipeline.errors import ConfigError  # noqa: F401 - re-exported: stages import it from here
 
 EMOTION_NAMES = ("neutral", "angry", "happy", "sad", "worried", "surprise")  # = pipeline.labels.EMOTIONS
-DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
 RUNNERS = ("local", "ray")
 CLASS_BALANCE = ("weights", "sampler", "none")
 REFINE_METHODS = ("weighted_vote", "dawid_skene")
@@ -48,10 +48,6 @@ def _fraction(key: str, value: float) -> tuple[str, object, bool, str]:
 
 def _at_least(key: str, value: float, low: float) -> tuple[str, object, bool, str]:
     return (key, value, value >= low, f"{low:g} or more")
-
-
-def _device_ok(device: str) -> bool:
-    return device in DEVICES or (device.startswith("cuda:") and device[5:].isdigit())
 
 
 @dataclass(frozen=True)
@@ -86,7 +82,7 @@ class EngineConfig:
 
     def __post_init__(self) -> None:
         check_values("engine", [
-            ("device", self.device, _device_ok(self.device), "auto | cpu | cuda | cuda:N"),
+            ("device", self.device, is_device(self.device), "auto | cpu | cuda | cuda:N"),
             _at_least("batch_size", self.batch_size, 1),
             _at_least("decode_workers", self.decode_workers, 1),
             ("decoder_threads", self.decoder_threads, self.decoder_threads >= 0, "0 (auto) or more"),
@@ -160,7 +156,7 @@ class TrainConfig:
             ("lr", self.lr, self.lr > 0, "a number above 0"),
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, "0 or more"),
             _one_of("class_balance", self.class_balance, CLASS_BALANCE),
-            ("device", self.device, _device_ok(self.device), "auto | cpu | cuda | cuda:N"),
+            ("device", self.device, is_device(self.device), "auto | cpu | cuda | cuda:N"),
             _at_least("threads", self.threads, 1),
         ])
 

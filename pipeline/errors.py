@@ -49,5 +49,9 @@ class LLMError(MerError, RuntimeError):
     """An LLM call failed for good (after retries); the message names the URL and the reason."""
 
 
+class DeviceMissing(MerError, RuntimeError):
+    """Params ask for a device (cuda) that this machine does not have; the message names the key."""
+
+
 class TrainError(MerError, ValueError):
     """Training cannot give a true number (no usable clips, a non-finite loss, folds that cannot be made)."""

@@ -13,7 +13,6 @@ import numpy as np
 import pytest
 import yaml
 
-from pipeline import check as check_mod
 from pipeline.cli import COMMANDS
 from pipeline.cli import main as mer
 from pipeline.config import ConfigError, EngineConfig, ExtractorSpec, load_params
@@ -77,15 +76,13 @@ def test_mer_check_passes_the_repo_params(tmp_path, capsys):
 
 
 def test_cuda_without_a_gpu_is_refused_at_check_and_train(tmp_path, capsys, monkeypatch):
-    monkeypatch.setattr(check_mod, "cuda_available", lambda: False)
+    monkeypatch.setattr("pipeline.devices.cuda_available", lambda: False)
     for key in ("train.device", "engine.device"):
         with pytest.raises(SystemExit):
             mer(["check", "--params", str(_with({key: "cuda"}, tmp_path))])
         err = capsys.readouterr().err
         assert err.count("\n") == 1 and f"'{key}' is 'cuda'" in err and "auto | cpu" in err
     from pipeline.stages.train import main as train_main
-
-    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
 
     with pytest.raises(SystemExit):  # before any store is read: the manifest does not even exist
         train_main([str(tmp_path / "none.jsonl"), str(tmp_path / "m"), str(tmp_path / "r"),

@@ -20,6 +20,7 @@ from typing import Any, Iterator
 
 from pipeline.config import EngineConfig
 from pipeline.data import media
+from pipeline.devices import check_device, resolve_device  # noqa: F401 - re-exported
 from pipeline.data.media import MediaError, NoAudioError, NoVideoError
 from pipeline.extractors.base import Extractor, NotApplicable
 from pipeline.manifest import Clip
@@ -48,27 +49,6 @@ class ExtractSummary:
     @property
     def clips_per_second(self) -> float:
         return self.done / self.seconds if self.seconds else 0.0
-
-
-def check_device(requested: str) -> str:
-    """The `engine.device` value, if it is one (auto, cpu, cuda, cuda:N)."""
-    if requested not in ("auto", "cpu", "cuda") and not requested.startswith("cuda:"):
-        raise ValueError(f"params key 'engine.device' is {requested!r}; use auto, cpu or cuda")
-    return requested
-
-
-def resolve_device(requested: str) -> str:
-    """`auto` picks cuda when present; asking for cuda without one is an error, never a fallback."""
-    if check_device(requested) == "cpu":
-        return "cpu"
-    import torch
-
-    if torch.cuda.is_available():
-        return "cuda" if requested == "auto" else requested
-    if requested == "auto":
-        return "cpu"
-    raise RuntimeError("params key 'engine.device' is 'cuda' but no CUDA device is visible; "
-                       "set it to 'cpu' or 'auto'")
 
 
 def _failure_kind(err: BaseException) -> str:

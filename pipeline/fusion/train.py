@@ -34,6 +34,7 @@ from pipeline.errors import TrainError
 from pipeline.fusion.models import build_fusion
 from pipeline.labels import EMOTIONS, EMOTION_INDEX
 from pipeline.data.splits import fold_indices
+from pipeline.devices import resolve_device
 from pipeline.fusion.features import Features, Standardizer, load_features, select  # noqa: F401 - re-exported
 from pipeline.manifest import Clip
 
@@ -104,15 +105,8 @@ def train_fold(features: Features, train_rows: np.ndarray, train_targets: np.nda
 
 
 def train_device(requested: str) -> str:
-    """`train.device`: auto picks cuda when there is one; cuda without one is an error, never a fallback."""
-    if requested == "cpu":
-        return "cpu"
-    if torch.cuda.is_available():
-        return "cuda" if requested == "auto" else requested
-    if requested == "auto":
-        return "cpu"
-    raise TrainError(f"params key 'train.device' is {requested!r} but no CUDA device is visible; "
-                     "allowed here: auto | cpu")
+    """`train.device` resolved (pipeline.devices): cuda without a GPU is an error, never a fallback."""
+    return resolve_device(requested, "train.device")
 
 
 def _epoch_order(targets: np.ndarray, class_weight: torch.Tensor, balance: str,
