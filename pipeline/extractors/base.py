@@ -35,8 +35,10 @@ class Extractor(ABC):
     sequence_keys: ClassVar[tuple[str, ...]] = ()  # outputs whose first dim varies per clip
     packages: ClassVar[tuple[str, ...]] = ("numpy",)  # libraries whose version changes values
 
-    def __init__(self, options: dict[str, Any] | None = None):
-        self.options = from_dict(self.Options, options or {}, f"extract.<store>.options[{self.name}]")
+    def __init__(self, options: dict[str, Any] | None = None, where: str = "extract.<store>.options"):
+        """`where`: the params key of `options` (`extract.frames.options`), named in every error."""
+        self.where = where
+        self.options = from_dict(self.Options, options or {}, where)
         self.device = "cpu"
 
     def load(self, device: str = "cpu") -> None:
@@ -89,17 +91,15 @@ def get_extractor(name: str) -> type[Extractor]:
 def build_extractor(spec_extractor: str, options: dict[str, Any], section: str) -> Extractor:
     """The extractor `spec_extractor` with `options` checked; `section` is the store's params key
     (`extract.frames`), named in every error. Nothing loads."""
-    import re
-
     try:
         cls = get_extractor(spec_extractor)
     except UnknownExtractor as err:
         raise UnknownExtractor(f"params key '{section}.extractor': {err.message()}") from None
     where = f"{section}.options"
     try:
-        return cls(options)
-    except (ConfigError, ValueError, TypeError) as err:
-        message = re.sub(r"extract\.<store>\.options(\[[^\]]*\])?", where, str(err))
+        return cls(options, where)
+    except (ConfigError, ValueError, TypeError) as err:  # an Options check may not know its key: add it
+        message = str(err)
         raise ConfigError(message if where in message else f"params key '{where}': {message}") from None
 
 

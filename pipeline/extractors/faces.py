@@ -66,19 +66,19 @@ class FacesExtractor(Extractor):
     output_keys = ("utterance", "sequence", "face_fraction", "present")
     sequence_keys = ("sequence",)
 
-    def __init__(self, options: dict[str, Any] | None = None):
+    def __init__(self, options: dict[str, Any] | None = None, where: str = "extract.<store>.options"):
         from pipeline.backends.faces import build_detector
 
-        super().__init__(options)
+        super().__init__(options, where)
         o = self.options
         if min(o.num_frames, o.max_side, o.detect_size, o.crop_size) < 1:
             raise ValueError("faces options num_frames, max_side, detect_size and crop_size must be >= 1")
         if not 0 <= o.min_confidence <= 1:
             raise ValueError(f"faces option min_confidence must be in [0, 1], got {o.min_confidence}")
-        check_runtime(o.expression_runtime, "extract.<store>.options.expression_runtime")
+        check_runtime(o.expression_runtime, f"{self.where}.expression_runtime")
         self.detector = build_detector(o.detector, o.detector_options, o.detect_size, o.min_confidence)
         self.encoder = build_image_encoder(o.encoder, o.encoder_options,
-                                           where="extract.<store>.options.encoder_options")
+                                           where=f"{self.where}.encoder_options")
         # the libraries whose versions change values: decoding, resizing, detector, encoder
         self.packages = tuple(dict.fromkeys(("av", "opencv-python-headless", self.detector.package)
                                             + self.encoder.packages + ("onnx", "onnxruntime")))
@@ -104,8 +104,8 @@ class FacesExtractor(Extractor):
         self.encoder.load(device)
         if self.options.expression:
             self.fer = load_fer(device)
-            where = "extract.<store>.options.expression_runtime"
-            if resolve_runtime(self.options.expression_runtime, device, where) == "onnxruntime":
+            if resolve_runtime(self.options.expression_runtime, device,
+                               f"{self.where}.expression_runtime") == "onnxruntime":
                 self.fer_onnx = OnnxModel(self.fer, self.fer.modules, (1, FER_SIZE, FER_SIZE),
                                           ["embedding", "probabilities"])
 

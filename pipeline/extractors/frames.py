@@ -34,14 +34,14 @@ class FramesExtractor(Extractor):
     output_keys = ("utterance", "sequence")
     sequence_keys = ("sequence",)
 
-    def __init__(self, options: dict[str, Any] | None = None):
-        super().__init__(options)
+    def __init__(self, options: dict[str, Any] | None = None, where: str = "extract.<store>.options"):
+        super().__init__(options, where)
         o = self.options
         if o.num_frames < 1 or o.max_side < 1:
             raise ValueError(f"frames options num_frames and max_side must be >= 1, got "
                              f"{o.num_frames} and {o.max_side}")
         self.encoder = build_image_encoder(o.encoder, o.encoder_options,
-                                           where="extract.<store>.options.encoder_options")
+                                           where=f"{self.where}.encoder_options")
         self.packages = ("av",) + self.encoder.packages  # the encoder's libraries change values
 
     def model_identity(self) -> dict[str, Any]:

@@ -68,9 +68,9 @@ class LLMZeroShotLabels(Extractor):
     output_keys = ("utterance", "present")
     packages = ("numpy",)
 
-    def __init__(self, options: dict[str, Any] | None = None):
-        super().__init__(options)
-        where = "extract.<store>.options"
+    def __init__(self, options: dict[str, Any] | None = None, where: str = "extract.<store>.options"):
+        super().__init__(options, where)
+        where = self.where
         if self.options.language not in LANGUAGES:
             raise ConfigError(f"{where}.language is {self.options.language!r}; "
                               f"use one of {', '.join(LANGUAGES)}")

@@ -44,13 +44,13 @@ class SubtitleEncoder(Extractor):
     output_keys = ("utterance", "present", "languages")
     packages = ("numpy",)
 
-    def __init__(self, options: dict[str, Any] | None = None):
-        super().__init__(options)
+    def __init__(self, options: dict[str, Any] | None = None, where: str = "extract.<store>.options"):
+        super().__init__(options, where)
         self.encoder = self._build_encoder()  # settings only: a wrong option fails here, fast
 
     def _build_encoder(self) -> TextEncoder:
         o = self.options
-        where = "extract.<store>.options"
+        where = self.where
         if o.language not in LANGUAGES:
             raise ConfigError(f"{where}.language is {o.language!r}; use one of {', '.join(LANGUAGES)}")
         extra = {"model_path": o.model_path or None, "layers": o.layers, "max_length": o.max_length,
