@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from pipeline.config import ExtractorSpec, FusionConfig, Params, store_spec
+from pipeline.config import ENRICHED_STORE, ExtractorSpec, FusionConfig, Params, store_spec
 from pipeline.errors import MerError, TrainError
 from pipeline.llm.enrich import enrich_from_params, enriched_manifest, read_enriched
 from pipeline.extract.engine import resolve_device, run_extraction
@@ -29,7 +29,6 @@ from pipeline.manifest import Clip, write_manifest
 from pipeline.fusion.train import Standardizer, load_features, predict
 
 log = logging.getLogger(__name__)
-ENRICHED_STORE = "text_enriched"  # made by the enrich + text_enriched stages (dvc.yaml)
 
 
 def clips_for(paths: list[Path], english: str = "", chinese: str = "") -> list[Clip]:

@@ -33,7 +33,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import TrainError
 from pipeline.fusion.models import build_fusion
 from pipeline.labels import EMOTIONS, EMOTION_INDEX
-from pipeline.data.splits import fold_indices
+from pipeline.data.splits import fold_indices, group_ids
 from pipeline.devices import resolve_device
 from pipeline.fusion.features import Features, Standardizer, load_features, select  # noqa: F401 - re-exported
 from pipeline.manifest import Clip
@@ -91,16 +91,17 @@ def train_fold(features: Features, train_rows: np.ndarray, train_targets: np.nda
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(idx)
-        if len(val_rows):
-            val_probs, _ = predict(model, x_val, m_val)
-            val_f1 = _weighted_f1(val_gold, val_probs.argmax(1))
-        else:  # no selection: a refit for a fixed number of epochs keeps the last one
-            val_f1 = float(epoch)
+        if not len(val_rows):  # a refit for a fixed number of epochs: nothing to choose, the last one stays
+            best = {"val_f1": -1.0, "epoch": epoch, "state": None}
+            continue
+        val_probs, _ = predict(model, x_val, m_val)
+        val_f1 = _weighted_f1(val_gold, val_probs.argmax(1))
         history.append({"epoch": epoch, "train_loss": total / len(order), "val_weighted_f1": val_f1})
         if val_f1 > best["val_f1"]:
             best = {"val_f1": val_f1, "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
-    model.load_state_dict(best["state"])
+    if best["state"] is not None:
+        model.load_state_dict(best["state"])
     return {"model": model.cpu(), "optimizer": optimizer, "norm": norm, "history": history, **best}
 
 
@@ -187,8 +188,7 @@ def _folds(labels: list[str], groups: list[str | None], k: int, seed: int, what:
 def _inner_split(labels: list[str], groups: list[str | None], cfg: TrainConfig, seed: int,
                  fold: int) -> tuple[np.ndarray, np.ndarray]:
     """(inner train, inner validation) positions within one outer training fold: about 1/folds held out."""
-    n_groups = len({g if g is not None else f"__clip_{i}" for i, g in enumerate(groups)})
-    k = min(cfg.folds, n_groups, len(labels))
+    k = min(cfg.folds, len(set(group_ids(groups))), len(labels))
     if k < 2:
         raise TrainError(f"fold {fold}: {len(labels)} training clips cannot be split to choose the epoch; "
                          "lower params key 'train.folds' or label more clips")
@@ -199,8 +199,8 @@ def _warn_small_classes(labels: list[str], k: int, warn=log.warning) -> None:
     counts = {e: labels.count(e) for e in EMOTIONS}
     small = {e: n for e, n in counts.items() if 0 < n < k}
     if small:
-        warn("class(es) %s have fewer labelled clips than params key 'train.folds' (%d): some folds "
-                    "score them on no clip, and their F1 is noisy", ", ".join(f"{e} ({n})" for e, n in small.items()), k)
+        warn("class(es) %s have fewer labelled clips than params key 'train.folds' (%d): some folds score them "
+             "on no clip, and their F1 is noisy", ", ".join(f"{e} ({n})" for e, n in small.items()), k)
 
 
 def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
@@ -217,8 +217,8 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     excluded = [i for i, c in enumerate(clips) if c.label and not usable[i]]
     if excluded:
         shown = ", ".join(clips[i].name for i in excluded[:10]) + (" ..." if len(excluded) > 10 else "")
-        warn("%d labelled clip(s) have no usable modality in %s and are left out of training and "
-                    "scoring: %s", len(excluded), ", ".join(features.stores), shown)
+        warn("%d labelled clip(s) have no usable modality in %s and are left out of training and scoring: %s",
+             len(excluded), ", ".join(features.stores), shown)
     labelled = [i for i, c in enumerate(clips) if c.label and usable[i]]
     unlabelled = [i for i, c in enumerate(clips) if not c.label]
     if len(labelled) < 2:
@@ -229,7 +229,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     speaker_independent = any(g is not None for g in groups)
     if not speaker_independent:
         warn("the manifest has no `group` (speaker): folds are not speaker-independent, so the CV score "
-                    "is optimistic for unseen speakers; add a group column to the label file")
+             "is optimistic for unseen speakers; add a group column to the label file")
     _warn_small_classes(labels, cfg.folds, warn)
     gold = np.array([EMOTION_INDEX[x] for x in labels])
     prior = np.bincount(gold, minlength=len(EMOTIONS)).astype(np.float32) / len(gold)
@@ -276,7 +276,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
         result.checkpoints.append(_checkpoint(fold, cfg, features, k, prior))
         result.seconds_per_fold.append(time.perf_counter() - start)
         say("fold %d: epoch %d chosen on the inner split (weighted F1 %.4f), outer fold weighted F1 %.4f "
-                 "(%.1fs)", k, fold["epoch"], fold["val_f1"], result.fold_scores[-1], result.seconds_per_fold[-1])
+            "(%.1fs)", k, fold["epoch"], fold["val_f1"], result.fold_scores[-1], result.seconds_per_fold[-1])
     for name, values in (("out-of-fold probabilities", oof), ("candidate probabilities", unl_probs),
                          ("modality weights", weights)):
         if not np.isfinite(values).all():
