@@ -8,8 +8,7 @@ typo in `params.yaml` fails before any work instead of being silently ignored.
 from __future__ import annotations
 
 import dataclasses
-import types
-import typing
+import logging
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -19,6 +18,8 @@ import yaml
 
 from pipeline.devices import is_device
 from pipeline.errors import ConfigError  # noqa: F401 - re-exported: stages import it from here
+from pipeline.schema import (_at_least, _fraction, _one_of, as_dict, check_values,  # noqa: F401 - re-exported
+                             from_dict)
 
 EMOTION_NAMES = ("neutral", "angry", "happy", "sad", "worried", "surprise")  # = pipeline.labels.EMOTIONS
 RUNNERS = ("local", "ray")
@@ -29,25 +30,12 @@ WEAK_CLASSIFIERS = ("logreg", "lightgbm")
 LLM_BACKENDS = ("endpoint", "llama_cpp", "transformers")  # = pipeline.llm.backends.BACKENDS
 LANGUAGES = {"chinese": ("chinese",), "english": ("english",), "both": ("chinese", "english")}
 ENRICHED_STORE = "text_enriched"  # the store the `text_enriched` stage writes from params `text_enriched`
-
-
-def check_values(section: str, rules: list[tuple[str, object, bool, str]]) -> None:
-    """Raise one ConfigError line for the first rule that fails: (key, value, ok, what is allowed)."""
-    for key, value, ok, allowed in rules:
-        if not ok:
-            raise ConfigError(f"params key '{section}.{key}' is {value!r}; allowed: {allowed}")
-
-
-def _one_of(key: str, value: str, choices: tuple[str, ...]) -> tuple[str, object, bool, str]:
-    return (key, value, value in choices, " | ".join(choices))
-
-
-def _fraction(key: str, value: float) -> tuple[str, object, bool, str]:
-    return (key, value, 0.0 <= value <= 1.0, "a number in [0, 1]")
-
-
-def _at_least(key: str, value: float, low: float) -> tuple[str, object, bool, str]:
-    return (key, value, value >= low, f"{low:g} or more")
+LLM_LABELS_STORE = "llm_labels"  # the store the `llm_labels` stage writes from params `llm_labels`
+SECTION_STORES = (ENRICHED_STORE, LLM_LABELS_STORE)  # stores with a params section (and DVC stage) of their own
+LLM_EXTRACTORS = ("llm_zero_shot",)  # extractors that run the LLM: off when llm.enabled is false
+# The params keys that name the stores a stage reads, and the folder of each under features/inputs/
+# (one small digest file per named store, written by the `<consumer>_store@<store>` DVC stages).
+CONSUMERS = {"train.stores": "train", "refine.stores": "refine", "refine.label_stores": "refine_labels"}
 
 
 @dataclass(frozen=True)
@@ -264,8 +252,14 @@ ENRICH_TEMPLATES = {
 
 @dataclass(frozen=True)
 class EnrichConfig:
-    """params.yaml `llm:`, the enrichment stage's settings (pipeline/llm/enrich.py)."""
+    """params.yaml `llm:`, the enrichment stage's settings (pipeline/llm/enrich.py).
 
+    `enabled: false` turns every LLM stage off in one key (enrichment and the `llm_labels`
+    zero-shot store): no model loads, those stages write empty outputs, and train and refine
+    leave the LLM stores out of `train.stores` / `refine.label_stores` with one line saying so.
+    """
+
+    enabled: bool = True
     backend: str = "transformers"  # transformers (model_path "" = shipped SmolLM2) | endpoint | llama_cpp
     backend_options: dict[str, Any] = field(default_factory=dict)  # the backend's own options
     language: str = "english"  # chinese | english | both
@@ -295,71 +289,27 @@ class Params:
     refine: RefineConfig = field(default_factory=RefineConfig)
     llm: EnrichConfig = field(default_factory=EnrichConfig)
     text_enriched: ExtractorSpec | None = None  # the text_enriched store; None: no enrichment store
+    llm_labels: ExtractorSpec | None = None  # the LLM zero-shot label store; None: no such store
+
+    def section_spec(self, store: str) -> ExtractorSpec | None:
+        return {ENRICHED_STORE: self.text_enriched, LLM_LABELS_STORE: self.llm_labels}.get(store)
 
     def store_names(self) -> list[str]:
-        """Every store the params make: the keys of `extract`, and text_enriched when it is set."""
-        return list(self.extract) + ([ENRICHED_STORE] if self.text_enriched is not None else [])
+        """Every store the params make: the keys of `extract`, then text_enriched and llm_labels when set."""
+        return list(self.extract) + [s for s in SECTION_STORES if self.section_spec(s) is not None]
 
+    def llm_stores(self) -> list[str]:
+        """The stores an LLM makes: the enriched text, the zero-shot labels, any `extract` key using an LLM."""
+        return [s for s in self.store_names()
+                if s in SECTION_STORES or self.extract[s].extractor in LLM_EXTRACTORS]
 
-def _check_type(value: Any, hint: Any, key: str) -> Any:
-    origin = typing.get_origin(hint)
-    if hint is Any:
-        return value
-    if dataclasses.is_dataclass(hint):
-        if not isinstance(value, dict):
-            raise ConfigError(f"params key '{key}' must be a mapping, got {type(value).__name__}")
-        return from_dict(hint, value, key)
-    if origin is dict:
-        if not isinstance(value, dict):
-            raise ConfigError(f"params key '{key}' must be a mapping, got {type(value).__name__}")
-        _, value_hint = typing.get_args(hint)
-        return {str(k): _check_type(v, value_hint, f"{key}.{k}") for k, v in value.items()}
-    if origin is list:
-        if not isinstance(value, list):
-            raise ConfigError(f"params key '{key}' must be a list, got {type(value).__name__}")
-        (item_hint,) = typing.get_args(hint)
-        return [_check_type(v, item_hint, f"{key}[{i}]") for i, v in enumerate(value)]
-    if origin in (typing.Union, types.UnionType):
-        args = typing.get_args(hint)
-        if value is None and type(None) in args:
-            return None
-        for arg in args:
-            if arg is not type(None):
-                try:
-                    return _check_type(value, arg, key)
-                except ConfigError:
-                    continue
-        raise ConfigError(f"params key '{key}' has value {value!r}, expected {hint}")
-    if hint is float and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(hint, type) and (not isinstance(value, hint) or (hint is int and isinstance(value, bool))):
-        raise ConfigError(
-            f"params key '{key}' must be {hint.__name__}, got {type(value).__name__} ({value!r})"
-        )
-    return value
-
-
-def from_dict(cls: type, data: dict[str, Any], prefix: str = "") -> Any:
-    """Build dataclass `cls` from `data`, rejecting unknown keys and wrong types."""
-    if data is None:
-        data = {}
-    hints = typing.get_type_hints(cls)
-    names = {f.name for f in dataclasses.fields(cls)}
-    unknown = sorted(set(data) - names)
-    if unknown:
-        where = f"'{prefix}'" if prefix else "the top level"
-        raise ConfigError(
-            f"unknown params key(s) {', '.join(repr(f'{prefix}.{k}'.lstrip('.')) for k in unknown)} "
-            f"in {where}; known keys: {', '.join(sorted(names))}"
-        )
-    kwargs = {}
-    for f in dataclasses.fields(cls):
-        key = f"{prefix}.{f.name}".lstrip(".")
-        if f.name in data:
-            kwargs[f.name] = _check_type(data[f.name], hints[f.name], key)
-        elif f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING:
-            raise ConfigError(f"params key '{key}' is required")
-    return cls(**kwargs)
+    def stores_read(self, key: str) -> tuple[list[str], list[str]]:
+        """(stores read, stores left out) for a consumer key of CONSUMERS: with `llm.enabled` false
+        the LLM stores are left out, so one key switches the LLM off without editing store lists."""
+        section, name = key.split(".")
+        named = getattr(getattr(self, section), name)
+        off = set() if self.llm.enabled else set(self.llm_stores())
+        return [s for s in named if s not in off], [s for s in named if s in off]
 
 
 def load_params(path: str | Path = "params.yaml") -> Params:
@@ -374,20 +324,37 @@ def load_params(path: str | Path = "params.yaml") -> Params:
     return from_dict(Params, data)
 
 
-def as_dict(obj: Any) -> Any:
-    """Plain-JSON form of a config dataclass (for fingerprints and reports)."""
-    return dataclasses.asdict(obj) if dataclasses.is_dataclass(obj) else obj
+def _left_out(key: str, stores: list[str]) -> None:
+    if stores:
+        logging.getLogger(__name__).info("llm.enabled is false: %s left out of %s", ", ".join(stores), key)
+
+
+def train_config(params: Params) -> TrainConfig:
+    """`train` with the stores it reads: the LLM stores are left out when `llm.enabled` is false."""
+    stores, off = params.stores_read("train.stores")
+    _left_out("train.stores", off)
+    return dataclasses.replace(params.train, stores=stores) if off else params.train
+
+
+def refine_config(params: Params) -> RefineConfig:
+    """`refine` with the stores it reads: the LLM stores are left out when `llm.enabled` is false."""
+    (stores, off), (labels, labels_off) = params.stores_read("refine.stores"), params.stores_read("refine.label_stores")
+    _left_out("refine.stores", off)
+    _left_out("refine.label_stores", labels_off)
+    return dataclasses.replace(params.refine, stores=stores, label_stores=labels) if off or labels_off else params.refine
 
 
 def store_spec(params: Params, store: str, section: str = "extract") -> ExtractorSpec:
-    """The extractor spec of a store: `extract.<store>`, or a single-store section (`text_enriched`)."""
+    """The extractor spec of a store: `extract.<store>`, or a single-store section (`text_enriched`,
+    `llm_labels`)."""
     if section == "extract":
         if store not in params.extract:
             raise ConfigError(f"no store {store!r} under params key 'extract'; "
                               f"known: {', '.join(sorted(params.extract)) or 'none'}")
         return params.extract[store]
-    if section != "text_enriched":
-        raise ConfigError(f"section {section!r}: use extract or text_enriched")
-    if params.text_enriched is None:
-        raise ConfigError("params key 'text_enriched' is not set; give it an extractor and its options")
-    return params.text_enriched
+    if section not in SECTION_STORES:
+        raise ConfigError(f"section {section!r}: use extract, {' or '.join(SECTION_STORES)}")
+    spec = params.section_spec(section)
+    if spec is None:
+        raise ConfigError(f"params key '{section}' is not set; give it an extractor and its options")
+    return spec

@@ -165,6 +165,9 @@ def _write_ragged(group: h5py.Group, key: str, rows: Sequence[Mapping[str, np.nd
     sub.create_dataset("offsets", data=offsets, track_times=False)
 
 
+DISABLED = {"disabled": True}  # the params of a store written empty because its stage is off
+
+
 class StoreReader:
     """Read access to one store file (final or segment); only complete rows are seen."""
 
@@ -202,6 +205,11 @@ class StoreReader:
     def empty(self) -> bool:
         """No clip is stored: none had the modality (an audio-only dataset's `frames` store)."""
         return not self._row
+
+    @property
+    def disabled(self) -> bool:
+        """Written empty because its stage is switched off (`llm.enabled: false`), not because no clip had it."""
+        return self.empty and json.loads(self.attrs.get("params_json", "{}")) == DISABLED
 
     @property
     def keys(self) -> list[str]:
@@ -357,6 +365,31 @@ class StoreWriter:
         """Forget all work: remove the final store and every segment."""
         self.path.unlink(missing_ok=True)
         shutil.rmtree(self.partial_dir, ignore_errors=True)
+
+
+def write_empty_store(path: str | Path, identity: StoreIdentity) -> None:
+    """A valid store holding no clip (a stage switched off, e.g. `llm.enabled: false`); readers see it as empty."""
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    _write_file(Path(path), identity, [], [], ())
+
+
+def store_digest(path: str | Path) -> dict[str, Any]:
+    """What a consumer reads from a store, in a few lines: its identity, clip count and a content hash.
+
+    Written by the `<consumer>_store@<store>` DVC stages (pipeline/stages/store_input.py): a
+    consumer depends on the folder of these files, so it reruns exactly when a store it names
+    changes, whatever params say it names.
+    """
+    path = Path(path)
+    sha = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(block)
+    with StoreReader(path) as reader:
+        attrs, clips = reader.attrs, len(reader.names)
+    return {"store": str(attrs.get("store", path.stem)), "extractor": str(attrs.get("extractor", "")),
+            "fingerprint": str(attrs.get("fingerprint", "")), "clips": clips,
+            "bytes": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
 def write_failures(path: str | Path, records: list[dict[str, Any]]) -> None:

@@ -26,9 +26,10 @@ def write_jsonl(path: str | Path, rows: Iterable[dict[str, Any]]) -> None:
     write_text_atomic(path, "".join(json.dumps(row, ensure_ascii=False, sort_keys=True) + "\n" for row in rows))
 
 
-def write_json(path: str | Path, data: Any) -> None:
-    """A JSON summary or metrics file: indented, sorted keys, atomically (what DVC metrics read)."""
-    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=True) + "\n")
+def write_json(path: str | Path, data: Any, sort_keys: bool = True) -> None:
+    """A JSON summary or metrics file: indented, sorted keys (or the order given: `dvc exp show` keeps
+    a metrics file's key order, so the headline score can come first), atomically."""
+    write_text_atomic(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
 def write_table(out: str | Path, rows: list[dict[str, Any]], markdown: str) -> None:

@@ -130,3 +130,104 @@ def test_a_wrong_setting_stops_before_dvc_touches_the_manifest(repo: Path):
     finally:
         (repo / "params.yaml").write_text(original)
     assert "Running stage 'ingest'" not in _sh([dvc, "repro"], repo)  # the same check passes again: nothing reruns
+
+
+@pytest.fixture(scope="module")
+def exp_repo(repo: Path, tmp_path_factory) -> Path:
+    """A copy of the reproduced repo with everything committed, as `dvc exp run` needs."""
+    work = tmp_path_factory.mktemp("exp") / "repo"
+    shutil.copytree(repo, work, symlinks=True)
+    _sh(["git", "add", "-A"], work)
+    _sh(["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "reproduced"], work)
+    assert "Data and pipelines are up to date" in _sh([str(BIN / "dvc"), "repro"], work)
+    return work
+
+
+def _ran(out: str) -> set[str]:
+    return {line.split("'")[1] for line in out.splitlines() if line.startswith("Running stage '")}
+
+
+@pytest.mark.slow
+def test_stores_are_chosen_in_params_alone(exp_repo: Path):
+    """Removing stores from train.stores reruns train and nothing upstream; a store added only in
+    params.yaml is built, becomes a dep of train, and nothing else is re-extracted."""
+    dvc = str(BIN / "dvc")
+    out = _sh([dvc, "exp", "run", "-S", "train.stores=[prosody,whisper]"], exp_repo)
+    ran = _ran(out)
+    assert {"train", "ablate"} <= ran, ran
+    assert not {s for s in ran if s.startswith(("extract@", "enrich", "llm_", "text_enriched", "ingest"))}, ran
+    assert sorted(p.name for p in (exp_repo / "features" / "inputs" / "train").iterdir()) == [
+        "prosody.json", "whisper.json"]  # frames & co. pruned by the check stage
+    ckpt = __import__("torch").load(exp_repo / "models" / "fusion" / "fold0.pt", weights_only=True)
+    assert ckpt["stores"] == ["prosody", "whisper"]
+
+    params = yaml.safe_load((exp_repo / "params.yaml").read_text())
+    params["extract"]["prosody8"] = {"extractor": "numpy_prosody", "options": {"n_mfcc": 8}}
+    params["train"]["stores"] = ["prosody", "prosody8"]
+    (exp_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    dot = _sh([dvc, "dag", "--dot"], exp_repo, stdout_only=True)
+    assert '"extract@prosody8" -> "train_store@prosody8"' in dot and '"train_store@prosody8" -> "train"' in dot, dot
+    assert '"train_store@whisper"' not in dot  # no consumer of train names whisper any more
+    ran = _ran(_sh([dvc, "exp", "run"], exp_repo))
+    assert {"extract@prosody8", "train_store@prosody8", "train"} <= ran, ran
+    assert not {s for s in ran if s.startswith("extract@") and s != "extract@prosody8"}, ran
+    assert json.loads((exp_repo / "features" / "inputs" / "train" / "prosody8.json").read_text())["clips"] == 22
+
+    # a code change in the closure of a store's digest stage and of train shows in dvc status
+    with (exp_repo / "pipeline" / "store.py").open("a") as fh:
+        fh.write("# touched\n")
+    status = _sh([dvc, "status"], exp_repo, stdout_only=True)
+    assert "train_store@prosody8:" in status and "extract@prosody:" in status and "train:" in status, status
+
+
+@pytest.mark.slow
+def test_llm_enabled_false_loads_no_llm(exp_repo: Path):
+    """One key turns the LLM off: the backends point at a port nobody listens on, so any model call
+    would fail the stage; train and refine leave the LLM stores out and say so."""
+    dvc = str(BIN / "dvc")
+    _sh(["git", "checkout", "-q", "--", "."], exp_repo)
+    params = yaml.safe_load((exp_repo / "params.yaml").read_text())
+    dead = {"base_url": "http://127.0.0.1:9/v1", "model": "none"}
+    params["llm"].update(backend="endpoint", backend_options=dead)
+    params["llm_labels"]["options"].update(backend="endpoint", backend_options=dead)
+    (exp_repo / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
+    out = _sh([dvc, "exp", "run", "-S", "llm.enabled=false"], exp_repo)
+    assert {"enrich", "llm_labels", "text_enriched", "refine", "train"} <= _ran(out)
+    assert "no model loaded" in out and "llm.enabled is false: text_enriched left out of train.stores" in out
+    assert "llm.enabled is false: llm_labels left out of refine.label_stores" in out
+    assert not {s for s in _ran(out) if s.startswith("extract@")}
+    ckpt = __import__("torch").load(exp_repo / "models" / "fusion" / "fold0.pt", weights_only=True)
+    assert "text_enriched" not in ckpt["stores"] and "prosody" in ckpt["stores"]
+    refine = json.loads((exp_repo / "reports" / "refine" / "summary.json").read_text())
+    assert "llm_labels" not in refine["sources"]
+    assert json.loads((exp_repo / "reports" / "llm" / "enrich.json").read_text())["enabled"] is False
+    assert json.loads((exp_repo / "reports" / "llm" / "metrics.json").read_text())["enabled"] is False
+
+
+@pytest.mark.slow
+def test_a_queued_sweep_runs_and_shows(exp_repo: Path):
+    """`dvc exp run --queue -S a=1,2 -S b=3,4` queues the grid; `dvc queue start` runs it; `dvc exp show` lists it."""
+    import time
+
+    dvc = str(BIN / "dvc")
+    _sh(["git", "checkout", "-q", "--", "."], exp_repo)
+    _sh([dvc, "exp", "run", "--queue", "-S", "train.lr=0.001,0.003", "-S", "train.epochs=2,3"], exp_repo)
+    assert _sh([dvc, "queue", "status"], exp_repo, stdout_only=True).count("Queued") == 4
+    _sh([dvc, "queue", "start"], exp_repo)
+    deadline = time.time() + 900
+    while time.time() < deadline:
+        status = _sh([dvc, "queue", "status"], exp_repo, stdout_only=True)
+        if "Queued" not in status and "Running" not in status:
+            break
+        time.sleep(5)
+    assert status.count("Success") == 4, status + _sh([dvc, "queue", "logs", status.split()[4]], exp_repo)
+    queued = {line.split()[1] for line in status.splitlines() if line.rstrip().endswith("Success")}
+    shown = json.loads(_sh([dvc, "exp", "show", "--json"], exp_repo, stdout_only=True))
+    runs = [exp for row in shown for exp in (row.get("experiments") or []) if exp.get("name") in queued]
+    grid = set()
+    for exp in runs:
+        data = exp["revs"][0]["data"]
+        train = data["params"]["params.yaml"]["data"]["train"]
+        assert 0 <= data["metrics"]["reports/metrics.json"]["data"]["weighted_f1"] <= 1
+        grid.add((train["lr"], train["epochs"]))
+    assert grid == {(0.001, 2), (0.001, 3), (0.003, 2), (0.003, 3)}, grid

@@ -11,7 +11,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 # Layers, bottom first. A module may import its own layer or lower ones.
 LAYERS = {
     "errors": 0,
-    "config": 1, "devices": 1, "tables": 1, "labels": 1, "manifest": 1, "store": 1,
+    "schema": 1, "config": 1, "devices": 1, "tables": 1, "labels": 1, "manifest": 1, "store": 1,
     "data": 2, "backends": 2,
     "extractors": 3, "llm": 3,
     "extract": 4,

@@ -103,4 +103,4 @@ def test_llm_metrics_against_gold(tmp_path, capsys):
     assert json.loads((tmp_path / "r" / "m.json").read_text()) == m
     with pytest.raises(SystemExit):
         llm_eval_stage.main([str(tmp_path / "m.jsonl"), str(tmp_path / "none.h5"), str(tmp_path / "x.json")])
-    assert "run `dvc repro extract@none` first" in capsys.readouterr().err
+    assert "run `dvc repro none` first" in capsys.readouterr().err

@@ -23,7 +23,7 @@ from pipeline.extract.worker import (ClipResult, ClipWorker, ExtractSummary, Run
                                      _prefetch, check_device, decoder_threads, failure_record, resolve_device)
 from pipeline.extractors.base import build_extractor
 from pipeline.manifest import Clip, read_manifest
-from pipeline.store import StoreIdentity, StoreWriter, write_failures
+from pipeline.store import DISABLED, StoreIdentity, StoreReader, StoreWriter, write_empty_store, write_failures
 from pipeline.tables import progress_bar, write_json
 
 log = logging.getLogger(__name__)
@@ -48,6 +48,7 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
         raise ModelMissingError(err.for_store(store)) from None
     identity = StoreIdentity(store=store, extractor=spec.extractor, params=as_dict(extractor.options),
                              model=model, versions=extractor.versions())
+    _drop_disabled(Path(store_path))
     writer = StoreWriter(store_path, identity, extractor.sequence_keys, restart=restart)
     summary = ExtractSummary(store=store, extractor=spec.extractor, device=device, clips=len(clips))
     todo = [c for c in clips if c.name not in writer.done]
@@ -73,6 +74,28 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
     summary.seconds = time.perf_counter() - start
     _finish(run, clips, Path(store_path), failures_path, summary_path)
     return summary
+
+
+def write_disabled(store: str, spec: ExtractorSpec, store_path: str | Path, summary_path: str | Path | None) -> None:
+    """An empty store, no failures and a `disabled` summary for a stage switched off (`llm.enabled: false`).
+
+    No extractor is built and no model loads. Finished or partial work of the real store under
+    features/.partial/ is left alone: switching the LLM back on resumes it.
+    """
+    store_path = Path(store_path)
+    write_empty_store(store_path, StoreIdentity(store=store, extractor=spec.extractor, params=DISABLED))
+    write_failures(store_path.with_suffix(".failures.jsonl"), [])
+    _write_summary(ExtractSummary(store=store, extractor=spec.extractor, device="none", clips=0),
+                   summary_path, status="disabled")
+
+
+def _drop_disabled(store_path: Path) -> None:
+    """The empty store of a switched-off stage is not work to resume: switching it on starts afresh."""
+    if store_path.is_file():
+        with StoreReader(store_path) as reader:
+            disabled = reader.disabled
+        if disabled:
+            store_path.unlink()
 
 
 def _finish(run: RunWriter, clips: list[Clip], store_path: Path, failures_path: str | Path | None,

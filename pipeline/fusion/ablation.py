@@ -41,7 +41,7 @@ def run_ablation(clips: list[Clip], features: Features, cfg: TrainConfig,
     rows = []
     for name, variant, stores in variants(cfg, features.stores):
         result = cross_validate(clips, select(features, stores), replace(variant, stores=stores), refined, pseudo,
-                                quiet=bool(rows))  # the dataset warnings once, with the first row
+                                quiet=bool(rows), fold_lines=False)  # dataset warnings once, then a line per row
         answer = dict(zip(result.labelled, result.oof_probs.argmax(1)))
         prior = int(result.prior.argmax())
         metrics = classification_metrics(gold, np.array([answer.get(i, prior) for i in scored]))

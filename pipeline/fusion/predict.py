@@ -3,7 +3,7 @@
 Extraction runs with the same extractor params as training (params.yaml), into a
 temporary folder; the fold models of `models/fusion` are averaged. Models that use the
 `text_enriched` store get the given subtitle enriched by the LLM of params `llm` first,
-as the `enrich` stage does. A clip without audio,
+as the `enrich` stage does; with `llm.enabled: false` the LLM stores are read as missing. A clip without audio,
 a face or a subtitle still gets an answer: the missing modality is masked, and named.
 """
 
@@ -21,7 +21,7 @@ import torch
 from pipeline.config import ENRICHED_STORE, ExtractorSpec, FusionConfig, Params, store_spec
 from pipeline.errors import MerError, TrainError
 from pipeline.llm.enrich import enrich_from_params, enriched_manifest, read_enriched
-from pipeline.extract.engine import resolve_device, run_extraction
+from pipeline.extract.engine import resolve_device, run_extraction, write_disabled
 from pipeline.fusion.models import build_fusion
 from pipeline.data.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from pipeline.labels import EMOTIONS
@@ -64,7 +64,10 @@ def run_predict(paths: list[Path], params: Params, models: Path, english: str = 
         failures = {}
         for store in stores:
             spec, store_manifest = _spec_and_manifest(store, params, clips, manifest)
-            run_extraction(store, spec, engine, store_manifest, Path(tmp) / f"{store}.h5", progress=False)
+            if not params.llm.enabled and store in params.llm_stores():  # the models saw it; now it is missing
+                write_disabled(store, spec, Path(tmp) / f"{store}.h5", None)
+            else:
+                run_extraction(store, spec, engine, store_manifest, Path(tmp) / f"{store}.h5", progress=False)
             for line in (Path(tmp) / f"{store}.failures.jsonl").read_text().splitlines():
                 row = json.loads(line)
                 failures.setdefault(row["id"], {})[store] = row["kind"]
@@ -75,13 +78,15 @@ def run_predict(paths: list[Path], params: Params, models: Path, english: str = 
 def _spec_and_manifest(store: str, params: Params, clips: list[Clip], manifest: Path) -> tuple[ExtractorSpec, Path]:
     if store in params.extract:
         return params.extract[store], manifest
-    if store == ENRICHED_STORE and params.text_enriched is not None:
+    if store == ENRICHED_STORE and params.text_enriched is not None and params.llm.enabled:
         rows, enriched = manifest.with_name("enriched.jsonl"), manifest.with_name("manifest_enriched.jsonl")
         enrich_from_params(clips, replace(params.llm, max_failed_fraction=1.0), rows,
                            resolve_device(params.engine.device))  # a failed call leaves the plain subtitle
         write_manifest(enriched_manifest(clips, read_enriched(rows)), enriched)
-        return store_spec(params, store, "text_enriched"), enriched
-    raise MerError(f"the models in use store {store!r}, which params key 'extract' no longer names; "
+        return store_spec(params, store, ENRICHED_STORE), enriched
+    if params.section_spec(store) is not None:
+        return store_spec(params, store, store), manifest
+    raise MerError(f"the models in use store {store!r}, which params no longer name; "
                    "restore its params or retrain")
 
 

@@ -93,7 +93,7 @@ def write_reports(clips: list[Clip], result: CVResult, out: Path) -> dict:
     _write_csv(plots / "modality_weights.csv", ["emotion", "modality", "weight"],
                [[e, m, round(float(weights[predicted == c, j].mean()) if (predicted == c).any() else 0.0, 4)]
                 for c, e in enumerate(EMOTIONS) for j, m in enumerate(columns)])
-    write_json(out / "metrics.json", metrics)
+    write_json(out / "metrics.json", metrics, sort_keys=False)  # weighted F1 first, as `dvc exp show` lists it
     return metrics
 
 

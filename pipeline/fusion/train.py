@@ -205,11 +205,14 @@ def _warn_small_classes(labels: list[str], k: int, warn=log.warning) -> None:
 
 def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
                    refined: dict[str, np.ndarray] | None = None,
-                   pseudo: dict[str, np.ndarray] | None = None, quiet: bool = False) -> CVResult:
+                   pseudo: dict[str, np.ndarray] | None = None, quiet: bool = False,
+                   fold_lines: bool = True) -> CVResult:
     """k-fold CV. `refined`: name -> soft target for labelled clips; `pseudo`: name -> soft
-    target for unlabelled clips. Both only ever enter training rows. `quiet`: the per-fold lines
-    and the dataset warnings at debug level (the ablation says them once, for its first row)."""
-    say, warn = (log.debug, log.debug) if quiet else (log.info, log.warning)
+    target for unlabelled clips. Both only ever enter training rows. `quiet`: the dataset
+    warnings at debug level (the ablation says them once, for its first row); `fold_lines`
+    false: the per-fold lines too (the ablation prints one line per variant)."""
+    warn = log.debug if quiet else log.warning
+    say = log.info if fold_lines and not quiet else log.debug
     torch.set_num_threads(cfg.threads)
     if cfg.model.kind == "single":
         features = select(features, [cfg.model.single])

@@ -26,6 +26,8 @@ def label_store_metrics(clips: list[Clip], store: str | Path, key: str = "uttera
 
     labelled = [c for c in clips if c.label]
     with StoreReader(store) as reader:
+        if reader.disabled:
+            return {"enabled": False, "labelled": len(labelled), "scored": 0}
         probs, present = reader.read(key, [c.name for c in labelled])
     if not present.any():  # no labelled clip has a subtitle (or the store is empty): nothing to score
         return {"labelled": len(labelled), "scored": 0, "no_subtitle": len(labelled)}
@@ -34,16 +36,15 @@ def label_store_metrics(clips: list[Clip], store: str | Path, key: str = "uttera
     gold = np.array([EMOTION_INDEX[c.label] for c in labelled], dtype=np.int64)[present]
     predicted = probs[present].argmax(axis=1)
     classes = list(range(len(EMOTIONS)))
-    out: dict[str, Any] = {"labelled": len(labelled), "scored": int(present.sum()),
-                           "no_subtitle": int((~present).sum())}
+    counts = {"labelled": len(labelled), "scored": int(present.sum()), "no_subtitle": int((~present).sum())}
     if not len(gold):
-        return out
+        return counts
     precision, recall, f1, support = precision_recall_fscore_support(
         gold, predicted, labels=classes, zero_division=0)
     majority = np.bincount(gold, minlength=len(EMOTIONS)).argmax()
-    out.update({
-        "accuracy": float(accuracy_score(gold, predicted)),
+    out: dict[str, Any] = {  # the headline first: `dvc exp show` keeps this order
         "weighted_f1": float(f1_score(gold, predicted, average="weighted", labels=classes, zero_division=0)),
+        "accuracy": float(accuracy_score(gold, predicted)),
         "macro_f1": float(f1_score(gold, predicted, average="macro", labels=classes, zero_division=0)),
         "majority_class": {"label": EMOTIONS[majority], "accuracy": float(np.mean(gold == majority)),
                            "weighted_f1": float(f1_score(gold, np.full_like(gold, majority), average="weighted",
@@ -54,6 +55,7 @@ def label_store_metrics(clips: list[Clip], store: str | Path, key: str = "uttera
                                 zip(EMOTIONS, np.bincount(predicted, minlength=len(EMOTIONS)))},
         "confusion": {"labels": list(EMOTIONS),
                       "rows_gold_cols_predicted": confusion_matrix(gold, predicted, labels=classes).tolist()},
-    })
+        **counts,
+    }
     return rounded(out)
 

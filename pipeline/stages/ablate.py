@@ -5,7 +5,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from pipeline.config import load_params
+from pipeline.config import load_params, train_config
 from pipeline.manifest import read_manifest
 from pipeline.stages import entry_point
 from pipeline.stages.train import read_refined
@@ -24,7 +24,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=Path, default=Path("features"))
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    cfg = load_params(args.params).train
+    cfg = train_config(load_params(args.params))
     clips = read_manifest(args.manifest)
     refined, pseudo = read_refined(args.refined)
     rows = run_ablation(clips, load_features(clips, cfg.stores, args.features), cfg, refined, pseudo)

@@ -3,7 +3,9 @@
 Runs first in `dvc repro` (ingest depends on its output), so a typo anywhere in params, a
 missing dataset root or `cuda` on a machine without one stops the pipeline with one line
 naming the key, before DVC touches any output. The output lists what was checked and is
-the same for the same params, so a passing check reruns nothing downstream.
+the same for the same params, so a passing check reruns nothing downstream. As a stage
+(an output path given) it also removes the input digests of stores no consumer names any
+more (pipeline.check.prune_inputs).
 """
 
 from __future__ import annotations
@@ -17,15 +19,18 @@ from pipeline.tables import write_json
 
 @entry_point
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.check import check_params
+    from pipeline.check import check_params, prune_inputs
     from pipeline.config import load_params
 
     parser = argparse.ArgumentParser(prog="mer check", description=__doc__)
     parser.add_argument("output", type=Path, nargs="?", help="JSON record of what was checked (DVC stage output)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    checked = check_params(load_params(args.params))
+    params = load_params(args.params)
+    checked = check_params(params)
     if args.output:
+        for path in prune_inputs(params):
+            print(f"{path}: removed (its store is no longer named in params)")
         write_json(args.output, {"params": args.params, "checked": checked})
     print(f"{args.params}: ok ({'; '.join(checked)})")
 

@@ -4,7 +4,8 @@ Writes `enriched` (one JSON line per clip and language: subtitle, enriched text,
 `manifest_out` (the manifest with "subtitle\\n\\nenriched" in the subtitle fields, which
 the `text_enriched` stage encodes with the ordinary text extractor) and a summary JSON.
 The answers cache (`llm.cache_path`) is not a DVC output: it outlives `dvc repro` so an
-unchanged or interrupted run asks the model nothing twice.
+unchanged or interrupted run asks the model nothing twice. With `llm.enabled: false` no model
+loads: no subtitle is enriched and the summary says `enabled: false`.
 """
 
 from __future__ import annotations
@@ -14,11 +15,11 @@ from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.llm.enrich import enrich_from_params, enriched_manifest, read_enriched
+from pipeline.llm.enrich import EnrichSummary, enrich_from_params, enriched_manifest, read_enriched
 from pipeline.extract.engine import resolve_device
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.stages import entry_point
-from pipeline.tables import write_json
+from pipeline.tables import write_json, write_jsonl
 
 
 @entry_point
@@ -33,12 +34,19 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     params = load_params(args.params)
     clips = read_manifest(args.manifest)
+    if not params.llm.enabled:
+        write_jsonl(args.enriched, [])
+        write_manifest(clips, args.manifest_out)
+        if args.summary:
+            write_json(args.summary, {"enabled": False, **{k: v for k, v in asdict(EnrichSummary()).items() if k != "seconds"}})
+        print(f"llm.enabled is false: no subtitle enriched, no model loaded -> {args.enriched}")
+        return
     summary = enrich_from_params(clips, params.llm, args.enriched, resolve_device(params.engine.device),
                                  progress=not args.no_progress)
     write_manifest(enriched_manifest(clips, read_enriched(args.enriched)), args.manifest_out)
     if args.summary:
         counts = {k: v for k, v in asdict(summary).items() if k != "seconds"}  # DVC metrics: counts, not timings
-        write_json(args.summary, counts)
+        write_json(args.summary, {"enabled": True, **counts})
     print(f"{summary.ok} subtitles enriched ({summary.cached} from the cache, {summary.asked} asked), "
           f"{summary.empty} empty, {summary.failed} failed in {summary.seconds:.1f}s -> {args.enriched}")
 

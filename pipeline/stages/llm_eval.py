@@ -19,9 +19,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("metrics", type=Path, help="metrics JSON to write")
     args = parser.parse_args(argv)
     if not args.store.is_file():
-        raise FileNotFoundError(f"{args.store} not found; run `dvc repro extract@{args.store.stem}` first")
+        raise FileNotFoundError(f"{args.store} not found; run `dvc repro {args.store.stem}` first")
     metrics = label_store_metrics(read_manifest(args.manifest), args.store)
-    write_json(args.metrics, metrics)
+    write_json(args.metrics, metrics, sort_keys=False)  # the headline scores first
+    if metrics.get("enabled") is False:
+        print(f"LLM labels: llm.enabled is false, nothing scored -> {args.metrics}")
+        return
     print(f"LLM labels on {metrics['scored']} labelled clips: accuracy {metrics.get('accuracy', 'n/a')}, "
           f"weighted F1 {metrics.get('weighted_f1', 'n/a')} (majority class "
           f"{metrics.get('majority_class', {}).get('weighted_f1', 'n/a')}) -> {args.metrics}")

@@ -6,7 +6,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.manifest import read_manifest
-from pipeline.config import load_params
+from pipeline.config import load_params, refine_config
 from pipeline.refine.vote import refine, write_outputs
 from pipeline.stages import entry_point
 
@@ -21,7 +21,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder of the feature stores <store>.h5")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    cfg = load_params(args.params).refine
+    cfg = refine_config(load_params(args.params))
     result = refine(read_manifest(args.manifest), cfg, args.features)
     summary = write_outputs(result, cfg, args.labels, args.summary)
     print(f"{summary['changed']} of {summary['labelled']} labels changed, {summary['pseudo']} of "

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import load_params
+from pipeline.config import load_params, train_config
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import read_manifest
 from pipeline.stages import entry_point
@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=Path, default=Path("features"))
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    cfg = load_params(args.params).train
+    cfg = train_config(load_params(args.params))
     train_device(cfg.device)  # cuda without a GPU stops here, before any store is read
     check_kind(cfg.model.kind)
     clips = read_manifest(args.manifest)
