@@ -9,7 +9,7 @@ RAY_STAMP := $(VENV)/.installed-ray
 # dvc stages call `python`: run them with the venv first on PATH.
 RUN := PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
 
-.PHONY: help install repro features test test-fast demo bench bench-extract bench-refine bench-llm bench-scale clean-features
+.PHONY: help install repro features test test-fast demo bench bench-heldout bench-extract bench-refine bench-llm bench-scale clean-features
 .DEFAULT_GOAL := help
 
 help:  ## list targets
@@ -47,6 +47,9 @@ demo: $(STAMP)  ## rebuild data/demo from ../shared/data (maintainers only; the 
 
 bench: $(STAMP)  ## real-data benchmark: RAVDESS (audio, by actor) + MELD (text, by dialogue) from ../shared/data
 	$(RUN) $(BIN)/python -m pipeline.bench.real --shared ../shared/data --work build/bench --out reports/bench/real
+
+bench-heldout: $(STAMP)  ## MER protocol: train on some speakers, predict others' candidates with `dvc repro`, score (RAVDESS, MELD)
+	$(RUN) $(BIN)/python -m pipeline.bench.heldout --shared ../shared/data --work build/heldout --out reports/bench/heldout
 
 bench-extract: $(STAMP)  ## extractor speed on the demo clips vs a naive one-clip-one-frame loop
 	$(RUN) $(BIN)/dvc repro ingest
