@@ -129,6 +129,7 @@ class TrainConfig:
     use_refined: bool = False  # train on refined labels of labelled clips (reports/refine/labels.jsonl)
     use_pseudo: bool = False  # add pseudo-labelled clips to every training fold
     refit: bool = True  # after choosing the epoch on the inner split, retrain on the whole training fold
+    ensemble: int = 1  # models per outer fold, each with its own seed; their probabilities are averaged
     device: str = "cpu"
     threads: int = 1  # the fusion model is tiny: one CPU thread is fastest and reproducible
 
@@ -140,6 +141,7 @@ class TrainConfig:
              f"one of train.stores ({', '.join(self.stores)}) when train.model.kind is single"),
             _at_least("folds", self.folds, 2),
             _at_least("epochs", self.epochs, 1),
+            _at_least("ensemble", self.ensemble, 1),
             _at_least("batch_size", self.batch_size, 1),
             ("lr", self.lr, self.lr > 0, "a number above 0"),
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, "0 or more"),

@@ -58,6 +58,7 @@ def repo(tmp_path_factory) -> Path:
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["ingest"]["root"] = "data/subset"
     params["train"].update(folds=3, epochs=4)
+    params["llm"]["enabled"] = True  # the LLM stages run here (off by default in params.yaml)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     _sh(["git", "init", "-q"], work)
     _sh([str(BIN / "dvc"), "init", "-q"], work)

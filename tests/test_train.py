@@ -23,7 +23,7 @@ def synthetic(n=180, n_labelled=150, seed=0):
 
 
 def small(kind="ecmf", **kw):
-    settings = {"folds": 3, "epochs": 25, "lr": 3e-3, **kw}
+    settings = {"folds": 3, "epochs": 25, "lr": 3e-3, "ensemble": 1, **kw}
     return TrainConfig(stores=["good", "noise_a", "noise_b"], model=FusionConfig(kind=kind, width=64), **settings)
 
 
@@ -170,3 +170,35 @@ def test_ablation_rows_are_scored_on_the_same_clips():
     by_name = {r["variant"]: r for r in rows}
     assert by_name["single: noise_a"]["prior"] == 3 and by_name["ecmf (all)"]["prior"] == 0
     assert "| clips scored | by the prior |" in to_markdown(rows)
+
+
+def test_an_ensemble_averages_its_members_per_fold(monkeypatch):
+    """`train.ensemble: 2`: two models per outer fold with their own seeds, each chosen and refit
+    on the fold's training clips only; the out-of-fold answer is the mean of the two."""
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    seeds = []
+    original = train_mod.train_fold
+
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold):
+        seeds.append((fold, seed, len(val_rows) > 0))
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold)
+
+    monkeypatch.setattr(train_mod, "train_fold", spy)
+    result = cross_validate(clips, features, small(epochs=3, ensemble=2))
+    assert [(f, member) for f, member in ((c["fold"], c["member"]) for c in result.checkpoints)] == [
+        (0, 0), (0, 1), (1, 0), (1, 1), (2, 0), (2, 1)]
+    assert len({seed for fold, seed, _ in seeds if fold == 0}) == 2  # two members, two seeds
+    assert all(isinstance(e, list) and len(e) == 2 for e in result.selected_epochs)
+    from pipeline.fusion.train import Standardizer, predict
+
+    # the members' own predictions, averaged, are the reported out-of-fold probabilities of fold 0
+    folds = train_mod._folds([clips[i].label for i in range(72)], [None] * 72, 3, 0, "t")
+    va = np.array(folds[0][1])
+    probs = []
+    for ckpt in (c for c in result.checkpoints if c["fold"] == 0):
+        model = build_fusion(ckpt["dims"], FusionConfig(**ckpt["config"]["model"]))
+        model.load_state_dict(ckpt["model"])
+        norm = Standardizer.from_stats(ckpt["normalizer"])
+        probs.append(predict(model, norm(features, va), torch.from_numpy(features.mask[va]))[0])
+    np.testing.assert_allclose(result.oof_probs[va], np.mean(probs, axis=0), atol=1e-5)
+    assert not np.allclose(probs[0], probs[1])  # the members differ

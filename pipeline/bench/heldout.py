@@ -77,9 +77,13 @@ def write_heldout(labelled: list[convert.Item], cands: list[convert.Item], root:
 
 
 def make_project(project: Path, root: Path, overrides: dict) -> None:
-    """A user's checkout: dvc.yaml, params.yaml (ingest.root and `overrides` changed), pipeline/."""
-    project.mkdir(parents=True)
+    """A user's checkout: dvc.yaml, params.yaml (ingest.root and `overrides` changed), pipeline/.
+    An existing project gets the current code and params and keeps its stores and DVC state, so
+    `dvc repro` reruns only what the code or params changed (as `git pull` would for a user)."""
+    new = not project.exists()
+    project.mkdir(parents=True, exist_ok=True)
     shutil.copy(REPO / "dvc.yaml", project / "dvc.yaml")
+    shutil.rmtree(project / "pipeline", ignore_errors=True)
     shutil.copytree(REPO / "pipeline", project / "pipeline", ignore=shutil.ignore_patterns("__pycache__"))
     params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
     params["ingest"]["root"] = str(root.resolve())
@@ -88,7 +92,7 @@ def make_project(project: Path, root: Path, overrides: dict) -> None:
         params[section][name] = value
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True),
                                          encoding="utf-8")
-    for args in (["git", "init", "-q"], ["dvc", "init", "-q"]):
+    for args in (["git", "init", "-q"], ["dvc", "init", "-q"]) if new else ():
         subprocess.run(args, cwd=project, check=True, env=_env())
 
 
@@ -177,8 +181,7 @@ def run_corpus(corpus: str, shared: Path, work: Path, meld_train: int, overrides
         labelled, cands = split_items(corpus, items, meld_train)
         base.mkdir(parents=True, exist_ok=True)
         write_heldout(labelled, cands, root, truth_path)
-    if not project.exists():
-        make_project(project, root, overrides)
+    make_project(project, root, overrides)
     start = time.perf_counter()
     done = subprocess.run(["dvc", "repro", "train"], cwd=project, env=_env(), text=True,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT)

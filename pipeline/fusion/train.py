@@ -260,26 +260,29 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
             return rows, targets[part] if pseudo_targets is None else np.concatenate([targets[part], pseudo_targets])
 
         pick = tr[inner_va]
-        fold = train_fold(features, *rows_and_targets(tr[inner_tr]), lab_rows[pick], gold[pick], cfg, cfg.seed + k, k)
-        if cfg.refit:  # the chosen epoch count, retrained on the whole training fold (nothing is chosen on it)
-            chosen = fold
-            fold = train_fold(features, *rows_and_targets(tr), np.zeros(0, int), np.zeros(0, int),
-                              replace(cfg, epochs=chosen["epoch"] + 1), cfg.seed + k, k)
-            fold.update(history=chosen["history"], epoch=chosen["epoch"], val_f1=chosen["val_f1"])
-        x_val = fold["norm"](features, lab_rows[va])
-        oof[va], weights[lab_rows[va]] = predict(fold["model"], x_val, torch.from_numpy(features.mask[lab_rows[va]]))
+        members = []
+        for member in range(cfg.ensemble):  # same data, own seed: the average is steadier than any one
+            seed = cfg.seed + k + 1000 * member
+            fold = train_fold(features, *rows_and_targets(tr[inner_tr]), lab_rows[pick], gold[pick], cfg, seed, k)
+            if cfg.refit:  # the chosen epoch count, retrained on the whole training fold (nothing is chosen on it)
+                chosen = fold
+                fold = train_fold(features, *rows_and_targets(tr), np.zeros(0, int), np.zeros(0, int),
+                                  replace(cfg, epochs=chosen["epoch"] + 1), seed, k)
+                fold.update(history=chosen["history"], epoch=chosen["epoch"], val_f1=chosen["val_f1"])
+            members.append(fold)
+            result.checkpoints.append(_checkpoint(fold, cfg, features, k, prior, member))
+        oof[va], weights[lab_rows[va]] = _average(members, features, lab_rows[va])
         if len(pred_rows):
-            probs, w = predict(fold["model"], fold["norm"](features, pred_rows),
-                               torch.from_numpy(features.mask[pred_rows]))
+            probs, w = _average(members, features, pred_rows)
             unl_probs[unl_usable] += probs / len(folds)
             weights[pred_rows] += w / len(folds)
         result.fold_scores.append(_weighted_f1(gold[va], oof[va].argmax(1)))
-        result.histories.append(fold["history"])
-        result.selected_epochs.append(fold["epoch"])
-        result.checkpoints.append(_checkpoint(fold, cfg, features, k, prior))
+        result.histories.append(members[0]["history"])
+        result.selected_epochs.append([m["epoch"] for m in members] if cfg.ensemble > 1 else members[0]["epoch"])
         result.seconds_per_fold.append(time.perf_counter() - start)
-        say("fold %d: epoch %d chosen on the inner split (weighted F1 %.4f), outer fold weighted F1 %.4f "
-            "(%.1fs)", k, fold["epoch"], fold["val_f1"], result.fold_scores[-1], result.seconds_per_fold[-1])
+        say("fold %d: epoch %s chosen on the inner split (weighted F1 %s), outer fold weighted F1 %.4f (%.1fs)",
+            k, "/".join(str(m["epoch"]) for m in members), "/".join(f"{m['val_f1']:.4f}" for m in members),
+            result.fold_scores[-1], result.seconds_per_fold[-1])
     for name, values in (("out-of-fold probabilities", oof), ("candidate probabilities", unl_probs),
                          ("modality weights", weights)):
         if not np.isfinite(values).all():
@@ -287,9 +290,17 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     return result
 
 
-def _checkpoint(fold: dict, cfg: TrainConfig, features: Features, k: int, prior: np.ndarray) -> dict:
+def _average(members: list[dict], features: Features, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Mean class probabilities and modality weights of an outer fold's ensemble members on `rows`."""
+    outs = [predict(m["model"], m["norm"](features, rows), torch.from_numpy(features.mask[rows])) for m in members]
+    return np.mean([p for p, _ in outs], axis=0), np.mean([w for _, w in outs], axis=0)
+
+
+def _checkpoint(fold: dict, cfg: TrainConfig, features: Features, k: int, prior: np.ndarray,
+                member: int = 0) -> dict:
     """Plain tensors and primitives only, so `torch.load(..., weights_only=True)` reads it."""
     return {
+        "member": member,
         "model": fold["model"].state_dict(),
         "optimizer": fold["optimizer"].state_dict(),
         "config": asdict(cfg),

@@ -14,7 +14,7 @@ import argparse
 from dataclasses import asdict
 from pathlib import Path
 
-from pipeline.config import load_params
+from pipeline.config import LANGUAGES, load_params
 from pipeline.llm.enrich import EnrichSummary, enrich_from_params, enriched_manifest, read_enriched
 from pipeline.extract.engine import resolve_device
 from pipeline.manifest import read_manifest, write_manifest
@@ -35,7 +35,8 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     clips = read_manifest(args.manifest)
     if not params.llm.enabled:
-        write_jsonl(args.enriched, [])
+        write_jsonl(args.enriched, [{"name": c.name, "language": lang, "subtitle": getattr(c, lang), "enriched": "",
+                                     "status": "llm_disabled"} for c in clips for lang in LANGUAGES[params.llm.language]])
         write_manifest(clips, args.manifest_out)
         if args.summary:
             write_json(args.summary, {"enabled": False, **{k: v for k, v in asdict(EnrichSummary()).items() if k != "seconds"}})

@@ -58,8 +58,9 @@ def main(argv: list[str] | None = None) -> None:
     args.models.mkdir(parents=True, exist_ok=True)
     for old in args.models.glob("fold*.pt"):
         old.unlink()
-    for ckpt in result.checkpoints:
-        torch.save(ckpt, args.models / f"fold{ckpt['fold']}.pt")
+    for ckpt in result.checkpoints:  # fold<k>.pt, or fold<k>-<member>.pt for an ensemble; predict averages them all
+        suffix = f"-{ckpt['member']}" if cfg.ensemble > 1 else ""
+        torch.save(ckpt, args.models / f"fold{ckpt['fold']}{suffix}.pt")
     metrics = write_reports(clips, result, args.reports)
     cands = metrics["candidates"]
     notes = [f"{metrics['n_labelled']} labelled clips scored out of fold"]
