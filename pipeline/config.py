@@ -24,8 +24,9 @@ from pipeline.schema import (_at_least, _fraction, _one_of, as_dict, check_value
 EMOTION_NAMES = ("neutral", "angry", "happy", "sad", "worried", "surprise")  # = pipeline.labels.EMOTIONS
 RUNNERS = ("local", "ray")
 CLASS_BALANCE = ("weights", "sampler", "none")
-REFINE_METHODS = ("weighted_vote", "dawid_skene")
-REFINE_MODES = ("hard", "soft")
+REFINE_METHODS = ("weighted_vote", "dawid_skene", "cleanlab")
+REFINE_MODES = ("hard", "soft", "drop")
+CLEANLAB_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
 WEAK_CLASSIFIERS = ("logreg", "lightgbm")
 LLM_BACKENDS = ("endpoint", "llama_cpp", "transformers")  # = pipeline.llm.backends.BACKENDS
 LANGUAGES = {"chinese": ("chinese",), "english": ("english",), "both": ("chinese", "english")}
@@ -199,6 +200,16 @@ class DawidSkeneConfig:
 
 
 @dataclass(frozen=True)
+class CleanlabConfig:
+    """`refine.cleanlab`: confident learning (cleanlab.filter.find_label_issues) on the sources' mixture."""
+
+    filter_by: str = "prune_by_noise_rate"  # cleanlab's rule for which off-diagonal clips to flag
+
+    def __post_init__(self) -> None:
+        check_values("refine.cleanlab", [_one_of("filter_by", self.filter_by, CLEANLAB_FILTERS)])
+
+
+@dataclass(frozen=True)
 class RefineConfig:
     """The `refine:` section of params.yaml (pipeline/refine/vote.py)."""
 
@@ -208,8 +219,8 @@ class RefineConfig:
     key: str = "utterance"  # the per-clip vector read from each store
     k: int = 5
     seed: int = 0
-    method: str = "weighted_vote"  # weighted_vote | dawid_skene
-    mode: str = "hard"  # hard | soft
+    method: str = "weighted_vote"  # weighted_vote | dawid_skene | cleanlab
+    mode: str = "hard"  # hard (relabel) | soft (share the mass) | drop (leave the clip out of training)
     correct_threshold: float = 0.9
     pseudo_threshold: float = 0.8
     pseudo_thresholds: dict[str, float] = field(default_factory=dict)  # per-class overrides
@@ -217,6 +228,7 @@ class RefineConfig:
     logreg: LogRegConfig = field(default_factory=LogRegConfig)
     lightgbm: LightGBMConfig = field(default_factory=LightGBMConfig)
     dawid_skene: DawidSkeneConfig = field(default_factory=DawidSkeneConfig)
+    cleanlab: CleanlabConfig = field(default_factory=CleanlabConfig)
 
     def __post_init__(self) -> None:
         check_values("refine", [

@@ -205,6 +205,40 @@ def test_soft_mode_keeps_gold_and_shares_its_mass():
     assert hard.refined[i] == agg[i].argmax() and hard.soft[i].max() == 1.0
 
 
+def test_cleanlab_finds_flipped_labels_with_its_own_thresholds():
+    """refine.method cleanlab: confident learning flags the labels the sources disagree with, per
+    class, with no correct_threshold; it finds most of the 15% flips, mostly flips."""
+    clips, votes, gold, truth = _noisy_setup()
+    cfg = RefineConfig(method="cleanlab", correct_threshold=1.0)  # the threshold plays no part
+    agg, rel = aggregate(votes, gold, cfg)
+    np.testing.assert_allclose(agg, aggregate(votes, gold, RefineConfig())[0])  # the weighted_vote mixture
+    result = decide(clips, votes, agg, rel, cfg)
+    flipped = (gold >= 0) & (gold != truth)
+    found = result.changed & flipped
+    assert found.sum() >= 0.7 * flipped.sum() and found.sum() >= 0.7 * result.changed.sum()
+    assert (result.refined[found] == truth[found]).mean() > 0.8 and not result.changed[gold < 0].any()
+    both = from_dict(RefineConfig, {"method": "cleanlab", "cleanlab": {"filter_by": "both"}}, "refine")
+    strict = decide(clips, votes, agg, rel, both)
+    assert strict.changed.sum() <= result.changed.sum()
+
+
+def test_drop_mode_leaves_flagged_clips_out_of_training_only(tmp_path: Path):
+    clips, votes, gold, _ = _noisy_setup()
+    hard_cfg, drop_cfg = RefineConfig(correct_threshold=0.5), RefineConfig(correct_threshold=0.5, mode="drop")
+    agg, rel = aggregate(votes, gold, hard_cfg)
+    hard, drop = decide(clips, votes, agg, rel, hard_cfg), decide(clips, votes, agg, rel, drop_cfg)
+    assert np.array_equal(hard.changed, drop.dropped) and not drop.changed.any() and drop.dropped.any()
+    assert np.array_equal(drop.refined[gold >= 0], gold[gold >= 0])  # gold stays the clip's label
+    assert (drop.soft[drop.dropped] == 0).all() and (drop.soft[(gold >= 0) & ~drop.dropped].sum(axis=1) == 1).all()
+    summary = write_outputs(drop, drop_cfg, tmp_path / "labels.jsonl", tmp_path / "summary.json")
+    assert summary["dropped"] == int(drop.dropped.sum()) and summary["changed"] == 0
+    from pipeline.stages.train import read_refined
+
+    refined, _ = read_refined(tmp_path / "labels.jsonl")
+    i = int(np.flatnonzero(drop.dropped)[0])
+    assert not refined[clips[i].name].any()  # the trainer's mark for "not a training row"
+
+
 def test_output_files(tmp_path: Path):
     clips, votes, gold, _ = _noisy_setup()
     votes.present[1, :5] = False  # y has no vote on the first five clips
@@ -215,7 +249,7 @@ def test_output_files(tmp_path: Path):
     rows = [json.loads(line) for line in (tmp_path / "labels.jsonl").read_text().splitlines()]
     assert [r["name"] for r in rows] == [c.name for c in clips]
     assert set(rows[0]) == {"name", "split", "label", "refined", "soft", "aggregate", "confidence",
-                            "changed", "pseudo", "votes"}
+                            "changed", "pseudo", "dropped", "votes"}
     assert set(rows[0]["votes"]) == {"x/logreg"} and set(rows[9]["votes"]) == {"x/logreg", "y/logreg"}
     changed = [r for r in rows if r["changed"]]
     assert len(changed) == summary["changed"] > 0

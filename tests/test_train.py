@@ -202,3 +202,21 @@ def test_an_ensemble_averages_its_members_per_fold(monkeypatch):
         probs.append(predict(model, norm(features, va), torch.from_numpy(features.mask[va]))[0])
     np.testing.assert_allclose(result.oof_probs[va], np.mean(probs, axis=0), atol=1e-5)
     assert not np.allclose(probs[0], probs[1])  # the members differ
+
+
+def test_a_dropped_clip_never_trains_but_is_still_scored(monkeypatch):
+    """refine.mode drop writes an all-zero target: with use_refined the clip is in no training row."""
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    dropped = {clips[i].name: np.zeros(6, np.float32) for i in range(0, 72, 6)}
+    seen = []
+    original = train_mod.train_fold
+
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold):
+        seen.append(set(train_rows.tolist()))
+        assert (train_targets.sum(axis=1) > 0).all()
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold)
+
+    monkeypatch.setattr(train_mod, "train_fold", spy)
+    result = cross_validate(clips, features, small(epochs=2, use_refined=True), refined=dropped)
+    assert not set(range(0, 72, 6)) & set().union(*seen)
+    assert len(result.labelled) == 72 and np.isfinite(result.oof_probs).all()  # scored against gold all the same

@@ -42,7 +42,7 @@ class Corpus:
 CORPORA = (
     Corpus("ravdess", "ravdess", "5-fold, split by actor", {
         "prosody": ExtractorSpec("numpy_prosody", {}),
-        "whisper": ExtractorSpec("whisper_encoder", {}),
+        "whisper": ExtractorSpec("whisper_encoder", {"compute_type": "int8"}),  # as params.yaml pins it
     }),
     Corpus("meld", "meld", "5-fold, split by dialogue", {
         "text_e5": ExtractorSpec("text", {"backend": "e5", "language": "english"}),

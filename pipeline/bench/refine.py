@@ -4,12 +4,16 @@ Per corpus (RAVDESS speech by actor: prosody + Whisper stores; MELD text by dial
 the e5 store, when the `text` extractor is registered), through the project's own path
 (bench.real's conversion, ingest, run_extraction). Outer group-aware stratified 5-fold:
 each outer fold holds ~20% of the groups out as an untouched test split; 10% and 20% of
-the remaining training labels are flipped to another class at random (seeded), and
-refinement (cross-fitted weak sources, both aggregators, several thresholds) runs on the
-noisy training part only. Reported, pooled over the outer folds run: changes that restore
-a flipped label (precision), flips restored (recall), clean labels wrongly changed, and
-the weighted F1 on the test clips of bench.real's logistic regression trained on the
-noisy, the refined and the clean labels (the ceiling).
+the remaining training labels are flipped (seeded): to another class at random, or
+(`cc`, class-conditional) to each class's most confusable one, as annotators err (the class
+a cross-validated logistic regression on the clean training labels most often confuses it
+with). Every method then runs on the SAME cross-fitted sources of the noisy training part:
+the weighted vote and Dawid-Skene at several thresholds, and confident learning (cleanlab);
+each flags clips, which are relabelled (mode hard) or left out (mode drop). Reported,
+pooled over the outer folds run: flipped, flagged, flags that are flips (precision), flips
+flagged (recall), detection F1, relabels that restore the truth, and the weighted F1 on the
+test clips of bench.real's logistic regression trained on the noisy, the refined and the
+clean labels (the ceiling).
 """
 
 from __future__ import annotations
@@ -35,8 +39,9 @@ from pipeline.tables import write_table
 
 log = logging.getLogger(__name__)
 THRESHOLDS = (0.5, 0.7, 0.9)
-METHODS = ("weighted_vote", "dawid_skene")
-OUTER_FOLDS = {"ravdess": 5, "meld": 5}  # pooled over all 5 (MELD ~33 min here; --folds 1 is quick)
+SETTINGS = ([(m, t) for m in ("weighted_vote", "dawid_skene") for t in THRESHOLDS] + [("cleanlab", None)])
+MODES = ("hard", "drop")
+OUTER_FOLDS = {"ravdess": 5, "meld": 1}  # RAVDESS pooled over all 5; MELD one outer fold (all 5: ~33 min here)
 
 
 def prepare(corpus: Corpus, shared: Path, work: Path, engine: EngineConfig,
@@ -57,16 +62,35 @@ def prepare(corpus: Corpus, shared: Path, work: Path, engine: EngineConfig,
     return clips, {s: x[keep].reshape(int(keep.sum()), -1) for s, x in features.items()}
 
 
-def flip(gold: np.ndarray, rate: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """(noisy labels, flipped mask): `rate` of the labels moved to another class seen in `gold`."""
+def flip(gold: np.ndarray, rate: float, seed: int,
+         confusable: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """(noisy labels, flipped mask): `rate` of the labels moved to another class seen in `gold`,
+    at random, or to `confusable[c]` (class-conditional noise)."""
     rng = np.random.default_rng(seed)
     flipped = np.zeros(len(gold), bool)
     flipped[rng.choice(len(gold), size=round(rate * len(gold)), replace=False)] = True
     classes = np.unique(gold)
     noisy = gold.copy()
     for i in np.flatnonzero(flipped):
-        noisy[i] = rng.choice(classes[classes != gold[i]])
+        noisy[i] = confusable[gold[i]] if confusable is not None else rng.choice(classes[classes != gold[i]])
     return noisy, flipped
+
+
+def most_confusable(X: np.ndarray, gold: np.ndarray, seed: int) -> np.ndarray:
+    """(6,) for each class, the other class a cross-validated LR on clean labels most often predicts."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import cross_val_predict
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5))
+    predicted = cross_val_predict(model, X, gold, cv=5)
+    confusion = np.zeros((len(EMOTIONS), len(EMOTIONS)))
+    np.add.at(confusion, (gold, predicted), 1)
+    np.fill_diagonal(confusion, -1)
+    present = np.isin(np.arange(len(EMOTIONS)), np.unique(gold))
+    confusion[:, ~present] = -2  # never flip to a class the corpus lacks
+    return confusion.argmax(axis=1)
 
 
 def downstream(X: np.ndarray, labels: np.ndarray, test: np.ndarray) -> np.ndarray:
@@ -80,25 +104,40 @@ def downstream(X: np.ndarray, labels: np.ndarray, test: np.ndarray) -> np.ndarra
 
 
 def run_fold(clips: list[Clip], X: np.ndarray, test: np.ndarray, rate: float, cfg: RefineConfig,
-             work: Path, seed: int) -> dict[tuple, dict]:
+             work: Path, seed: int, class_conditional: bool = False) -> dict[tuple, dict]:
     """Flip `rate` of the training labels, refine them; counts + test predictions per setting."""
     gold = gold_of(clips)
-    noisy, flipped = flip(gold[~test], rate, seed)
+    confusable = most_confusable(X[~test], gold[~test], seed) if class_conditional else None
+    noisy, flipped = flip(gold[~test], rate, seed, confusable)
     train_clips = [dataclasses.replace(c, label=EMOTIONS[y]) for c, y in zip(np.array(clips)[~test], noisy)]
     votes = collect_votes(train_clips, cfg, work)  # the expensive part: once per fold and noise rate
     out = {("noisy",): {"predicted": downstream(X, noisy, test)},
            ("clean",): {"predicted": downstream(X, gold[~test], test)}}
-    for method in METHODS:
-        for threshold in THRESHOLDS:
-            run = dataclasses.replace(cfg, method=method, correct_threshold=threshold)
-            agg, weights = aggregate(votes, noisy, run)
-            result = decide(train_clips, votes, agg, weights, run)
-            out[(method, threshold)] = {
-                "flipped": int(flipped.sum()), "changed": int(result.changed.sum()),
-                "restored": int((result.changed & (result.refined == gold[~test])).sum()),
-                "clean_changed": int((result.changed & ~flipped).sum()),
-                "predicted": downstream(X, result.refined, test)}
+    Xtrain = X[~test]
+    for method, threshold in SETTINGS:
+        run = dataclasses.replace(cfg, method=method, correct_threshold=threshold or cfg.correct_threshold)
+        agg, weights = aggregate(votes, noisy, run)
+        result = decide(train_clips, votes, agg, weights, run)  # mode hard: flagged = changed
+        flagged = result.changed
+        counts = {"flipped": int(flipped.sum()), "flagged": int(flagged.sum()),
+                  "found": int((flagged & flipped).sum()),
+                  "restored": int((flagged & (result.refined == gold[~test])).sum())}
+        for mode in MODES:
+            if mode == "hard":
+                predicted = downstream(X, result.refined, test)
+            else:  # drop: the flagged clips leave the training set
+                keep = ~flagged
+                predicted = downstream_rows(Xtrain[keep], noisy[keep], X[test])
+            out[(method, threshold, mode)] = {**counts, "predicted": predicted}
     return out
+
+
+def downstream_rows(X_train: np.ndarray, labels: np.ndarray, X_test: np.ndarray) -> np.ndarray:
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    return make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5)).fit(X_train, labels).predict(X_test)
 
 
 def _f1(truth: list[int], predicted: list[int]) -> float:
@@ -118,41 +157,45 @@ def run_corpus(corpus: Corpus, stores: list[str], args: argparse.Namespace, engi
     cfg = RefineConfig(stores=stores, k=5, seed=args.seed, lightgbm=LightGBMConfig(n_jobs=args.jobs))
     n_folds = args.folds or OUTER_FOLDS.get(corpus.name, 5)
     rows = []
-    for rate in args.noise:
+    for rate, cc in [(r, False) for r in args.noise] + [(r, True) for r in args.cc_noise]:
         tally: dict[tuple, dict] = {}
         truth: list[int] = []
         for f, (_, held) in enumerate(outer[:n_folds]):
             test = np.zeros(len(clips), bool)
             test[held] = True
             truth += gold[test].tolist()
-            for key, part in run_fold(clips, X, test, rate, cfg, args.work / corpus.name, args.seed + f).items():
+            for key, part in run_fold(clips, X, test, rate, cfg, args.work / corpus.name, args.seed + f, cc).items():
                 into = tally.setdefault(key, {})
                 for name, value in part.items():
                     into[name] = into.get(name, 0 if name != "predicted" else []) + (
                         value.tolist() if name == "predicted" else value)
             log.info("%s noise %.0f%%: outer fold %d done", corpus.name, 100 * rate, f + 1)
-        base = {"dataset": corpus.name, "stores": "+".join(stores), "noise": rate, "folds": min(n_folds, 5),
+        base = {"dataset": corpus.name, "stores": "+".join(stores), "noise": rate,
+                "noise_kind": "class-conditional" if cc else "uniform", "folds": min(n_folds, 5),
                 "tested": len(truth), "f1_noisy": _f1(truth, tally[("noisy",)]["predicted"]),
                 "f1_clean": _f1(truth, tally[("clean",)]["predicted"])}
-        for (method, threshold), t in ((k, v) for k, v in tally.items() if len(k) == 2):
-            rows.append({**base, "method": method, "threshold": threshold,
-                         **{k: t[k] for k in ("flipped", "changed", "restored", "clean_changed")},
-                         "precision": round(t["restored"] / t["changed"], 4) if t["changed"] else None,
-                         "recall": round(t["restored"] / t["flipped"], 4),
+        for (method, threshold, mode), t in ((k, v) for k, v in tally.items() if len(k) == 3):
+            precision = t["found"] / t["flagged"] if t["flagged"] else 0.0
+            recall = t["found"] / t["flipped"] if t["flipped"] else 0.0
+            rows.append({**base, "method": method, "threshold": threshold, "mode": mode,
+                         **{k: t[k] for k in ("flipped", "flagged", "found", "restored")},
+                         "precision": round(precision, 4), "recall": round(recall, 4),
+                         "detection_f1": round(2 * precision * recall / (precision + recall), 4)
+                         if precision + recall else 0.0,
                          "f1_refined": _f1(truth, t["predicted"])})
             log.info("%s", rows[-1])
     return rows
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| dataset | stores | noise | tested | method | threshold | flipped | changed | restored | "
-             "clean changed | precision | recall | F1 noisy | F1 refined | F1 clean |",
+    lines = ["| dataset | noise | folds | method | threshold | mode | flipped | flagged | precision | recall | "
+             "detection F1 | restored | F1 noisy | F1 refined | F1 clean |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dataset']} | {r['stores']} | {r['noise']:.0%} | {r['tested']} | {r['method']} | "
-              f"{r['threshold']} | "
-              f"{r['flipped']} | {r['changed']} | {r['restored']} | {r['clean_changed']} | "
-              f"{_num(r['precision'])} | {r['recall']:.3f} | {r['f1_noisy']:.4f} | {r['f1_refined']:.4f} | "
-              f"{r['f1_clean']:.4f} |" for r in rows]
+    lines += [f"| {r['dataset']} | {r['noise']:.0%}{' cc' if r['noise_kind'] != 'uniform' else ''} | {r['folds']} | "
+              f"{r['method']} | {r['threshold'] if r['threshold'] is not None else '-'} | {r['mode']} | "
+              f"{r['flipped']} | {r['flagged']} | {_num(r['precision'])} | {r['recall']:.3f} | "
+              f"{r['detection_f1']:.3f} | {r['restored'] if r['mode'] == 'hard' else '-'} | {r['f1_noisy']:.4f} | "
+              f"{r['f1_refined']:.4f} | {r['f1_clean']:.4f} |" for r in rows]
     return "\n".join(lines) + "\n"
 
 
@@ -185,6 +228,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("reports/bench/refine"))
     parser.add_argument("--corpora", nargs="+", default=[c.name for c in CORPORA])
     parser.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.2])
+    parser.add_argument("--cc-noise", type=float, nargs="*", default=[0.2],
+                        help="class-conditional noise rates (flips to the most confusable class)")
     parser.add_argument("--folds", type=int, default=None,
                         help="outer group folds to run per corpus (each holds out ~20%% of the groups; "
                              f"default {OUTER_FOLDS})")

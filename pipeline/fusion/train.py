@@ -256,6 +256,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
         inner_tr, inner_va = _inner_split([labels[j] for j in tr], [groups[j] for j in tr], cfg, cfg.seed + k, k)
 
         def rows_and_targets(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # labelled part + pseudo rows
+            part = part[targets[part].sum(axis=1) > 0]  # an all-zero target (refine.mode drop) never trains
             rows = np.concatenate([lab_rows[part], np.array(pseudo_rows, dtype=int)])
             return rows, targets[part] if pseudo_targets is None else np.concatenate([targets[part], pseudo_targets])
 

@@ -11,10 +11,16 @@ Aggregation (`refine.method`), always from the sources alone, never from the gol
 - dawid_skene: one confusion matrix per source over its argmax votes, fitted by EM with
   the gold label CLAMPED as the truth on labelled clips (unlabelled clips' truths are the
   latent variables); every clip's posterior is then computed from the votes alone.
+- cleanlab: the weighted_vote mixture, and confident learning decides which gold labels are
+  wrong (`cleanlab.filter.find_label_issues` on the labelled clips' out-of-fold mixture,
+  `refine.cleanlab.filter_by`): per-class thresholds from the data instead of one
+  `correct_threshold` (Northcutt et al.).
 
-Decisions. A labelled clip changes when the aggregate's argmax differs from gold with
-confidence strictly above `correct_threshold` (mode hard: the label becomes the argmax;
-mode soft: the label stays, its soft label becomes the mean of gold and the aggregate).
+Decisions. A labelled clip is flagged when the aggregate's argmax differs from gold with
+confidence strictly above `correct_threshold` (cleanlab: when confident learning flags it).
+Mode hard: its label becomes the argmax; soft: the label stays, its soft label becomes the
+mean of gold and the aggregate; drop: it is left out of training (soft label all zeros, the
+trainer's mark for "not a training row"; it is still scored against its gold label).
 An unlabelled clip gets a pseudo-label when the confidence is strictly above its class's
 threshold and at least `min_agreeing_sources` STORES have a source whose argmax agrees
 (logreg and lightgbm on the same features are not independent, so they count once).
@@ -30,7 +36,7 @@ each source's out-of-fold accuracy / macro-F1 and reliability P(truth c | it say
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +74,12 @@ class Refinement:
     soft: np.ndarray  # (N, 6), rows of clips without a refined label are 0
     changed: np.ndarray  # (N,) bool
     pseudo: np.ndarray  # (N,) bool
+    dropped: np.ndarray | None = None  # (N,) bool: flagged and left out of training (mode drop)
+
+    @property
+    def flagged(self) -> np.ndarray:
+        """Labelled clips the method found suspect: changed, or dropped."""
+        return self.changed | (self.dropped if self.dropped is not None else False)
 
     @property
     def has_votes(self) -> np.ndarray:
@@ -162,6 +174,8 @@ def _label_store(clips: list[Clip], cfg: RefineConfig, store: str, path: Path) -
 
 def aggregate(votes: Votes, gold: np.ndarray, cfg: RefineConfig) -> tuple[np.ndarray, np.ndarray]:
     """(aggregate (N, 6), reliability (S, 6) = P(truth c | source says c)) by `cfg.method`."""
+    if cfg.method == "cleanlab":  # the mixture of weighted_vote; cleanlab flags in decide()
+        return aggregate(votes, gold, replace(cfg, method="weighted_vote"))
     if cfg.method == "dawid_skene":
         ds = cfg.dawid_skene
         posterior, confusion, prior = dawid_skene(votes.probs, votes.present, gold, ds.smoothing,
@@ -185,7 +199,12 @@ def decide(clips: list[Clip], votes: Votes, agg: np.ndarray, weights: np.ndarray
     gold, C = gold_of(clips), len(EMOTIONS)
     has, top, conf = votes.present.any(axis=0), agg.argmax(axis=1), agg.max(axis=1)
     labelled = gold >= 0
-    changed = labelled & has & (top != gold) & (conf > cfg.correct_threshold)
+    if cfg.method == "cleanlab":
+        flagged = labelled & has & (top != gold) & label_issues(gold, agg, labelled & has, cfg.cleanlab.filter_by)
+    else:
+        flagged = labelled & has & (top != gold) & (conf > cfg.correct_threshold)
+    dropped = flagged if cfg.mode == "drop" else np.zeros(len(clips), bool)
+    changed = flagged & ~dropped
     thresholds = np.array([cfg.threshold(e) for e in EMOTIONS])
     pseudo = (~labelled & has & (conf > thresholds[top])
               & (agreeing_stores(votes, top) >= cfg.min_agreeing_sources))
@@ -196,11 +215,35 @@ def decide(clips: list[Clip], votes: Votes, agg: np.ndarray, weights: np.ndarray
         refined = np.where(changed, top, refined)
         soft[changed] = np.eye(C)[top[changed]]
         soft[pseudo] = np.eye(C)[top[pseudo]]
-    else:  # soft: gold keeps its name, its probability mass is shared with the sources
+    elif cfg.mode == "soft":  # gold keeps its name, its probability mass is shared with the sources
         soft[changed] = (soft[changed] + agg[changed]) / 2
         soft[pseudo] = agg[pseudo]
+    else:  # drop: gold stays the clip's label for scoring; no training target
+        soft[dropped] = 0.0
+        soft[pseudo] = np.eye(C)[top[pseudo]]
     return Refinement([c.name for c in clips], [c.split for c in clips], gold, votes, agg, weights,
-                      refined, soft, changed, pseudo)
+                      refined, soft, changed, pseudo, dropped)
+
+
+def label_issues(gold: np.ndarray, agg: np.ndarray, rows: np.ndarray, filter_by: str) -> np.ndarray:
+    """(N,) bool: confident learning's label issues among `rows` (cleanlab.filter.find_label_issues).
+
+    Classes no row carries are left out of the problem (cleanlab needs every column to be a
+    class with examples); rows whose aggregate is all zeros cannot be judged and are not flagged.
+    """
+    from cleanlab.filter import find_label_issues
+
+    out = np.zeros(len(gold), bool)
+    rows = rows & (agg.sum(axis=1) > 0)
+    classes = np.unique(gold[rows])
+    if len(classes) < 2:
+        return out
+    index = {c: i for i, c in enumerate(classes)}
+    probs = agg[rows][:, classes]
+    probs = probs / np.clip(probs.sum(axis=1, keepdims=True), 1e-12, None)
+    labels = np.array([index[g] for g in gold[rows]])
+    out[np.flatnonzero(rows)] = find_label_issues(labels, probs, filter_by=filter_by, n_jobs=1)
+    return out
 
 
 def refine(clips: list[Clip], cfg: RefineConfig, features: Path) -> Refinement:
@@ -231,7 +274,8 @@ def label_rows(result: Refinement) -> list[dict[str, Any]]:
             "soft": _probs(result.soft[i]) if result.refined[i] >= 0 else None,
             "aggregate": _probs(result.aggregate[i]) if has[i] else None,
             "confidence": round(float(conf[i]), 4) if has[i] else None,
-            "changed": bool(result.changed[i]), "pseudo": bool(result.pseudo[i]), "votes": voted,
+            "changed": bool(result.changed[i]), "pseudo": bool(result.pseudo[i]),
+            "dropped": bool(result.dropped[i]) if result.dropped is not None else False, "votes": voted,
         })
     return rows
 
@@ -262,6 +306,7 @@ def summarize(result: Refinement, cfg: RefineConfig) -> dict[str, Any]:
         "labelled": int(labelled.sum()), "unlabelled": int((~labelled).sum()),
         "without_votes": int((~result.has_votes).sum()),
         "changed": int(result.changed.sum()),
+        "dropped": int(result.dropped.sum()) if result.dropped is not None else 0,
         "changed_from": _per_class(np.where(result.changed, result.gold, -1)),
         "changed_to": _per_class(np.where(result.changed, result.aggregate.argmax(axis=1), -1)),
         "pseudo": int(result.pseudo.sum()),

@@ -23,8 +23,11 @@ def read_refined(path: Path | None) -> tuple[dict[str, np.ndarray], dict[str, np
         row = json.loads(line)  # the refine stage's labels.jsonl (pipeline/refine/vote.py: label_rows)
         if row.get("refined") is None:
             continue  # an unlabelled clip that got no pseudo-label
-        target = np.asarray(row.get("soft") or np.eye(len(EMOTIONS))[EMOTIONS.index(row["refined"])],
-                            dtype=np.float32)
+        if row.get("dropped"):  # flagged by refine.mode drop: all zeros, the trainer's "not a training row"
+            target = np.zeros(len(EMOTIONS), np.float32)
+        else:
+            target = np.asarray(row.get("soft") or np.eye(len(EMOTIONS))[EMOTIONS.index(row["refined"])],
+                                dtype=np.float32)
         if row.get("pseudo"):
             pseudo[row["name"]] = target
         elif row.get("label"):
