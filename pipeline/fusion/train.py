@@ -173,6 +173,7 @@ class CVResult:
     selected_epochs: list[int] = field(default_factory=list)
     stores: list[str] = field(default_factory=list)  # the stores the models read
     dropped: list[str] = field(default_factory=list)  # stores named in params that carried nothing
+    refined_labels: bool = False  # trained on the refine stage's labels: the CV score is optimistic
 
 
 def _folds(labels: list[str], groups: list[str | None], k: int, seed: int, what: str, warn: bool = True) -> list:
@@ -239,6 +240,9 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     targets = one_hot(labels)
     if cfg.use_refined and refined:
         targets = np.stack([refined.get(clips[i].name, targets[k]) for k, i in enumerate(labelled)])
+        warn("train.use_refined: the refine stage chose these labels from every labelled clip, the scored "
+             "folds' too, so this CV score is optimistic; judge refinement on unseen candidates "
+             "(make bench-heldout)")
     pseudo_rows = [i for i in unlabelled if cfg.use_pseudo and pseudo and clips[i].name in pseudo and usable[i]]
     pseudo_targets = np.stack([pseudo[clips[i].name] for i in pseudo_rows]) if pseudo_rows else None
     folds = _folds(labels, groups, cfg.folds, cfg.seed, f"train: {len(labels)} labelled clips")
@@ -248,7 +252,8 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     unl_usable = usable[unlabelled] if unlabelled else np.zeros(0, bool)
     unl_probs[~unl_usable] = prior
     result = CVResult(oof, labelled, unl_probs, unlabelled, weights, [], [], [], [], excluded, ~usable, prior,
-                      speaker_independent, stores=list(features.stores), dropped=list(features.dropped))
+                      speaker_independent, stores=list(features.stores), dropped=list(features.dropped),
+                      refined_labels=bool(cfg.use_refined and refined))
     lab_rows = np.array(labelled)
     pred_rows = np.array(unlabelled, dtype=int)[unl_usable]
     for k, (tr, va) in enumerate(folds):
