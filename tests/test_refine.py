@@ -304,7 +304,7 @@ def test_stage_runs_over_tiny_stores(tmp_path: Path, capsys):
     out = root / "reports" / "refine"
     refine_stage([str(root / "manifest.jsonl"), str(out / "labels.jsonl"), str(out / "summary.json"),
                   "--features", str(root / "features"), "--params", str(root / "params.yaml")])
-    assert "labels changed" in capsys.readouterr().out
+    assert "labels changed and" in capsys.readouterr().out
     rows = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
     summary = json.loads((out / "summary.json").read_text())
     assert len(rows) == len(clips) and summary["labelled"] == 48 and summary["unlabelled"] == 12
@@ -338,3 +338,20 @@ def test_stage_still_writes_outputs_when_too_few_labelled_clips_for_k(tmp_path: 
     rows = [json.loads(line) for line in (out / "labels.jsonl").read_text().splitlines()]
     assert all(r["votes"] == {} and r["confidence"] is None for r in rows)
     assert [r["refined"] for r in rows] == [c.label for c in clips]
+
+
+def test_a_source_no_better_than_the_majority_class_gets_no_weight(tmp_path: Path):
+    """An LLM that says 'angry' to everything is dropped, named in the summary with its score."""
+    from pipeline.refine.vote import drop_unreliable
+
+    clips, votes, gold, _ = _noisy_setup()
+    constant = _peaked(np.full(votes.probs.shape[1], EMOTION_INDEX["angry"]), 0.9)
+    votes = Votes(votes.sources + ["llm_labels"], votes.stores + ["llm_labels"],
+                  np.concatenate([votes.probs, constant[None]]), np.ones((3, votes.probs.shape[1]), bool))
+    kept = drop_unreliable(votes, gold)
+    assert kept.sources == ["x/logreg", "y/logreg"] and kept.probs.shape[0] == 2
+    assert kept.skipped["llm_labels"].startswith("below the majority class")
+    cfg = RefineConfig()
+    agg, rel = aggregate(kept, gold, cfg)
+    summary = write_outputs(decide(clips, kept, agg, rel, cfg), cfg, tmp_path / "l.jsonl", tmp_path / "s.json")
+    assert "llm_labels" in summary["skipped_sources"] and "llm_labels" not in summary["sources"]

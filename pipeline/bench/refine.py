@@ -32,7 +32,7 @@ from pipeline.extractors.base import available
 from pipeline.data.ingest import ingest
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip, write_manifest
-from pipeline.refine.vote import RefineConfig, aggregate, collect_votes, decide, gold_of
+from pipeline.refine.vote import RefineConfig, aggregate, collect_votes, decide, drop_unreliable, gold_of
 from pipeline.store import StoreReader
 from pipeline.refine.weak import LightGBMConfig
 from pipeline.tables import write_table
@@ -110,7 +110,7 @@ def run_fold(clips: list[Clip], X: np.ndarray, test: np.ndarray, rate: float, cf
     confusable = most_confusable(X[~test], gold[~test], seed) if class_conditional else None
     noisy, flipped = flip(gold[~test], rate, seed, confusable)
     train_clips = [dataclasses.replace(c, label=EMOTIONS[y]) for c, y in zip(np.array(clips)[~test], noisy)]
-    votes = collect_votes(train_clips, cfg, work)  # the expensive part: once per fold and noise rate
+    votes = drop_unreliable(collect_votes(train_clips, cfg, work), noisy)  # the expensive part: once per fold
     out = {("noisy",): {"predicted": downstream(X, noisy, test)},
            ("clean",): {"predicted": downstream(X, gold[~test], test)}}
     Xtrain = X[~test]

@@ -24,8 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     cfg = refine_config(load_params(args.params))
     result = refine(read_manifest(args.manifest), cfg, args.features)
     summary = write_outputs(result, cfg, args.labels, args.summary)
-    print(f"{summary['changed']} of {summary['labelled']} labels changed, {summary['pseudo']} of "
-          f"{summary['unlabelled']} unlabelled clips pseudo-labelled ({cfg.method}) -> {args.labels}")
+    print(f"{summary['changed']} of {summary['labelled']} labels changed and {summary['dropped']} flagged to leave "
+          f"training ({cfg.method}, mode {cfg.mode}), {summary['pseudo']} of {summary['unlabelled']} unlabelled clips "
+          f"pseudo-labelled -> {args.labels}")
 
 
 if __name__ == "__main__":
