@@ -101,6 +101,5 @@ def check_params(params: Params) -> list[str]:
             raise ConfigError("params key 'engine.runner' is 'ray' but ray is not installed; "
                               "allowed: local, or pip install -e '.[ray]'")
     stores = params.store_names()
-    llm = f"llm backend {params.llm.backend}" if params.llm.enabled else "llm off (llm.enabled: false)"
-    return [f"ingest.root {root}", f"stores {', '.join(stores)}", llm,
+    return [f"ingest.root {root}", f"stores {', '.join(stores)}", f"llm backend {params.llm.backend}",
             f"engine.device {params.engine.device}", f"train.device {params.train.device}"]

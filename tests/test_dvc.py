@@ -197,6 +197,7 @@ def test_llm_enabled_false_loads_no_llm(exp_repo: Path):
     assert "no model loaded" in out and "llm.enabled is false: text_enriched left out of train.stores" in out
     assert "llm.enabled is false: llm_labels left out of refine.label_stores" in out
     assert not {s for s in _ran(out) if s.startswith("extract@")}
+    assert not {"ingest", "train_store@prosody", "refine_store@prosody"} & _ran(out)  # the switch reruns LLM work only
     ckpt = __import__("torch").load(exp_repo / "models" / "fusion" / "fold0.pt", weights_only=True)
     assert "text_enriched" not in ckpt["stores"] and "prosody" in ckpt["stores"]
     refine = json.loads((exp_repo / "reports" / "refine" / "summary.json").read_text())
