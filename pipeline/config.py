@@ -211,7 +211,11 @@ class CleanlabConfig:
 
 @dataclass(frozen=True)
 class RefineConfig:
-    """The `refine:` section of params.yaml (pipeline/refine/vote.py)."""
+    """The `refine:` section of params.yaml (pipeline/refine/vote.py).
+
+    These field defaults are the plain library behaviour (tests build on them); the shipped
+    params.yaml sets the measured best, `method: cleanlab` and `mode: drop` (README "Label refinement").
+    """
 
     stores: list[str] = field(default_factory=lambda: ["prosody"])  # features/<store>.h5, trained on
     classifiers: list[str] = field(default_factory=lambda: ["logreg", "lightgbm"])
@@ -268,7 +272,8 @@ ENRICH_TEMPLATES = {
 class EnrichConfig:
     """params.yaml `llm:`, the enrichment stage's settings (pipeline/llm/enrich.py).
 
-    `enabled: false` turns every LLM stage off in one key (enrichment and the `llm_labels`
+    `enabled` defaults to true here (the library runs what it is given); the shipped params.yaml
+    sets it false, measured (README "LLM stages"). `enabled: false` turns every LLM stage off in one key (enrichment and the `llm_labels`
     zero-shot store): no model loads, those stages write empty outputs, and train and refine
     leave the LLM stores out of `train.stores` / `refine.label_stores` with one line saying so.
     """
