@@ -32,6 +32,13 @@ def write_json(path: str | Path, data: Any, sort_keys: bool = True) -> None:
     write_text_atomic(path, json.dumps(data, indent=2, sort_keys=sort_keys) + "\n")
 
 
+def markdown_table(header: list[str], rows: Iterable[Iterable[Any]]) -> str:
+    """A markdown table: the header, its separator, one line per row of already formatted cells."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(cell) for cell in row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
 def write_table(out: str | Path, rows: list[dict[str, Any]], markdown: str) -> None:
     """A result table as `<out>.json` (the rows) and `<out>.md` (its markdown), then printed."""
     out = Path(out)

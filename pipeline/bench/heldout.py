@@ -35,7 +35,7 @@ from pipeline.config import load_params, train_config
 from pipeline.data import convert
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import read_manifest
-from pipeline.tables import write_table
+from pipeline.tables import markdown_table, write_table
 
 log = logging.getLogger(__name__)
 REPO = Path(__file__).resolve().parents[2]
@@ -201,11 +201,9 @@ def run_corpus(corpus: str, shared: Path, work: Path, meld_train: int, overrides
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| dataset | split | labelled | row | weighted F1 | accuracy | coverage | candidates |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dataset']} | {r['split']} | {r['labelled']} | {r['row']} | {r['weighted_f1']:.4f} | "
-              f"{r['accuracy']:.4f} | {r['coverage']:.2f} | {r['candidates']} |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(["dataset", "split", "labelled", "row", "weighted F1", "accuracy", "coverage", "candidates"],
+                          ([r["dataset"], r["split"], r["labelled"], r["row"], f"{r['weighted_f1']:.4f}",
+                            f"{r['accuracy']:.4f}", f"{r['coverage']:.2f}", r["candidates"]] for r in rows))
 
 
 def main(argv: list[str] | None = None) -> None:

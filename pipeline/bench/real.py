@@ -26,7 +26,7 @@ from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip, write_manifest
 from pipeline.data.splits import fold_indices
 from pipeline.store import StoreReader
-from pipeline.tables import write_table
+from pipeline.tables import markdown_table, write_table
 
 log = logging.getLogger(__name__)
 
@@ -127,11 +127,9 @@ def fusion_rows(corpus: Corpus, clips: list[Clip], stores: list[str], feature_di
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| dataset | modality / fusion | protocol | weighted F1 | accuracy | n |",
-             "|---|---|---|---|---|---|"]
-    lines += [f"| {r['dataset']} | {r['modality']} | {r['protocol']} | {r['weighted_f1']:.4f} | "
-              f"{r['accuracy']:.4f} | {r['n']} |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(["dataset", "modality / fusion", "protocol", "weighted F1", "accuracy", "n"],
+                          ([r["dataset"], r["modality"], r["protocol"], f"{r['weighted_f1']:.4f}",
+                            f"{r['accuracy']:.4f}", r["n"]] for r in rows))
 
 
 def main(argv: list[str] | None = None) -> None:

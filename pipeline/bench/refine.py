@@ -35,7 +35,7 @@ from pipeline.manifest import Clip, write_manifest
 from pipeline.refine.vote import RefineConfig, aggregate, collect_votes, decide, drop_unreliable, gold_of
 from pipeline.store import StoreReader
 from pipeline.refine.weak import LightGBMConfig
-from pipeline.tables import write_table
+from pipeline.tables import markdown_table, write_table
 
 log = logging.getLogger(__name__)
 THRESHOLDS = (0.5, 0.7, 0.9)
@@ -188,15 +188,14 @@ def run_corpus(corpus: Corpus, stores: list[str], args: argparse.Namespace, engi
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| dataset | noise | folds | method | threshold | mode | flipped | flagged | precision | recall | "
-             "detection F1 | restored | F1 noisy | F1 refined | F1 clean |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['dataset']} | {r['noise']:.0%}{' cc' if r['noise_kind'] != 'uniform' else ''} | {r['folds']} | "
-              f"{r['method']} | {r['threshold'] if r['threshold'] is not None else '-'} | {r['mode']} | "
-              f"{r['flipped']} | {r['flagged']} | {_num(r['precision'])} | {r['recall']:.3f} | "
-              f"{r['detection_f1']:.3f} | {r['restored'] if r['mode'] == 'hard' else '-'} | {r['f1_noisy']:.4f} | "
-              f"{r['f1_refined']:.4f} | {r['f1_clean']:.4f} |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(
+        ["dataset", "noise", "folds", "method", "threshold", "mode", "flipped", "flagged", "precision", "recall",
+         "detection F1", "restored", "F1 noisy", "F1 refined", "F1 clean"],
+        ([r["dataset"], f"{r['noise']:.0%}{' cc' if r['noise_kind'] != 'uniform' else ''}", r["folds"], r["method"],
+          r["threshold"] if r["threshold"] is not None else "-", r["mode"], r["flipped"], r["flagged"],
+          _num(r["precision"]), f"{r['recall']:.3f}", f"{r['detection_f1']:.3f}",
+          r["restored"] if r["mode"] == "hard" else "-", f"{r['f1_noisy']:.4f}", f"{r['f1_refined']:.4f}",
+          f"{r['f1_clean']:.4f}"] for r in rows))
 
 
 def _num(value: float | None) -> str:

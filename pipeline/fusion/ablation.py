@@ -19,6 +19,7 @@ from pipeline.manifest import Clip
 from pipeline.fusion.report import classification_metrics
 from pipeline.fusion.models import FUSION_MODELS
 from pipeline.fusion.train import Features, config_with, cross_validate, select
+from pipeline.tables import markdown_table
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +57,7 @@ def run_ablation(clips: list[Clip], features: Features, cfg: TrainConfig,
 
 
 def to_markdown(rows: list[dict]) -> str:
-    lines = ["| variant | weighted F1 | accuracy | macro F1 | fold std | clips scored | by the prior | s/fold |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['variant']} | {r['weighted_f1']:.4f} | {r['accuracy']:.4f} | {r['macro_f1']:.4f} | "
-              f"{r['fold_std']:.4f} | {r['scored']} | {r['prior']} | {r['seconds_per_fold']} |" for r in rows]
-    return "\n".join(lines) + "\n"
+    return markdown_table(
+        ["variant", "weighted F1", "accuracy", "macro F1", "fold std", "clips scored", "by the prior", "s/fold"],
+        ([r["variant"], f"{r['weighted_f1']:.4f}", f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}",
+          f"{r['fold_std']:.4f}", r["scored"], r["prior"], r["seconds_per_fold"]] for r in rows))
