@@ -5,9 +5,9 @@ backend runs the shipped SmolLM2 (loaded once per module) and a tiny random-weig
 """
 
 import json
+import re
 import sqlite3
 import sys
-import time
 from dataclasses import replace
 
 import numpy as np
@@ -89,10 +89,10 @@ def test_subtitle_is_quoted_data_and_template_untouched(server):
 
 def test_cache_keys_values_and_wal(tmp_path):
     cache = LLMCache(tmp_path / "c.sqlite")
-    base = ({"model": "m"}, "template", "labels", "clip1", "hi")
+    base = ({"model": "m"}, "template", "labels", "hi")
     key = LLMCache.key(*base)
     variants = [({"model": "n"},) + base[1:], base[:1] + ("other",) + base[2:],
-                base[:2] + ("enrich",) + base[3:], base[:3] + ("clip2", "hi"), base[:4] + ("hi!",)]
+                base[:2] + ("enrich",) + base[3:], base[:3] + ("hi!",), base + ({"max_new_tokens": 8},)]
     assert len({key} | {LLMCache.key(*v) for v in variants}) == 6
     assert cache.get(key) is None
     cache.put(key, json.dumps({"happy": 1.0}))
@@ -129,25 +129,24 @@ def test_endpoint_scores_are_normalised_in_label_order(server):
 
 def test_endpoint_timeout_and_refused(server):
     server.respond = lambda body, call: Reply("late", delay_s=1.5)
-    start = time.perf_counter()
-    with pytest.raises(LLMError, match="timed out"):
-        endpoint(server, timeout_s=0.2, retries=1).chat([build_messages("t", "x")], 8)
-    assert time.perf_counter() - start < 1.2 and len(server.requests) == 2
+    # a failed request comes back in its place (the batch's other answers stand)
+    [late] = endpoint(server, timeout_s=0.2, retries=1).chat([build_messages("t", "x")], 8)
+    assert isinstance(late, LLMError) and "timed out" in str(late) and len(server.requests) == 2
     closed = FakeLLMServer()
     url = closed.url
     closed.httpd.server_close()  # nothing listens there now
     llm = build_llm("endpoint", {"base_url": url, "model": "m", **FAST}).load()
-    with pytest.raises(LLMError, match=f"{url}/chat/completions: URLError.*refused"):
-        llm.chat([build_messages("t", "x")], 8)
+    [refused] = llm.chat([build_messages("t", "x")], 8)
+    assert re.search(f"{url}/chat/completions: URLError.*refused", str(refused))
+    with pytest.raises(LLMError, match="refused"):  # label scoring has no answer to put in its place
+        llm.label_probs([build_messages("t", "x")], EMOTIONS)
 
 
-def test_endpoint_concurrency_and_api_key(server, monkeypatch):
-    server.respond = lambda body, call: Reply("ok", delay_s=0.3)
+def test_endpoint_api_key(server, monkeypatch):
     monkeypatch.setenv("MER_TEST_KEY", "sk-secret")
-    llm = endpoint(server, concurrency=4, api_key_env="MER_TEST_KEY")
-    start = time.perf_counter()
-    assert llm.chat([build_messages("t", str(i)) for i in range(4)], 8) == ["ok"] * 4
-    assert time.perf_counter() - start < 0.9 and server.max_in_flight >= 3
+    llm = endpoint(server, api_key_env="MER_TEST_KEY")
+    assert llm.chat([build_messages("t", str(i)) for i in range(4)], 8) == ["enriched: " + json.dumps(str(i))
+                                                                           for i in range(4)]
     assert {h["Authorization"] for h in server.headers} == {"Bearer sk-secret"}
     assert "sk-secret" not in json.dumps(llm.identity()) + repr(llm.options)
     monkeypatch.delenv("MER_TEST_KEY")
@@ -253,8 +252,8 @@ def test_enrichment_rows_cache_and_failures(server, tmp_path):
     status = {(r["name"], r["language"]): r["status"] for r in rows}
     assert {status[k] for k in [("b", "english"), ("c", "chinese"), ("d", "english")]} == {"empty_subtitle"}
     assert status[("c", "english")].startswith("failed: LLMError") and (summary.ok, summary.failed) == (3, 1)
-    # empty subtitles made no call; the failed batch [c/en, d/ch] was retried one by one: 2 + 2 + 2
-    assert len(server.requests) == 6
+    # empty subtitles made no call; an endpoint asks each prompt once, and c/en's failure is its own
+    assert len(server.requests) == 4
     new = enriched_manifest(clips, rows)
     assert new[0].english == "We won!\n\nENRICHED We won!"
     assert new[0].chinese == "我们赢了\n\nENRICHED 我们赢了"
@@ -270,22 +269,52 @@ def test_enrichment_rows_cache_and_failures(server, tmp_path):
     assert len(server.requests) == before  # ZERO calls: everything came from the cache
 
 
-def test_equal_subtitles_are_asked_once_and_cached_per_clip(server, engine, tmp_path):
+def test_each_distinct_text_is_asked_once_across_batches_runs_and_clips(server, engine, tmp_path):
     clips = [Clip(n, english="Dogs are sitting by the door.") for n in "abc"] + [Clip("d", english="Fire!")]
     out = tmp_path / "e.jsonl"
     summary = run_enrichment(clips, endpoint(server), tmp_path / "c.sqlite", "english", ENRICH_TEMPLATES,
-                             16, 8, out, 0.0)
+                             16, 1, out, 0.0)  # one subtitle per batch: the duplicates are in other batches
     assert (summary.asked, summary.ok, len(server.requests)) == (2, 4, 2)
     assert len({r["enriched"] for r in read_enriched(out)}) == 2
     write_manifest(clips, tmp_path / "m.jsonl")
     options = {"backend": "endpoint", "cache_path": str(tmp_path / "c.sqlite"), "calibrate": False,
                "backend_options": {"base_url": server.url, "model": "fake", **FAST}}
     before = len(server.requests)
-    run_extraction("llm", ExtractorSpec("llm_zero_shot", options), replace(engine, batch_size=4),
+    run_extraction("llm", ExtractorSpec("llm_zero_shot", options), replace(engine, batch_size=1),
+                   tmp_path / "m.jsonl", tmp_path / "l.h5", tmp_path / "l.json", progress=False)
+    assert len(server.requests) - before == 2  # four batches of one clip, two distinct subtitles
+    assert json.loads((tmp_path / "l.json").read_text())["counts"] == {
+        "distinct_texts": 2, "asked": 2, "cached_queries": 2}
+    with sqlite3.connect(tmp_path / "c.sqlite") as db:  # one answer per text and kind, not per clip
+        assert db.execute("select count(*) from answers").fetchone()[0] == 2 + 2
+    others = [Clip(n, english=c.english) for n, c in zip(["w", "x", "y", "z"], clips)]  # new clips, same texts
+    write_manifest(others, tmp_path / "m2.jsonl")
+    before = len(server.requests)
+    assert run_enrichment(others, endpoint(server), tmp_path / "c.sqlite", "english", ENRICH_TEMPLATES,
+                          16, 8, tmp_path / "e2.jsonl", 0.0).cached == 4
+    run_extraction("llm", ExtractorSpec("llm_zero_shot", options), engine, tmp_path / "m2.jsonl",
+                   tmp_path / "l2.h5", tmp_path / "l2.json", progress=False)
+    assert len(server.requests) == before  # another dataset with the same texts: free
+    assert json.loads((tmp_path / "l2.json").read_text())["counts"] == {
+        "distinct_texts": 2, "asked": 0, "cached_queries": 4}
+
+
+@pytest.mark.parametrize("concurrency", [1, 8])
+def test_endpoint_stages_keep_concurrency_requests_in_flight(server, engine, tmp_path, concurrency):
+    """Both LLM stages send `concurrency` requests at once (the rate itself: `make bench-llm`)."""
+    server.respond = lambda body, call: Reply(json.dumps({e: 1 for e in EMOTIONS})
+                                              if "response_format" in body else "calm", delay_s=0.05)
+    clips = [Clip(f"c{i}", english=f"Line number {i}.") for i in range(16)]
+    summary = run_enrichment(clips, endpoint(server, concurrency=concurrency), tmp_path / "c.sqlite", "english",
+                             ENRICH_TEMPLATES, 16, 2, tmp_path / "e.jsonl", 0.0)  # batch 2 < concurrency: raised
+    assert (summary.asked, server.max_in_flight) == (16, concurrency)
+    server.max_in_flight = 0
+    write_manifest(clips, tmp_path / "m.jsonl")
+    options = {"backend": "endpoint", "cache_path": str(tmp_path / "c.sqlite"), "calibrate": False,
+               "backend_options": {"base_url": server.url, "model": "fake", "concurrency": concurrency, **FAST}}
+    run_extraction("llm", ExtractorSpec("llm_zero_shot", options), replace(engine, batch_size=8),
                    tmp_path / "m.jsonl", tmp_path / "l.h5", progress=False)
-    assert len(server.requests) - before == 2  # one batch of four clips, two distinct subtitles
-    with sqlite3.connect(tmp_path / "c.sqlite") as db:  # still one cached answer per clip
-        assert db.execute("select count(*) from answers").fetchone()[0] == 4 + 4
+    assert len(server.requests) == 32 and server.max_in_flight == concurrency
 
 
 def test_enrichment_params_are_strict(server, tmp_path):
@@ -353,3 +382,22 @@ def test_smollm2_labels_and_chat(smol):
     np.testing.assert_allclose(smol.label_probs(batch[1:], EMOTIONS)[0], probs[1], atol=1e-5)
     answers = smol.chat([build_messages(ENRICH_TEMPLATES["english"], "We won the final!")] * 2, 6)
     assert len(answers) == 2 and answers[0] == answers[1] and answers[0].strip()
+
+
+def test_shared_prefix_gives_the_numbers_of_whole_prompts(smol):
+    """The template's KV cache run once per batch (default) equals every prompt run whole."""
+    from dataclasses import replace as with_options
+
+    texts = ["Oh my god!", "I can't believe you did that to me, Ross.", "", "We won the final, we won!!!"]
+    batch = [build_messages(TEMPLATE_ENGLISH, t) for t in texts]
+    whole = with_options(smol.options, share_prefix=False)
+    shared_probs, shared_answers = smol.label_probs(batch, EMOTIONS), smol.chat(batch, 8)
+    smol.options, kept = whole, smol.options
+    try:
+        np.testing.assert_allclose(shared_probs, smol.label_probs(batch, EMOTIONS), atol=1e-5)
+        assert shared_answers == smol.chat(batch, 8)
+    finally:
+        smol.options = kept
+    singles = np.concatenate([smol.label_probs([m], EMOTIONS) for m in batch])  # no prefix to share
+    np.testing.assert_allclose(shared_probs, singles, atol=1e-5)
+    assert np.ptp(shared_probs, axis=0).max() > 1e-3  # each row read its own subtitle, not the prefix alone

@@ -63,6 +63,44 @@ def time_labels(manifest: Path, batch_size: int, work: Path, calibrate: bool = T
              "seconds": round(seconds, 2), "s_per_clip": round(seconds / max(1, summary.done), 3)}, store)
 
 
+def time_endpoint(clips: list[Clip], concurrency: int, work: Path, latency_s: float = 0.05) -> dict[str, Any]:
+    """Enrichment through the endpoint backend against a loopback server that answers each request
+    after `latency_s` (a stand-in for a GPU server's per-request time): what `concurrency` buys."""
+    import json
+    import threading
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_POST(self) -> None:  # noqa: N802 - the http.server name
+            self.rfile.read(int(self.headers["Content-Length"]))
+            time.sleep(latency_s)
+            body = json.dumps({"choices": [{"message": {"role": "assistant", "content": "calm"}}]}).encode()
+            self.send_response(200)
+            self.send_header("Content-Type", "application/json")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args: Any) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, args=(0.05,), daemon=True).start()
+    try:
+        llm = build_llm("endpoint", {"base_url": f"http://127.0.0.1:{httpd.server_address[1]}/v1",
+                                     "model": "loopback", "concurrency": concurrency}).load("cpu")
+        start = time.perf_counter()
+        summary = run_enrichment(clips, llm, work / f"cache-endpoint-{concurrency}.sqlite", "english",
+                                 ENRICH_TEMPLATES, 48, 8, work / f"enriched-endpoint-{concurrency}.jsonl", 0.0)
+        seconds = time.perf_counter() - start
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+    return {"concurrency": concurrency, "subtitles": summary.asked, "seconds": round(seconds, 3),
+            "per_second": round(summary.asked / seconds, 1), "server_latency_s": latency_s}
+
+
 def meld_sample(shared: Path, work: Path, n: int, seed: int) -> list[Clip]:
     """A seeded sample of `n` MELD utterances, through the project's own MELD adapter."""
     from pipeline.bench.real import CORPORA, build
@@ -106,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
                                for b in (1, args.batch_size))
         report["labels"] = {"one_at_a_time": one, "batched": many,
                             "batched_speedup": round(one["seconds"] / many["seconds"], 2)}
+        one, many = (time_endpoint(clips, c, work) for c in (1, 8))
+        report["endpoint"] = {"one_at_a_time": one, "concurrency_8": many,
+                              "speedup": round(one["seconds"] / many["seconds"], 2)}
         if sample:
             write_manifest(sample, work / "meld.jsonl")
             timing, store = time_labels(work / "meld.jsonl", args.batch_size, work / "meld")
@@ -128,6 +169,10 @@ def _print(report: dict[str, Any]) -> None:
         print(f"  {part:7s} one at a time {r['one_at_a_time']['s_per_clip']:.3f} s/clip, batched "
               f"(batch {r['batched']['batch_size']}) {r['batched']['s_per_clip']:.3f} s/clip: "
               f"{r['batched_speedup']}x")
+    e = report["endpoint"]
+    print(f"  endpoint (loopback, {e['one_at_a_time']['server_latency_s']}s per request) "
+          f"{e['one_at_a_time']['per_second']}/s one at a time, {e['concurrency_8']['per_second']}/s "
+          f"with concurrency 8: {e['speedup']}x")
     if "meld_zero_shot" in report:
         m = report["meld_zero_shot"]
         print(f"  MELD zero-shot ({m['sample']}): accuracy {m.get('accuracy')}, weighted F1 "

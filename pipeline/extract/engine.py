@@ -64,6 +64,8 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
             loading = time.perf_counter()
             extractor.load(device)  # after the fingerprint check: wrong settings fail before a model loads
             summary.load_seconds = time.perf_counter() - loading
+            if (line := extractor.plan(todo)) is not None:
+                log.info("%s: %s", store, line)
             for result in ClipWorker(store, extractor, summary).run(todo, engine.batch_size, engine.decode_workers,
                                                                    decoder_threads(engine)):
                 run.take(result)
@@ -71,6 +73,7 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
     finally:
         bar.close()
         writer.flush()  # finished clips survive Ctrl-C and errors
+        summary.counts = extractor.counts()
     summary.seconds = time.perf_counter() - start
     _finish(run, clips, Path(store_path), failures_path, summary_path)
     return summary

@@ -15,7 +15,7 @@ import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Iterator
 
 from pipeline.config import EngineConfig
@@ -45,6 +45,7 @@ class ExtractSummary:
     decode_seconds: float = 0.0  # the media-decoding part of it (PyAV), summed over threads
     model_seconds: float = 0.0
     write_seconds: float = 0.0
+    counts: dict[str, int] = field(default_factory=dict)  # the extractor's own (`Extractor.counts`)
 
     @property
     def clips_per_second(self) -> float:

@@ -56,6 +56,14 @@ class Extractor(ABC):
     def versions(self) -> dict[str, str]:
         return {pkg: importlib.metadata.version(pkg) for pkg in self.packages}
 
+    def plan(self, todo: list[Clip]) -> str | None:
+        """A line saying what this run will cost, logged after `load` and before any clip; None: nothing to say."""
+        return None
+
+    def counts(self) -> dict[str, int]:
+        """What this run did, beyond clips (e.g. prompts asked vs answered from a cache): into the summary JSON."""
+        return {}
+
     @abstractmethod
     def prepare(self, clip: Clip) -> Any:
         """Decode what the model needs; raise NotApplicable or pipeline.data.media.MediaError."""

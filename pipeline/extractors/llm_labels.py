@@ -4,8 +4,11 @@ Per subtitle, the LLM scores the six classes (`pipeline.llm.backends`: label log
 local models, a JSON object of scores from an endpoint); `utterance` holds the six
 probabilities in `pipeline.labels.EMOTIONS` order. With `language: both` each subtitle
 present is scored with its own template and the probabilities are averaged. Answers are
-cached in SQLite (`cache_path`), so a rerun or a resumed run asks the model nothing twice;
-clips of one batch with the same subtitle are asked once.
+cached in SQLite (`cache_path`) by text, not clip, so each distinct (model, template, text)
+is asked once per run and once ever: clips sharing a subtitle, in any batch or run, share
+one answer. Before the first clip the log says how many distinct texts there are and how
+many are cached; after the first model call, the projected time for the rest; the stage's
+summary (`reports/extract/llm_labels.json` `counts`) holds distinct texts, asked, cached.
 
 `calibrate: true` (default) applies contextual calibration (Zhao et al. 2021, "Calibrate
 before use"): the model's probabilities for content-free subtitles ("N/A", "", "...") are
@@ -19,6 +22,8 @@ with gold labels (`reports/llm/metrics.json`), never trust it blindly.
 from __future__ import annotations
 
 import json
+import logging
+import time
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
@@ -30,6 +35,7 @@ from pipeline.labels import EMOTIONS
 from pipeline.llm.backends import LLM, LLMCache, LLMError, build_llm, build_messages, template_hash
 from pipeline.manifest import Clip
 
+log = logging.getLogger(__name__)
 LANGUAGES = {"chinese": ("chinese",), "english": ("english",), "both": ("chinese", "english")}
 TEMPLATE_ENGLISH = (
     "You label the emotion of the speaker of one subtitle line from a video clip. The user "
@@ -82,6 +88,11 @@ class LLMZeroShotLabels(Extractor):
         except ValueError as err:
             raise ConfigError(f"{where}: {err}") from None
         self.cache: LLMCache | None = None
+        self.asked: set[tuple[str, str]] = set()  # distinct (language, text) sent to the model by this run
+        self.seen: set[tuple[str, str]] = set()  # distinct (language, text) of the clips' queries
+        self.cached = 0  # clip queries answered from the cache
+        self.to_ask = 0  # distinct uncached texts at the start (from `plan`)
+        self.projected = False
 
     def _template(self, language: str) -> str:
         return self.options.template_chinese if language == "chinese" else self.options.template_english
@@ -103,6 +114,22 @@ class LLMZeroShotLabels(Extractor):
         self.llm.load(device)
         self.prior: dict[str, np.ndarray] | None = None
 
+    def plan(self, todo: list[Clip]) -> str:
+        """Distinct texts, those already cached, and so what the model will be asked."""
+        self._open_cache()
+        distinct = {(q.language, q.text) for clip in todo for q in self._queries(clip)}
+        cached = sum(self.cache.get(self._key(Query("", lang, text))) is not None for lang, text in distinct)
+        self.to_ask = len(distinct) - cached
+        return (f"{len(todo)} clips, {len(distinct)} distinct subtitle text(s), {cached} answered from the cache: "
+                f"{self.to_ask} to ask the model (each once)")
+
+    def counts(self) -> dict[str, int]:
+        return {"distinct_texts": len(self.seen), "asked": len(self.asked), "cached_queries": self.cached}
+
+    def _open_cache(self) -> None:
+        if self.cache is None:  # opened in the engine's main thread, where plan and extract_batch run
+            self.cache = LLMCache(self.options.cache_path)
+
     def _label_prior(self) -> dict[str, np.ndarray]:
         """Per language, the mean probabilities on content-free subtitles (cached like any answer)."""
         prior = {}
@@ -115,24 +142,25 @@ class LLMZeroShotLabels(Extractor):
             prior[lang] = np.clip(np.mean([[probs[q][e] for e in EMOTIONS] for q in queries], axis=0), 1e-6, None)
         return prior
 
+    def _queries(self, clip: Clip) -> list[Query]:
+        queries = [Query(clip.name, lang, getattr(clip, lang).strip()) for lang in LANGUAGES[self.options.language]]
+        return [q for q in queries if q.text]
+
     def prepare(self, clip: Clip) -> list[Query]:
-        languages = LANGUAGES[self.options.language]
-        queries = [Query(clip.name, lang, getattr(clip, lang).strip()) for lang in languages]
-        queries = [q for q in queries if q.text]
+        queries = self._queries(clip)
         if not queries:
             raise NotApplicable(clip.name)
         return queries
 
     def _key(self, q: Query) -> str:
-        return LLMCache.key(self._llm_identity, self._template(q.language), "labels", q.clip, q.text,
+        return LLMCache.key(self._llm_identity, self._template(q.language), "labels", q.text,
                             {"labels": list(EMOTIONS)})
 
     def extract_batch(self, items: list[list[Query]]) -> list[dict[str, np.ndarray]]:
-        if self.cache is None:  # opened here: extract_batch runs in the engine's main thread
-            self.cache = LLMCache(self.options.cache_path)
+        self._open_cache()
         if self.prior is None:  # a failed try (endpoint down) is retried with the next batch
             self.prior = self._label_prior()
-        found = self._scores([q for item in items for q in item])
+        found = self._scores([q for item in items for q in item], count=True)
         out = []
         for item in items:
             probs = np.mean([self._calibrated(q, found[q]) for q in item], axis=0)
@@ -143,14 +171,22 @@ class LLMZeroShotLabels(Extractor):
         probs = np.array([scores[e] for e in EMOTIONS]) / self.prior[q.language]
         return probs / probs.sum()
 
-    def _scores(self, queries: list[Query]) -> dict[Query, dict[str, float]]:
-        """Raw label probabilities per query: from the cache, the misses in one model call."""
+    def _scores(self, queries: list[Query], count: bool = False) -> dict[Query, dict[str, float]]:
+        """Raw label probabilities per query: from the cache, the misses in one model call.
+        `count`: clip queries (not the calibration prompts), counted in `counts()`."""
         found = {q: self.cache.get(self._key(q)) for q in queries}
         misses = [q for q in queries if found[q] is None]
         prompts = list(dict.fromkeys((q.language, q.text) for q in misses))  # equal subtitles: asked once
+        if count:
+            self.seen.update((q.language, q.text) for q in queries)
+            self.cached += len(queries) - len(misses)
         if prompts:  # every distinct uncached subtitle of the batch in one model call
+            start = time.perf_counter()
             probs = self.llm.label_probs([build_messages(self._template(lang), text) for lang, text in prompts],
                                          EMOTIONS)
+            if count:
+                self.asked.update(prompts)
+                self._project(len(prompts), time.perf_counter() - start)
             if probs.shape != (len(prompts), len(EMOTIONS)):
                 raise LLMError(f"{self.llm.backend} returned {probs.shape} probabilities "
                                f"for {len(prompts)} prompts")
@@ -160,3 +196,12 @@ class LLMZeroShotLabels(Extractor):
                 self.cache.put(self._key(q), json.dumps(found[q]))
             self.cache.commit()
         return found
+
+    def _project(self, n: int, seconds: float) -> None:
+        """After the first model call: the projected time for the texts still to ask."""
+        if self.projected:
+            return
+        self.projected = True
+        left = max(0, self.to_ask - len(self.asked))
+        log.info("llm_labels: first %d prompt(s) in %.1fs (%.3fs each): about %.0fs for the %d still to ask",
+                 n, seconds, seconds / n, seconds / n * left, left)

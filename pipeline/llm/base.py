@@ -42,6 +42,11 @@ class LLM(ABC):
         self.options = options
         self.device: str | None = None  # set by load()
 
+    @property
+    def parallel(self) -> int:
+        """Prompts this backend answers at once (an endpoint's `concurrency`): a smaller batch idles it."""
+        return 1
+
     def ensure_loaded(self, device: str = "cpu") -> "LLM":
         """Load on first use only: a run answered wholly from the cache never loads the model."""
         return self if self.device is not None else self.load(device)
@@ -55,8 +60,9 @@ class LLM(ABC):
         return self
 
     @abstractmethod
-    def chat(self, batch: list[Messages], max_new_tokens: int) -> list[str]:
-        """One greedy answer per message list, in order."""
+    def chat(self, batch: list[Messages], max_new_tokens: int) -> list[str | LLMError]:
+        """One greedy answer per message list, in order; a backend that asks per prompt may put
+        the LLMError of a prompt that failed in its place (callers record it and go on)."""
 
     @abstractmethod
     def label_probs(self, batch: list[Messages], labels: tuple[str, ...]) -> np.ndarray:

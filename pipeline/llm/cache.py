@@ -1,4 +1,7 @@
-"""The answers cache shared by the LLM stages: one SQLite table, JSON values, no pickle."""
+"""The answers cache shared by the LLM stages: one SQLite table, JSON values, no pickle.
+
+Keys hold no clip name (format 2): caches written by keys with clip names (before) are
+simply missed, never misread."""
 
 from __future__ import annotations
 
@@ -22,10 +25,13 @@ class LLMCache:
         self.db.commit()
 
     @staticmethod
-    def key(identity: dict[str, Any], template: str, kind: str, clip: str, text: str,
+    def key(identity: dict[str, Any], template: str, kind: str, text: str,
             settings: dict[str, Any] | None = None) -> str:
-        """sha256 of model identity, template hash, kind (enrich|labels), clip, text, settings."""
-        parts = [identity, template_hash(template), kind, clip, text, settings or {}]
+        """sha256 of model identity, template hash, kind (enrich|labels), text, settings.
+
+        The text, not the clip: greedy answers depend on the prompt alone, so clips that share
+        a subtitle, in one batch or across batches, runs and datasets, share one answer."""
+        parts = [identity, template_hash(template), kind, text, settings or {}]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def get(self, key: str) -> Any | None:

@@ -9,9 +9,11 @@
 The output holds one JSON line per clip and language, `{name, language, subtitle,
 enriched, status}`, in manifest order. `enriched_manifest` puts "subtitle\\n\\nenriched"
 into the clips' subtitle fields, so the existing `text` extractor encodes the enriched
-text with its own code. Answers are cached per clip and batch (`pipeline.llm.backends.LLMCache`), so
-an interrupted run resumes and an unchanged rerun calls the model zero times. Rows with the
-same language and subtitle are asked once per run (greedy decoding gives them one answer).
+text with its own code. Answers are cached by (model, template, text) after each batch
+(`pipeline.llm.backends.LLMCache`), so an interrupted run resumes, an unchanged rerun calls
+the model zero times, and rows with the same language and subtitle are asked once per run
+and once ever (greedy decoding gives them one answer). The log says the distinct and cached
+counts before the first call and the projected time after the first batch.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ class EnrichSummary:
     failed: int = 0
     cached: int = 0  # answered from the cache
     asked: int = 0  # distinct prompts sent to the model by this run (equal subtitles are asked once)
+    distinct: int = 0  # distinct (language, subtitle) among the non-empty rows
     seconds: float = 0.0
 
 
@@ -91,7 +94,7 @@ def _uncached_groups(rows: list[dict[str, Any]], cache: LLMCache, identity: dict
     settings = {"max_new_tokens": max_new_tokens}
     groups: dict[tuple[str, str], list[tuple[dict[str, Any], str]]] = {}
     for row in rows:
-        key = LLMCache.key(identity, templates[row["language"]], "enrich", row["name"], row["subtitle"], settings)
+        key = LLMCache.key(identity, templates[row["language"]], "enrich", row["subtitle"], settings)
         cached = cache.get(key)
         if cached is None:
             groups.setdefault((row["language"], row["subtitle"]), []).append((row, key))
@@ -120,13 +123,24 @@ def run_enrichment(clips: list[Clip], llm: LLM, cache_path: str | Path, language
     rows = _rows(clips, LANGUAGES[language])
     todo = [r for r in rows if r["status"] == "ok"]
     summary = EnrichSummary(rows=len(rows), empty=len(rows) - len(todo))
+    if llm.parallel > 1:  # an endpoint: `concurrency` in flight, and a batch twice that keeps its tail short
+        batch_size = max(batch_size, 2 * llm.parallel)
     cache = LLMCache(cache_path)
     try:
         groups = _uncached_groups(todo, cache, identity, templates, max_new_tokens, summary)
+        summary.distinct = len({(r["language"], r["subtitle"]) for r in todo})
+        log.info("enrich: %d subtitles, %d distinct, %d rows answered from the cache: %d to ask the model",
+                 len(todo), summary.distinct, summary.cached, len(groups))
         with progress_bar(len(groups), "enrich", "prompt", progress) as bar:
             for i in range(0, len(groups), batch_size):
+                batch_start = time.perf_counter()
                 _enrich_group(llm, cache, groups[i:i + batch_size], templates, max_new_tokens, summary, device)
                 bar.update(len(groups[i:i + batch_size]))
+                if i == 0:  # the cost, said before most of it is paid (the first batch includes the model load)
+                    each = (time.perf_counter() - batch_start) / len(groups[:batch_size])
+                    log.info("enrich: first %d prompt(s) at %.2fs each: about %.0fs for the %d left",
+                             len(groups[:batch_size]), each, each * (len(groups) - batch_size),
+                             max(0, len(groups) - batch_size))
     finally:
         cache.close()
     failed = [r for r in todo if r["status"] != "ok"]
