@@ -9,7 +9,7 @@ RAY_STAMP := $(VENV)/.installed-ray
 # dvc stages call `python`: run them with the venv first on PATH.
 RUN := PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
 
-.PHONY: help install repro features test test-fast demo bench bench-heldout bench-extract bench-refine bench-llm bench-scale clean-features
+.PHONY: help install repro features test test-fast demo bench bench-heldout bench-extract bench-refine bench-llm bench-scale plots-template clean-features
 .DEFAULT_GOAL := help
 
 help:  ## list targets
@@ -67,6 +67,11 @@ bench-llm: $(STAMP)  ## LLM stage seconds per clip, batched vs one at a time (+ 
 
 bench-scale: $(STAMP) $(RAY_STAMP)  ## extraction clips/s locally and on Ray with 1 and 2 workers (frames store, the 80 demo clips)
 	$(RUN) $(BIN)/python -m pipeline.bench.scale --store frames --clips 80 --out reports/bench/scale.json
+
+plots-template: $(STAMP)  ## rebuild .dvc/plots/offline.html (vega inlined, for offline `dvc plots`) from npm (maintainers only; committed)
+	mkdir -p build/npm
+	cd build/npm && npm pack --silent $$($(abspath $(BIN))/python -m pipeline.bench.plots_template --print-specs)
+	$(RUN) $(BIN)/python -m pipeline.bench.plots_template --npm build/npm --out .dvc/plots/offline.html
 
 clean-features:  ## delete feature stores, partial work and reports (DVC can restore cached ones)
 	rm -rf features/*.h5 features/.partial reports/extract
