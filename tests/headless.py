@@ -121,14 +121,20 @@ class Browser:
     def open(self, path: Path, fragment: str = "", timeout: float = 60) -> float:
         """Navigate to a local file and wait for its load event; returns the seconds it took."""
         url = Path(path).resolve().as_uri() + (f"#{fragment}" if fragment else "")
+        # via about:blank: a navigation that changes only the fragment would fire no load event
+        self._navigate("about:blank", timeout)
         start = time.monotonic()
+        self._navigate(url, timeout)
+        return time.monotonic() - start
+
+    def _navigate(self, url: str, timeout: float) -> None:
         self.call("Page.navigate", url=url)
         self._ws.settimeout(timeout)
         while True:
             message = json.loads(self._ws.recv())
             self._event(message)
             if message.get("method") == "Page.loadEventFired":
-                return time.monotonic() - start
+                return
 
     def evaluate(self, expression: str):
         """The JSON value of a JavaScript expression (promises awaited)."""

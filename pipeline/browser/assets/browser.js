@@ -45,12 +45,13 @@
     state = next;
   }
 
-  function writeHash() {
-    const params = new URLSearchParams();
-    if (state.cell) params.set("cell", CLASSES[state.cell[0]] + "," + CLASSES[state.cell[1]]);
-    for (const key of ["split", "missing", "sort"]) if (state[key] !== defaults[key]) params.set(key, state[key]);
-    if (state.page) params.set("page", String(state.page + 1));
-    history.replaceState(null, "", params.toString() ? "#" + params.toString() : location.pathname);
+  function writeHash() {  // by hand, not URLSearchParams, so the cell reads "#cell=angry,happy"
+    const parts = [];
+    const put = (key, value) => parts.push(key + "=" + encodeURIComponent(value).replace(/%2C/g, ","));
+    if (state.cell) put("cell", CLASSES[state.cell[0]] + "," + CLASSES[state.cell[1]]);
+    for (const key of ["split", "missing", "sort"]) if (state[key] !== defaults[key]) put(key, state[key]);
+    if (state.page) put("page", String(state.page + 1));
+    history.replaceState(null, "", parts.length ? "#" + parts.join("&") : location.pathname);
   }
 
   function matches(clip) {
