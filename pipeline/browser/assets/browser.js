@@ -103,8 +103,8 @@
     });
   }
 
-  function bars(kind, labels, values, mark) {
-    const box = el("div", { class: "bars " + kind });
+  function bars(kind, caption, labels, values, mark) {
+    const box = el("div", { class: "bars " + kind }, el("span", { class: "caption", text: caption }));
     labels.forEach((label, i) => {
       const value = values[i];
       const cls = mark(i);
@@ -143,8 +143,8 @@
       body.append(el("p", { class: "sub " + lang + (text ? "" : " empty"), lang, text: text || "(no " + lang + " subtitle)" }));
     }
     const panels = el("div", { class: "panels" });
-    panels.append(bars("probs", CLASSES, clip.probs, (i) => (i === clip.pred ? "pred" : "") + (i === clip.gold ? " gold" : "")));
-    if (STORES.length) panels.append(bars("w", STORES, clip.weights, () => ""));
+    panels.append(bars("probs", "class probabilities", CLASSES, clip.probs, (i) => (i === clip.pred ? "pred" : "") + (i === clip.gold ? " gold" : "")));
+    if (STORES.length) panels.append(bars("w", "modality weights (fusion share)", STORES, clip.weights, () => ""));
     body.append(panels);
     if (clip.missing.length) body.append(el("p", { class: "missing", text: "modalities missing: " + clip.missing.join(", ") }));
     if (clip.failures.length) {
