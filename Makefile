@@ -9,7 +9,7 @@ RAY_STAMP := $(VENV)/.installed-ray
 # dvc stages call `python`: run them with the venv first on PATH.
 RUN := PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
 
-.PHONY: help install repro features test test-fast demo bench bench-heldout bench-extract bench-refine bench-llm bench-scale clean-features
+.PHONY: help install repro features test test-fast demo bench bench-heldout bench-extract bench-refine bench-llm bench-scale bench-browser plots-template clean-features
 .DEFAULT_GOAL := help
 
 help:  ## list targets
@@ -26,6 +26,21 @@ $(STAMP): pyproject.toml
 
 install: $(STAMP)  ## create .venv and install the package with pinned dependencies
 
+# The page tests (tests/test_pages.py) render in headless Chromium: Debian's package, installed here
+# when it is missing and this runs as root with apt-get (~25 s, ~420 MB; not version-pinned, since
+# Debian's security updates replace it); otherwise those tests skip and say why. A failed install
+# leaves no stamp, so the next `make test` tries again.
+CHROMIUM_STAMP := $(VENV)/.installed-chromium
+BROWSER_PACKAGES := chromium fonts-dejavu-core fonts-wqy-microhei
+
+$(CHROMIUM_STAMP): $(STAMP)
+	@if command -v chromium >/dev/null 2>&1; then echo "chromium: $$(chromium --version 2>/dev/null)"; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends \
+	    $(BROWSER_PACKAGES) || { echo "warning: apt-get could not install $(BROWSER_PACKAGES): the page tests will skip"; exit 0; }; \
+	else echo "note: no chromium and not root with apt-get: the page tests will skip (install chromium to run them)"; fi
+	@if command -v chromium >/dev/null 2>&1; then touch $@; fi
+
 $(RAY_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -e '.[ray]'
 	touch $@
@@ -36,7 +51,7 @@ repro: $(STAMP)  ## install, then run the whole DVC pipeline on the dataset in p
 features: $(STAMP)  ## install, then run ingest and the extraction stages only
 	$(RUN) $(BIN)/dvc repro ingest extract
 
-test: $(STAMP) $(RAY_STAMP)  ## install (with the ray extra), then run the whole test suite (slow tests included)
+test: $(STAMP) $(RAY_STAMP) $(CHROMIUM_STAMP)  ## install (with the ray extra and chromium), then run the whole test suite (slow tests included)
 	$(RUN) $(BIN)/python -m pytest -q
 
 test-fast: $(STAMP)  ## tests without the ones marked slow
@@ -67,6 +82,14 @@ bench-llm: $(STAMP)  ## LLM stage seconds per clip, batched vs one at a time (+ 
 
 bench-scale: $(STAMP) $(RAY_STAMP)  ## extraction clips/s locally and on Ray with 1 and 2 workers (frames store, the 80 demo clips)
 	$(RUN) $(BIN)/python -m pipeline.bench.scale --store frames --clips 80 --out reports/bench/scale.json
+
+bench-browser: $(STAMP)  ## error browser page weight on 10,000 synthetic clips (build/browser-10k/index.html)
+	$(RUN) $(BIN)/python -m pipeline.bench.browser --clips 10000 --out build/browser-10k/index.html
+
+plots-template: $(STAMP)  ## rebuild .dvc/plots/offline.html (vega inlined, for offline `dvc plots`) from npm (maintainers only; committed)
+	mkdir -p build/npm
+	cd build/npm && npm pack --silent $$($(abspath $(BIN))/python -m pipeline.bench.plots_template --print-specs)
+	$(RUN) $(BIN)/python -m pipeline.bench.plots_template --npm build/npm --out .dvc/plots/offline.html
 
 clean-features:  ## delete feature stores, partial work and reports (DVC can restore cached ones)
 	rm -rf features/*.h5 features/.partial reports/extract

@@ -62,6 +62,8 @@ def repo(tmp_path_factory) -> Path:
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     _sh(["git", "init", "-q"], work)
     _sh([str(BIN / "dvc"), "init", "-q"], work)
+    shutil.copytree(REPO / ".dvc" / "plots", work / ".dvc" / "plots")  # the plot templates dvc.yaml names
+    _sh([str(BIN / "dvc"), "config", "plots.html_template", "plots/offline.html"], work)
     _sh([str(BIN / "dvc"), "repro"], work)
     return work
 
@@ -94,6 +96,11 @@ def test_repro_runs_ingest_to_predictions(repo: Path):
     assert "weighted_f1" in shown and "clips_per_second" not in shown and '"seconds' not in shown  # scores, no timings
     plots = json.loads(_sh([str(BIN / "dvc"), "plots", "show", "--json"], repo, stdout_only=True))
     assert {"reports/plots/confusion.csv", "reports/plots/curves.csv"} <= set(plots["data"]), list(plots["data"])
+    page = (repo / "reports" / "browser" / "index.html").read_text(encoding="utf-8")
+    rows = json.loads(page.split('id="mer-data">')[1].split("</script>")[0])["rows"]
+    assert sorted(r[0] for r in rows) == sorted(json.loads(line)["name"] for line in
+                                                (repo / "data" / "manifest.jsonl").read_text().splitlines())
+    assert len(list((repo / "reports" / "browser" / "thumbs").glob("*.jpg"))) == 22  # every subset clip has video
 
 
 @pytest.mark.slow

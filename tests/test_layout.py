@@ -15,7 +15,7 @@ LAYERS = {
     "data": 2, "backends": 2,
     "extractors": 3, "llm": 3,
     "extract": 4,
-    "refine": 5, "fusion": 5, "check": 5,
+    "refine": 5, "fusion": 5, "check": 5, "browser": 5,
     "stages": 6, "cli": 6, "bench": 6,
 }
 

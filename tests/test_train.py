@@ -222,3 +222,31 @@ def test_a_dropped_clip_never_trains_but_is_still_scored(monkeypatch):
     assert len(result.labelled) == 72 and np.isfinite(result.oof_probs).all()  # scored against gold all the same
     assert result.refined_labels  # metrics.json says the CV figure is optimistic
     assert not cross_validate(clips, features, small(epochs=1), refined=dropped).refined_labels  # not used: honest
+
+
+def test_reports_weights_per_class_sum_to_one_and_per_clip_mark_missing(tmp_path):
+    """modality_weights.csv is one bar per predicted class, so each class's shares sum to 1 (a bar
+    stacked over classes once reached 4.1); clip_weights.csv leaves a cell empty where a clip lacks
+    that modality, which is how the error browser knows what was missing."""
+    import csv
+    from collections import defaultdict
+
+    from pipeline.fusion.report import write_reports
+
+    clips, features, _ = synthetic(n=60, n_labelled=48)
+    features.mask[::5, 1] = False  # every fifth clip has no noise_a
+    result = cross_validate(clips, features, small(epochs=2))
+    write_reports(clips, result, tmp_path)
+    shares = defaultdict(float)
+    with (tmp_path / "plots" / "modality_weights.csv").open() as fh:
+        for row in csv.DictReader(fh):
+            shares[row["emotion"]] += float(row["weight"])
+    predicted = {EMOTIONS[int(p)] for p in result.oof_probs.argmax(1)}
+    assert predicted and all(abs(shares[e] - 1) < 2e-3 for e in predicted), dict(shares)
+    with (tmp_path / "clip_weights.csv").open() as fh:
+        rows = {r["name"]: r for r in csv.DictReader(fh)}
+    assert len(rows) == 60 and list(next(iter(rows.values()))) == ["name", "good", "noise_a", "noise_b"]
+    for i, clip in enumerate(clips):
+        row = rows[clip.name]
+        assert (row["noise_a"] == "") == (i % 5 == 0)
+        assert abs(sum(float(row[s]) for s in ("good", "noise_a", "noise_b") if row[s]) - 1) < 1e-3

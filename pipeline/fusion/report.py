@@ -94,8 +94,20 @@ def write_reports(clips: list[Clip], result: CVResult, out: Path) -> dict:
     _write_csv(plots / "modality_weights.csv", ["emotion", "modality", "weight"],
                [[e, m, round(float(weights[predicted == c, j].mean()) if (predicted == c).any() else 0.0, 4)]
                 for c, e in enumerate(EMOTIONS) for j, m in enumerate(columns)])
+    write_clip_weights(clips, result, out / "clip_weights.csv")
     write_json(out / "metrics.json", metrics, sort_keys=False)  # weighted F1 first, as `dvc exp show` lists it
     return metrics
+
+
+def write_clip_weights(clips: list[Clip], result: CVResult, path: Path) -> None:
+    """Every clip's modality weights, one column per store; an empty cell where the clip lacks that
+    modality (the model masked it), so the one file says both what the model leaned on and what was
+    missing. Out of fold for labelled clips, the fold average otherwise (as the probabilities)."""
+    present = result.present if result.present is not None else result.weights > 0
+    stores = result.stores[: result.weights.shape[1]]
+    _write_csv(path, ["name", *stores],
+               [[clip.name, *[round(float(w), 4) if has else "" for w, has in zip(result.weights[i], present[i])]]
+                for i, clip in sorted(enumerate(clips), key=lambda pair: pair[1].name)])
 
 
 def clip_probabilities(clips: list[Clip], result: CVResult) -> dict[int, tuple[str, np.ndarray]]:

@@ -174,6 +174,7 @@ class CVResult:
     stores: list[str] = field(default_factory=list)  # the stores the models read
     dropped: list[str] = field(default_factory=list)  # stores named in params that carried nothing
     refined_labels: bool = False  # trained on the refine stage's labels: the CV score is optimistic
+    present: np.ndarray | None = None  # (N, M) bool, columns in `stores` order: the clip has that modality
 
 
 def _folds(labels: list[str], groups: list[str | None], k: int, seed: int, what: str, warn: bool = True) -> list:
@@ -253,7 +254,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     unl_probs[~unl_usable] = prior
     result = CVResult(oof, labelled, unl_probs, unlabelled, weights, [], [], [], [], excluded, ~usable, prior,
                       speaker_independent, stores=list(features.stores), dropped=list(features.dropped),
-                      refined_labels=bool(cfg.use_refined and refined))
+                      refined_labels=bool(cfg.use_refined and refined), present=features.mask.copy())
     lab_rows = np.array(labelled)
     pred_rows = np.array(unlabelled, dtype=int)[unl_usable]
     for k, (tr, va) in enumerate(folds):
