@@ -75,6 +75,20 @@ def test_mer_check_passes_the_repo_params(tmp_path, capsys):
     assert json.loads((tmp_path / "check.json").read_text())["checked"]
 
 
+def test_mer_check_prunes_the_digests_of_its_params_project_only(tmp_path, monkeypatch, capsys):
+    """Stale store digests are pruned beside the params file checked, never in the working directory."""
+    elsewhere = tmp_path / "cwd"
+    for root in (tmp_path, elsewhere):
+        (root / "features" / "inputs" / "train").mkdir(parents=True)
+        for store in ("prosody", "whisper"):
+            (root / "features" / "inputs" / "train" / f"{store}.json").write_text("{}")
+    monkeypatch.chdir(elsewhere)
+    mer(["check", "--params", str(_with({"train.stores": ["prosody"]}, tmp_path)), str(tmp_path / "check.json")])
+    assert "whisper.json: removed" in capsys.readouterr().out
+    assert sorted(p.name for p in (tmp_path / "features" / "inputs" / "train").iterdir()) == ["prosody.json"]
+    assert len(list((elsewhere / "features" / "inputs" / "train").iterdir())) == 2  # another project: untouched
+
+
 def test_cuda_without_a_gpu_is_refused_at_check_and_train(tmp_path, capsys, monkeypatch):
     monkeypatch.setattr("pipeline.devices.cuda_available", lambda: False)
     for key in ("train.device", "engine.device"):

@@ -40,27 +40,34 @@ def _with_subtitle(clips: list[Clip]) -> list[Clip]:
     return [c for c in clips if c.english.strip()]
 
 
-def time_enrichment(clips: list[Clip], batch_size: int, max_new_tokens: int, work: Path) -> dict[str, Any]:
-    llm = build_llm("transformers", {})
+def time_enrichment(clips: list[Clip], batch_size: int, max_new_tokens: int, work: Path,
+                    share_prefix: bool = True) -> dict[str, Any]:
+    llm = build_llm("transformers", {"share_prefix": share_prefix})
     llm.load("cpu")  # loading is not what is compared
+    tag = f"{batch_size}-{share_prefix}"
     start = time.perf_counter()
-    summary = run_enrichment(clips, llm, work / f"cache-enrich-{batch_size}.sqlite", "english", ENRICH_TEMPLATES,
-                             max_new_tokens, batch_size, work / f"enriched-{batch_size}.jsonl", 1.0)
+    summary = run_enrichment(clips, llm, work / f"cache-enrich-{tag}.sqlite", "english", ENRICH_TEMPLATES,
+                             max_new_tokens, batch_size, work / f"enriched-{tag}.jsonl", 1.0)
     seconds = time.perf_counter() - start
-    return {"batch_size": batch_size, "subtitles": summary.asked, "failed": summary.failed,
-            "seconds": round(seconds, 2), "s_per_clip": round(seconds / max(1, summary.asked), 3)}
+    return {"batch_size": batch_size, "share_prefix": share_prefix, "subtitles": summary.asked,
+            "failed": summary.failed, "seconds": round(seconds, 2),
+            "s_per_clip": round(seconds / max(1, summary.asked), 3)}
 
 
-def time_labels(manifest: Path, batch_size: int, work: Path, calibrate: bool = True) -> tuple[dict[str, Any], Path]:
-    spec = ExtractorSpec("llm_zero_shot", {"cache_path": str(work / f"cache-labels-{batch_size}.sqlite"),
-                                           "calibrate": calibrate})
+def time_labels(manifest: Path, batch_size: int, work: Path, calibrate: bool = True,
+                share_prefix: bool = True) -> tuple[dict[str, Any], Path]:
+    tag = f"{batch_size}-{share_prefix}"
+    spec = ExtractorSpec("llm_zero_shot", {"cache_path": str(work / f"cache-labels-{tag}.sqlite"),
+                                           "calibrate": calibrate,
+                                           "backend_options": {"share_prefix": share_prefix}})
     engine = EngineConfig(device="cpu", batch_size=batch_size, flush_every=256)
-    store = work / f"labels-{batch_size}-{calibrate}.h5"
+    store = work / f"labels-{tag}-{calibrate}.h5"
     summary = run_extraction("llm_labels", spec, engine, manifest, store, progress=False)
     # timing runs (calibrate off): the model calls only; the quality run: everything, model load included
     seconds = summary.seconds if calibrate else summary.model_seconds
-    return ({"batch_size": batch_size, "clips": summary.done, "failed": summary.failed,
-             "seconds": round(seconds, 2), "s_per_clip": round(seconds / max(1, summary.done), 3)}, store)
+    return ({"batch_size": batch_size, "share_prefix": share_prefix, "clips": summary.done,
+             "failed": summary.failed, "seconds": round(seconds, 2),
+             "s_per_clip": round(seconds / max(1, summary.done), 3)}, store)
 
 
 def time_endpoint(clips: list[Clip], concurrency: int, work: Path, latency_s: float = 0.05) -> dict[str, Any]:
@@ -137,13 +144,16 @@ def main(argv: list[str] | None = None) -> None:
     with tempfile.TemporaryDirectory(prefix="bench_llm_") as tmp:
         work = Path(tmp)
         write_manifest(clips, work / "manifest.jsonl")
-        one, many = (time_enrichment(clips, b, args.max_new_tokens, work) for b in (1, args.batch_size))
-        report["enrich"] = {"one_at_a_time": one, "batched": many,
-                            "batched_speedup": round(one["seconds"] / many["seconds"], 2)}
-        (one, _), (many, _) = (time_labels(work / "manifest.jsonl", b, work, calibrate=False)
-                               for b in (1, args.batch_size))
-        report["labels"] = {"one_at_a_time": one, "batched": many,
-                            "batched_speedup": round(one["seconds"] / many["seconds"], 2)}
+        b = args.batch_size  # rows: one prompt per call; batched whole prompts (the code before); batched,
+        # the template's prefix shared (the default); the same with 4x the batch
+        runs = [(1, False), (b, False), (b, True), (4 * b, True)]
+        for part, timed in (("enrich", lambda n, share: time_enrichment(clips, n, args.max_new_tokens, work, share)),
+                            ("labels", lambda n, share: time_labels(work / "manifest.jsonl", n, work,
+                                                                    calibrate=False, share_prefix=share)[0])):
+            rows = [timed(n, share) for n, share in runs]
+            report[part] = {"runs": rows, "one_at_a_time": rows[0], "batched": rows[2],
+                            "batched_speedup": round(rows[0]["seconds"] / rows[2]["seconds"], 2),
+                            "shared_prefix_speedup": round(rows[1]["seconds"] / rows[2]["seconds"], 2)}
         one, many = (time_endpoint(clips, c, work) for c in (1, 8))
         report["endpoint"] = {"one_at_a_time": one, "concurrency_8": many,
                               "speedup": round(one["seconds"] / many["seconds"], 2)}
@@ -166,9 +176,10 @@ def _print(report: dict[str, Any]) -> None:
           f" -> {report['load_average_1m_after']}")
     for part in ("enrich", "labels"):
         r = report[part]
-        print(f"  {part:7s} one at a time {r['one_at_a_time']['s_per_clip']:.3f} s/clip, batched "
-              f"(batch {r['batched']['batch_size']}) {r['batched']['s_per_clip']:.3f} s/clip: "
-              f"{r['batched_speedup']}x")
+        runs = ", ".join(f"batch {x['batch_size']}{' shared prefix' if x['share_prefix'] else ''} "
+                         f"{x['s_per_clip']:.3f}" for x in r["runs"])
+        print(f"  {part:7s} s per distinct text: {runs}; batched {r['batched_speedup']}x one at a time, "
+              f"shared prefix {r['shared_prefix_speedup']}x whole prompts")
     e = report["endpoint"]
     print(f"  endpoint (loopback, {e['one_at_a_time']['server_latency_s']}s per request) "
           f"{e['one_at_a_time']['per_second']}/s one at a time, {e['concurrency_8']['per_second']}/s "

@@ -20,7 +20,7 @@ from pipeline.tables import write_json
 
 @entry_point
 def main(argv: list[str] | None = None) -> None:
-    from pipeline.check import check_params, prune_inputs
+    from pipeline.check import INPUTS, check_params, prune_inputs
     from pipeline.config import load_params
 
     parser = argparse.ArgumentParser(prog="mer check", description=__doc__)
@@ -30,7 +30,8 @@ def main(argv: list[str] | None = None) -> None:
     params = load_params(args.params)
     checked = check_params(params)
     if args.output:
-        for path in prune_inputs(params):
+        # the project is where its params file is: checking another project's params prunes that project's
+        for path in prune_inputs(params, Path(args.params).parent / INPUTS):
             print(f"{path}: removed (its store is no longer named in params)")
         # Only what ingest and the store digests need (they depend on this file): a change of device or LLM
         # settings must not rerun them; the stages that read those settings have them as params deps.
