@@ -77,7 +77,7 @@ bench-refine: $(STAMP)  ## label refinement on real data with 10%/20% known flip
 
 bench-llm: $(STAMP)  ## LLM stage seconds per clip, batched vs one at a time (+ zero-shot quality on MELD)
 	$(RUN) $(BIN)/dvc repro ingest
-	$(RUN) $(BIN)/python -m pipeline.bench.llm --manifest data/manifest.jsonl --limit 24 \
+	$(RUN) $(BIN)/python -m pipeline.bench.llm --manifest data/manifest.jsonl --limit 48 \
 	  $$(test -d ../shared/data/meld && echo --meld ../shared/data --meld-clips 300)
 
 bench-scale: $(STAMP) $(RAY_STAMP)  ## extraction clips/s locally and on Ray with 1 and 2 workers (frames store, the 80 demo clips)

@@ -29,7 +29,7 @@ from pipeline.tables import write_json
 from pipeline.config import EngineConfig, ExtractorSpec
 from pipeline.llm.enrich import ENRICH_TEMPLATES, run_enrichment
 from pipeline.extract.engine import run_extraction
-from pipeline.llm.backends import build_llm
+from pipeline.llm.backends import build_llm, build_messages
 from pipeline.llm.report import label_store_metrics
 from pipeline.manifest import Clip, read_manifest, write_manifest
 
@@ -43,7 +43,8 @@ def _with_subtitle(clips: list[Clip]) -> list[Clip]:
 def time_enrichment(clips: list[Clip], batch_size: int, max_new_tokens: int, work: Path,
                     share_prefix: bool = True) -> dict[str, Any]:
     llm = build_llm("transformers", {"share_prefix": share_prefix})
-    llm.load("cpu")  # loading is not what is compared
+    llm.load("cpu")  # loading is not what is compared, nor the first call's one-off kernel set-up
+    llm.chat([build_messages(ENRICH_TEMPLATES["english"], c.english) for c in clips[:2]], 4)
     tag = f"{batch_size}-{share_prefix}"
     start = time.perf_counter()
     summary = run_enrichment(clips, llm, work / f"cache-enrich-{tag}.sqlite", "english", ENRICH_TEMPLATES,

@@ -7,7 +7,7 @@ present is scored with its own template and the probabilities are averaged. Answ
 cached in SQLite (`cache_path`) by text, not clip, so each distinct (model, template, text)
 is asked once per run and once ever: clips sharing a subtitle, in any batch or run, share
 one answer. Before the first clip the log says how many distinct texts there are and how
-many are cached; after the first model call, the projected time for the rest; the stage's
+many are cached; after the second model call, the projected time for the rest; the stage's
 summary (`reports/extract/llm_labels.json` `counts`) holds distinct texts, asked, cached.
 
 `calibrate: true` (default) applies contextual calibration (Zhao et al. 2021, "Calibrate
@@ -93,6 +93,7 @@ class LLMZeroShotLabels(Extractor):
         self.cached = 0  # clip queries answered from the cache
         self.to_ask = 0  # distinct uncached texts at the start (from `plan`)
         self.projected = False
+        self.calls = 0  # model calls for clip queries
 
     def _template(self, language: str) -> str:
         return self.options.template_chinese if language == "chinese" else self.options.template_english
@@ -186,7 +187,9 @@ class LLMZeroShotLabels(Extractor):
                                          EMOTIONS)
             if count:
                 self.asked.update(prompts)
-                self._project(len(prompts), time.perf_counter() - start)
+                self.calls += 1
+                if self.calls == 2 or self.to_ask == len(self.asked):  # the first call pays one-off set-up
+                    self._project(len(prompts), time.perf_counter() - start)
             if probs.shape != (len(prompts), len(EMOTIONS)):
                 raise LLMError(f"{self.llm.backend} returned {probs.shape} probabilities "
                                f"for {len(prompts)} prompts")
@@ -198,10 +201,10 @@ class LLMZeroShotLabels(Extractor):
         return found
 
     def _project(self, n: int, seconds: float) -> None:
-        """After the first model call: the projected time for the texts still to ask."""
+        """After the second model call (the first pays kernel set-up): the projected time for the rest."""
         if self.projected:
             return
         self.projected = True
         left = max(0, self.to_ask - len(self.asked))
-        log.info("llm_labels: first %d prompt(s) in %.1fs (%.3fs each): about %.0fs for the %d still to ask",
+        log.info("llm_labels: %d prompt(s) in %.1fs (%.3fs each): about %.0fs for the %d still to ask",
                  n, seconds, seconds / n, seconds / n * left, left)

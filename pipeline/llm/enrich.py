@@ -13,7 +13,8 @@ text with its own code. Answers are cached by (model, template, text) after each
 (`pipeline.llm.backends.LLMCache`), so an interrupted run resumes, an unchanged rerun calls
 the model zero times, and rows with the same language and subtitle are asked once per run
 and once ever (greedy decoding gives them one answer). The log says the distinct and cached
-counts before the first call and the projected time after the first batch.
+counts before the first call and the projected time after the second batch (the first
+loads the model).
 """
 
 from __future__ import annotations
@@ -136,11 +137,11 @@ def run_enrichment(clips: list[Clip], llm: LLM, cache_path: str | Path, language
                 batch_start = time.perf_counter()
                 _enrich_group(llm, cache, groups[i:i + batch_size], templates, max_new_tokens, summary, device)
                 bar.update(len(groups[i:i + batch_size]))
-                if i == 0:  # the cost, said before most of it is paid (the first batch includes the model load)
-                    each = (time.perf_counter() - batch_start) / len(groups[:batch_size])
-                    log.info("enrich: first %d prompt(s) at %.2fs each: about %.0fs for the %d left",
-                             len(groups[:batch_size]), each, each * (len(groups) - batch_size),
-                             max(0, len(groups) - batch_size))
+                done = min(i + batch_size, len(groups))
+                if i == batch_size:  # the cost, said before most of it is paid (the first batch loads the model)
+                    each = (time.perf_counter() - batch_start) / (done - i)
+                    log.info("enrich: %d prompt(s) at %.2fs each: about %.0fs for the %d left",
+                             done - i, each, each * (len(groups) - done), len(groups) - done)
     finally:
         cache.close()
     failed = [r for r in todo if r["status"] != "ok"]
