@@ -92,7 +92,6 @@ class LLMZeroShotLabels(Extractor):
         self.seen: set[tuple[str, str]] = set()  # distinct (language, text) of the clips' queries
         self.cached = 0  # clip queries answered from the cache
         self.to_ask = 0  # distinct uncached texts at the start (from `plan`)
-        self.projected = False
         self.calls = 0  # model calls for clip queries
 
     def _template(self, language: str) -> str:
@@ -188,7 +187,8 @@ class LLMZeroShotLabels(Extractor):
             if count:
                 self.asked.update(prompts)
                 self.calls += 1
-                if self.calls == 2 or self.to_ask == len(self.asked):  # the first call pays one-off set-up
+                # from the second call (the first pays one-off set-up), or the only one
+                if self.calls == 2 or (self.calls == 1 and self.to_ask == len(self.asked)):
                     self._project(len(prompts), time.perf_counter() - start)
             if probs.shape != (len(prompts), len(EMOTIONS)):
                 raise LLMError(f"{self.llm.backend} returned {probs.shape} probabilities "
@@ -202,9 +202,6 @@ class LLMZeroShotLabels(Extractor):
 
     def _project(self, n: int, seconds: float) -> None:
         """After the second model call (the first pays kernel set-up): the projected time for the rest."""
-        if self.projected:
-            return
-        self.projected = True
         left = max(0, self.to_ask - len(self.asked))
         log.info("llm_labels: %d prompt(s) in %.1fs (%.3fs each): about %.0fs for the %d still to ask",
                  n, seconds, seconds / n, seconds / n * left, left)

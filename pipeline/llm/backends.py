@@ -138,61 +138,70 @@ class TransformersLLM(LLM):
             ids[row, span], mask[row, span] = torch.tensor(seq, dtype=torch.long), 1
         return ids.to(self.device), mask.to(self.device)
 
+    def _shared_prefix(self, prompts: list[list[int]]) -> tuple[int, Any]:
+        """(n, KV cache of the batch's first n common tokens, repeated for every prompt; None when n = 0).
+
+        With `share_prefix` and more than one prompt, n is the common token prefix (the system
+        message: the template, the same for every subtitle) less one token, so every prompt
+        keeps at least one token of its own whose logits predict its answer."""
+        import torch
+
+        n_prefix = _common_prefix(prompts) - 1 if self.options.share_prefix and len(prompts) > 1 else 0
+        if n_prefix <= 0:
+            return 0, None
+        prefix = torch.tensor([prompts[0][:n_prefix]], dtype=torch.long, device=self.device)
+        cache = self.model(input_ids=prefix, use_cache=True).cache
+        cache.batch_repeat_interleave(len(prompts))
+        return n_prefix, cache
+
+    def _after_prefix(self, own_mask: Any, n_prefix: int) -> Any:
+        """The attention mask over the shared prefix (all ones) and each prompt's own tokens."""
+        import torch
+
+        ones = torch.ones((len(own_mask), n_prefix), dtype=torch.long, device=self.device)
+        return torch.cat([ones, own_mask], 1)
+
     def chat(self, batch: list[Messages], max_new_tokens: int) -> list[str]:
-        """Batched greedy answers. With `share_prefix`, the common prompt prefix (the template)
-        runs once and its KV cache is repeated for the batch; each prompt's own tokens follow,
-        left-padded after the prefix so every answer starts in one column (the same answers)."""
+        """Batched greedy answers. The shared prefix (`_shared_prefix`) runs once; each prompt's
+        own tokens follow, left-padded after it so every answer starts in one column (the same
+        answers as whole prompts)."""
         import torch
 
         prompts = [self._prompt_ids(m) for m in batch]
-        n_prefix = _common_prefix(prompts) - 1 if self.options.share_prefix and len(prompts) > 1 else 0
-        own, own_mask = self._pad([p[n_prefix:] for p in prompts], left=True)  # answers start in one column
-        kwargs: dict[str, Any] = {}
         with torch.inference_mode():
-            if n_prefix > 0:
-                prefix = torch.tensor([prompts[0][:n_prefix]], dtype=torch.long, device=self.device)
-                kwargs["cache"] = self.model(input_ids=prefix, use_cache=True).cache
-                kwargs["cache"].batch_repeat_interleave(len(prompts))
-            ids = torch.cat([torch.tensor([prompts[0][:n_prefix]], dtype=torch.long,
-                                          device=self.device).expand(len(prompts), -1), own], 1)
-            mask = torch.cat([torch.ones((len(prompts), n_prefix), dtype=torch.long, device=self.device),
-                              own_mask], 1)
-            out = self.model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
-                                      do_sample=False, pad_token_id=self.pad_id, **kwargs)
+            n_prefix, cache = self._shared_prefix(prompts)
+            own, own_mask = self._pad([p[n_prefix:] for p in prompts], left=True)  # answers start in one column
+            prefix = torch.tensor([prompts[0][:n_prefix]], dtype=torch.long, device=self.device)
+            ids = torch.cat([prefix.expand(len(prompts), -1), own], 1)  # generate() skips what the cache holds
+            out = self.model.generate(input_ids=ids, attention_mask=self._after_prefix(own_mask, n_prefix),
+                                      max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=self.pad_id,
+                                      **({"cache": cache} if cache is not None else {}))
         answers = self.tokenizer.batch_decode(out[:, ids.shape[1]:], skip_special_tokens=True)
         return [a.strip().rstrip("\ufffd") for a in answers]  # a cut-off multi-byte character
 
     def label_probs(self, batch: list[Messages], labels: tuple[str, ...]) -> np.ndarray:
         """Sum of the label tokens' log-probs as the assistant's answer; softmax over labels.
 
-        The batch's common token prefix (the system message: the template, the same for every
-        subtitle) runs once; each prompt's own tokens run on top of it; that KV cache is then
-        repeated for the labels, which run as one short batch (B*L rows of a few tokens). The
-        same numbers (to ~1e-5) as running every prompt once per label, at a fraction of it.
+        The shared prefix (`_shared_prefix`) runs once; each prompt's own tokens run on top of
+        it, right-padded; that KV cache is then repeated for the labels, which run as one short
+        batch (B*L rows of a few tokens). With `share_prefix: false` every prompt runs whole
+        (n = 0): the same numbers to ~1e-5, at a larger cost.
         """
-        if self.options.share_prefix:
-            return self._label_probs_shared([self._prompt_ids(m) for m in batch], labels)
-        return self._label_probs_padded(batch, labels)
-
-    def _label_probs_shared(self, prompts: list[list[int]], labels: tuple[str, ...]) -> np.ndarray:
         import torch
 
-        n_prefix = _common_prefix(prompts) - 1  # every row keeps >= 1 own token: its logits predict the answer
-        tails = [p[n_prefix:] for p in prompts]
+        prompts = [self._prompt_ids(m) for m in batch]
         answers = [self.tokenizer(lab, add_special_tokens=False)["input_ids"] for lab in labels]
         n_b, n_l = len(prompts), len(labels)
         with torch.inference_mode():
-            prefix = torch.tensor([prompts[0][:n_prefix]], dtype=torch.long, device=self.device)
-            cache = self.model(input_ids=prefix, use_cache=True).cache if n_prefix else None
-            if cache is not None:
-                cache.batch_repeat_interleave(n_b)
-            own, own_mask = self._pad(tails, left=False)  # (B, longest own part), padding on the right
-            ones = torch.ones((n_b, n_prefix), dtype=torch.long, device=self.device)
-            mask = torch.cat([ones, own_mask], 1)
-            out = self.model(input_ids=own, attention_mask=mask, cache=cache, use_cache=True,
-                             position_ids=n_prefix + torch.arange(own.shape[1], device=self.device).expand(n_b, -1))
+            n_prefix, cache = self._shared_prefix(prompts)
+            own, own_mask = self._pad([p[n_prefix:] for p in prompts], left=False)  # (B, longest own part)
+            mask = self._after_prefix(own_mask, n_prefix)
+            positions = n_prefix + torch.arange(own.shape[1], device=self.device).expand(n_b, -1)
+            out = self.model.model(input_ids=own, attention_mask=mask, cache=cache, use_cache=True,
+                                   position_ids=positions)
             last = own_mask.sum(-1) - 1  # each row's last real token predicts its answer's first token
-            first = out.logits[torch.arange(n_b), last].float().log_softmax(-1).cpu().numpy()
+            hidden = out.last_hidden_state[torch.arange(n_b, device=self.device), last]  # logits there only
+            first = self.model.lm_head(hidden).float().log_softmax(-1).cpu().numpy()  # (B, V)
             out.cache.batch_repeat_interleave(n_l)  # row b * L + k continues prompt b with label k
             tail, tail_mask = self._pad(answers, left=False)  # (L, longest label)
             both = torch.cat([mask.repeat_interleave(n_l, 0), tail_mask.repeat(n_b, 1)], 1)
@@ -201,27 +210,6 @@ class TransformersLLM(LLM):
                               position_ids=lengths + torch.arange(tail.shape[1], device=self.device))
             rest = more.logits.float().log_softmax(-1).cpu().numpy()  # (B*L, longest label, V)
         return _label_softmax(first, rest, answers, n_b)
-
-    def _label_probs_padded(self, batch: list[Messages], labels: tuple[str, ...]) -> np.ndarray:
-        """Every prompt whole, left-padded (`share_prefix: false`): the reference the shared path equals."""
-        import torch
-
-        ids, mask = self._pad([self._prompt_ids(m) for m in batch], left=True)
-        answers = [self.tokenizer(lab, add_special_tokens=False)["input_ids"] for lab in labels]
-        tail, tail_mask = self._pad(answers, left=False)  # (L, longest label)
-        n_b, n_l = len(batch), len(labels)
-        with torch.inference_mode():
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)  # left padding: real tokens start at 0
-            out = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True,
-                             logits_to_keep=1)
-            first = out.logits[:, -1].float().log_softmax(-1)  # (B, V): the label's first token
-            out.cache.batch_repeat_interleave(n_l)  # row b * L + k continues prompt b with label k
-            lengths = mask.sum(-1).repeat_interleave(n_l)[:, None]
-            both = torch.cat([mask.repeat_interleave(n_l, 0), tail_mask.repeat(n_b, 1)], 1)
-            more = self.model(input_ids=tail.repeat(n_b, 1), attention_mask=both, cache=out.cache,
-                              position_ids=lengths + torch.arange(tail.shape[1], device=self.device))
-            rest = more.logits.float().log_softmax(-1).cpu().numpy()  # (B*L, longest label, V)
-        return _label_softmax(first.cpu().numpy(), rest, answers, n_b)
 
 
 def _common_prefix(seqs: list[list[int]]) -> int:
