@@ -83,9 +83,19 @@ class WhisperOptions:
     sequence_hop_s: float = 0.2  # the sequence mean-pools the 20 ms encoder frames into steps of this
     windows_per_call: int = 0  # windows (across clips) per encoder call; 0 = auto (see _per_call)
     silence_dbfs: float = -60.0  # peak below this: present = 0 (vectors still stored)
+    # Encoder blocks whose states are pooled (0 = input embeddings, negative from the end):
+    # [] is the encoder's last output through CTranslate2; a list runs the same weights in
+    # PyTorch float32 (pipeline/backends/whisper_layers.py) and `utterance` concatenates
+    # each block's mean, `sequence` pools the blocks' average (so its width stays d_model).
+    layers: list[int] = field(default_factory=list)
+    # with `layers`: false encodes each window at its own length (4.6x faster on 2 cores);
+    # true zero-pads it to 30 s as Whisper was trained (RAVDESS CV 0.829 vs 0.809, README)
+    pad_to_30s: bool = False
 
     def __post_init__(self) -> None:
         _check_windowing(self)
+        if len(set(self.layers)) != len(self.layers):
+            raise ConfigError(f"options.layers must not repeat a block, got {self.layers}")
         if self.window_s > 30:
             raise ConfigError(f"options.window_s must be <= 30 (Whisper's input length), got {self.window_s}")
 
@@ -99,6 +109,10 @@ class WhisperEncoderExtractor(Extractor):
     output_keys = OUTPUTS
     sequence_keys = ("sequence",)
     packages = ("numpy", "ctranslate2", "faster-whisper", "av")
+
+    def versions(self) -> dict[str, str]:
+        # the PyTorch runner's numbers depend on torch; the CTranslate2 path's do not
+        return super().versions() | ({"torch": importlib.metadata.version("torch")} if self.options.layers else {})
 
     def model_identity(self) -> dict[str, Any]:
         path = self.options.model_path
@@ -122,6 +136,11 @@ class WhisperEncoderExtractor(Extractor):
         folder = Path(o.model_path).expanduser() if o.model_path else enc.materialize_whisper(o.cache_dir)
         compute = o.compute_type if o.compute_type != "auto" else ("int8" if device == "cpu" else "float16")
         self.encoder = enc.WhisperEncoder(folder, device, compute, o.num_threads)
+        self.blocks = None
+        if o.layers:
+            from pipeline.backends.whisper_layers import WhisperLayers
+
+            self.blocks = WhisperLayers(folder / "model.bin", device, list(o.layers))
         frame_s = self.encoder.frame_samples / self.encoder.features.sampling_rate
         self.hop = max(1, round(o.sequence_hop_s / frame_s))
         # whole 20 ms frames per window, so consecutive windows tile the time axis exactly
@@ -145,7 +164,21 @@ class WhisperEncoderExtractor(Extractor):
             states = self.encoder.encode([mel for mel, _ in batch])
             return [s[:n] for s, (_, n) in zip(states, batch)]
 
-        return _pool(items, enc.run_grouped(pairs, groups, encode), self.hop)
+        def blocks(batch: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
+            if self.options.pad_to_30s:
+                return [s[:, :n] for s, (_, n) in zip(self.blocks([mel for mel, _ in batch]), batch)]
+            return self.blocks([mel[:, : 2 * n] for mel, n in batch])  # (L, n, d) per window
+
+        if self.blocks is None:
+            return _pool(items, enc.run_grouped(pairs, groups, encode), self.hop)
+        states = enc.run_grouped(pairs, groups, blocks)
+        out, start = [], 0
+        for item in items:
+            seq = np.concatenate(states[start:start + len(item.inputs)], axis=1).astype(np.float64)
+            start += len(item.inputs)
+            out.append({"utterance": seq.mean(axis=1).reshape(-1).astype(np.float32),
+                        "sequence": enc.pool_sequence(seq.mean(axis=0), self.hop), "present": np.float32(item.present)})
+        return out
 
 
 # ---------------------------------------------------------------- HF speech transformers
