@@ -9,7 +9,7 @@ RAY_STAMP := $(VENV)/.installed-ray
 # dvc stages call `python`: run them with the venv first on PATH.
 RUN := PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
 
-.PHONY: help install repro features test test-fast demo bench bench-heldout bench-extract bench-refine bench-llm bench-scale bench-browser plots-template clean-features
+.PHONY: help install repro features test test-fast demo bench bench-heldout bench-extract bench-whisper bench-refine bench-llm bench-scale bench-browser plots-template clean-features
 .DEFAULT_GOAL := help
 
 help:  ## list targets
@@ -74,6 +74,10 @@ bench-extract: $(STAMP)  ## extractor speed on the demo clips vs a naive one-cli
 
 bench-refine: $(STAMP)  ## label refinement on real data with 10%/20% known flipped labels (RAVDESS, MELD)
 	$(RUN) $(BIN)/python -m pipeline.bench.refine --shared ../shared/data --work build/bench
+
+bench-whisper: $(STAMP)  ## the whisper store's layer choices (CTranslate2 last output, PyTorch blocks 2-5, padded) on the demo clips
+	$(RUN) $(BIN)/dvc repro ingest
+	$(RUN) $(BIN)/python -m pipeline.bench.whisper --manifest data/manifest.jsonl --limit 24
 
 bench-llm: $(STAMP)  ## LLM stage seconds per clip, batched vs one at a time (+ zero-shot quality on MELD)
 	$(RUN) $(BIN)/dvc repro ingest

@@ -21,7 +21,11 @@ class Reply:
     content: str = ""  # the assistant's message
     status: int = 200  # anything else is sent as an error with no JSON body
     raw: bytes | None = None  # sent as the whole body instead of a chat-completion object
-    delay_s: float = 0.0  # sleep before answering (timeouts, concurrency)
+    delay_s: float = 0.0  # sleep before answering (timeouts)
+    # requests arrive in waves of this size: each is answered once its whole wave has
+    # arrived (or after 5 s), so a concurrency test sees full waves however slowly the
+    # client's threads start on a loaded machine (no timing in the assertion)
+    wave: int = 0
 
 
 def subtitle_of(body: dict[str, Any]) -> str:
@@ -43,6 +47,7 @@ class FakeLLMServer:
         self.headers: list[dict[str, str]] = []
         self.in_flight = self.max_in_flight = 0
         self.lock = threading.Lock()
+        self.changed = threading.Condition(self.lock)
         self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), self._handler())
         self.httpd.daemon_threads = True  # a slow answer must not hold up stop()
         self.thread = threading.Thread(target=self.httpd.serve_forever, args=(0.05,), daemon=True)
@@ -67,8 +72,14 @@ class FakeLLMServer:
             self.headers.append(dict(handler.headers))
             self.in_flight += 1
             self.max_in_flight = max(self.max_in_flight, self.in_flight)
+            self.changed.notify_all()
+        counted = True
         try:
             reply = self.respond(body, call)
+            if reply.wave:
+                wave_end = (call // reply.wave + 1) * reply.wave
+                with self.changed:
+                    self.changed.wait_for(lambda: len(self.requests) >= wave_end, timeout=5.0)
             time.sleep(reply.delay_s)
             payload = reply.raw if reply.raw is not None else json.dumps({
                 "id": f"chatcmpl-{call}", "object": "chat.completion", "model": body.get("model"),
@@ -76,6 +87,11 @@ class FakeLLMServer:
                              "message": {"role": "assistant", "content": reply.content}}]}).encode()
             if reply.status != 200:
                 payload = b'{"error": "scripted failure"}'
+            # counted out before the answer leaves: the client may send its next request the
+            # moment it reads this one, before this thread would run a `finally`
+            with self.lock:
+                self.in_flight -= 1
+                counted = False
             handler.send_response(reply.status)
             handler.send_header("Content-Type", "application/json")
             handler.send_header("Content-Length", str(len(payload)))
@@ -84,8 +100,9 @@ class FakeLLMServer:
         except (BrokenPipeError, ConnectionResetError):
             pass  # the client gave up (timeout test)
         finally:
-            with self.lock:
-                self.in_flight -= 1
+            if counted:
+                with self.lock:
+                    self.in_flight -= 1
 
     def _handler(self) -> type[BaseHTTPRequestHandler]:
         server = self

@@ -303,7 +303,8 @@ def test_each_distinct_text_is_asked_once_across_batches_runs_and_clips(server, 
 def test_endpoint_stages_keep_concurrency_requests_in_flight(server, engine, tmp_path, concurrency):
     """Both LLM stages send `concurrency` requests at once (the rate itself: `make bench-llm`)."""
     server.respond = lambda body, call: Reply(json.dumps({e: 1 for e in EMOTIONS})
-                                              if "response_format" in body else "calm", delay_s=0.05)
+                                              if "response_format" in body else "calm",
+                                              wave=concurrency)
     clips = [Clip(f"c{i}", english=f"Line number {i}.") for i in range(16)]
     summary = run_enrichment(clips, endpoint(server, concurrency=concurrency), tmp_path / "c.sqlite", "english",
                              ENRICH_TEMPLATES, 16, 2, tmp_path / "e.jsonl", 0.0)  # batch 2 < concurrency: raised
