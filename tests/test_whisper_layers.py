@@ -69,7 +69,7 @@ def test_extractor_pools_each_block_and_keeps_silence_flag(middle, tmp_path):
         (frames,) = item.frames
         assert o["utterance"].shape == (4 * 512,) and o["utterance"].dtype == np.float32
         assert o["sequence"].shape == (-(-frames // 10), 512) and np.isfinite(o["sequence"]).all()
-        states = middle.blocks([item.inputs[0][:, : 2 * frames]])[0]  # (4, frames, 512)
+        states = middle.layer_encoder([item.inputs[0][:, : 2 * frames]])[0]  # (4, frames, 512)
         np.testing.assert_allclose(o["utterance"][:512], states[0].mean(axis=0), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(o["utterance"][-512:], states[3].mean(axis=0), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(o["sequence"][0], states[:, :10].mean(axis=(0, 1)), rtol=1e-4, atol=1e-4)
@@ -85,7 +85,7 @@ def test_long_audio_windows_continue(folder, tmp_path):
     item = extractor.prepare(Clip("long", audio=str(wav)))
     (out,) = extractor.extract_batch([item])
     assert item.frames == [500, 500] and out["sequence"].shape == (100, 512)
-    first = extractor.blocks([item.inputs[0][:, :1000]])[0][0]
+    first = extractor.layer_encoder([item.inputs[0][:, :1000]])[0][0]
     np.testing.assert_allclose(out["sequence"][:50], enc.pool_sequence(first, 10), atol=1e-4)
 
 
@@ -127,8 +127,8 @@ def test_pad_to_30s_encodes_the_whole_window(folder, tmp_path):
     item = padded.prepare(Clip("short", audio=str(wav)))
     (out,) = padded.extract_batch([item])
     (frames,) = item.frames
-    full = padded.blocks([item.inputs[0]])[0][0]  # (1500, 512): the real frames then the padding's
+    full = padded.layer_encoder([item.inputs[0]])[0][0]  # (1500, 512): the real frames then the padding's
     assert full.shape == (1500, 512)
     np.testing.assert_allclose(out["utterance"], full[:frames].mean(axis=0), rtol=1e-4, atol=1e-4)
-    short = padded.blocks([item.inputs[0][:, : 2 * frames]])[0][0]
+    short = padded.layer_encoder([item.inputs[0][:, : 2 * frames]])[0][0]
     assert not np.allclose(out["utterance"], short.mean(axis=0), atol=1e-2)  # the padding is attended to

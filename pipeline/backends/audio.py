@@ -55,6 +55,14 @@ def summarise(frames: list[np.ndarray], hop: int, present: float) -> dict[str, n
             "sequence": pool_sequence(seq, hop), "present": np.float32(present)}
 
 
+def summarise_blocks(states: list[np.ndarray], hop: int, present: float) -> dict[str, np.ndarray]:
+    """`summarise` for windows of (L, T, D) block states: each block's mean concatenated
+    (L * D), and the sequence pooled from the blocks' average (D wide)."""
+    seq = np.concatenate(states, axis=1).astype(np.float64)
+    return {"utterance": seq.mean(axis=1).reshape(-1).astype(np.float32),
+            "sequence": pool_sequence(seq.mean(axis=0), hop), "present": np.float32(present)}
+
+
 def in_groups(indices: list[int], size: int) -> list[list[int]]:
     return [indices[i:i + size] for i in range(0, len(indices), size)]
 

@@ -107,6 +107,9 @@ class WhisperLayers:
 
     def __call__(self, mels: list[np.ndarray]) -> list[np.ndarray]:
         """Each (n_mels, 2*T) log-mel -> (len(layers), T, width) float32 states."""
+        return self._states(mels, self.layers)
+
+    def _states(self, mels: list[np.ndarray], layers: list[int]) -> list[np.ndarray]:
         import torch
         import torch.nn.functional as F
 
@@ -129,7 +132,7 @@ class WhisperLayers:
             def heads(v: torch.Tensor) -> torch.Tensor:
                 return v.view(b, t, self.heads, width // self.heads).transpose(1, 2)
 
-            for k in range(1, max(self.layers) + 1):
+            for k in range(1, max(layers) + 1):
                 p = f"layer_{k - 1}/"
                 y = F.layer_norm(x, (width,), w[p + "self_attention/layer_norm/gamma"],
                                  w[p + "self_attention/layer_norm/beta"])
@@ -142,7 +145,7 @@ class WhisperLayers:
                 x = x + F.linear(F.gelu(F.linear(y, w[p + "ffn/linear_0/weight"], w[p + "ffn/linear_0/bias"])),
                                  w[p + "ffn/linear_1/weight"], w[p + "ffn/linear_1/bias"])
                 states[k] = x
-            stacked = torch.stack([states[k] for k in self.layers], 1).cpu().numpy()
+            stacked = torch.stack([states[k] for k in layers], 1).cpu().numpy()
         return [stacked[i, :, : frames[i]] for i in range(len(mels))]
 
     def final_output(self, mels: list[np.ndarray]) -> list[np.ndarray]:
@@ -150,10 +153,6 @@ class WhisperLayers:
         import torch
         import torch.nn.functional as F
 
-        saved, self.layers = self.layers, [self.blocks]
-        try:
-            last = self(mels)
-        finally:
-            self.layers = saved
+        last = self._states(mels, [self.blocks])
         g, b = self.w["layer_norm/gamma"], self.w["layer_norm/beta"]
         return [F.layer_norm(torch.from_numpy(s[0]), (self.width,), g.cpu(), b.cpu()).numpy() for s in last]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.config import ExtractorSpec, load_params
-from pipeline.extract.engine import run_extraction
+from pipeline.extract.engine import resolve_device, run_extraction
 from pipeline.manifest import read_manifest, write_manifest
 from pipeline.tables import write_json
 
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     params = load_params(args.params)
-    engine = dataclasses.replace(params.engine, device="cpu" if params.engine.device == "auto" else params.engine.device)
+    engine = dataclasses.replace(params.engine, device=resolve_device(params.engine.device))
     report = bench(params.extract["whisper"], engine, args.manifest, args.limit)
     write_json(args.out, report)
     for row in report["rows"]:

@@ -13,7 +13,7 @@ import importlib.util
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -61,11 +61,13 @@ def _decode(clip: Clip, sample_rate: int, max_seconds: float) -> np.ndarray:
     return clip_audio(clip.audio, clip.video, sample_rate)[: int(max_seconds * sample_rate)]
 
 
-def _pool(items: list[Windows], frames: list[np.ndarray], hop: int) -> list[dict[str, np.ndarray]]:
+def _pool(items: list[Windows], frames: list[np.ndarray], hop: int,
+          summarise: Callable[[list[np.ndarray], int, float], dict[str, np.ndarray]] = enc.summarise,
+          ) -> list[dict[str, np.ndarray]]:
     """Regroup the flat list of per-window frame arrays into one output dict per clip."""
     out, start = [], 0
     for item in items:
-        out.append(enc.summarise(frames[start:start + len(item.inputs)], hop, item.present))
+        out.append(summarise(frames[start:start + len(item.inputs)], hop, item.present))
         start += len(item.inputs)
     return out
 
@@ -136,11 +138,11 @@ class WhisperEncoderExtractor(Extractor):
         folder = Path(o.model_path).expanduser() if o.model_path else enc.materialize_whisper(o.cache_dir)
         compute = o.compute_type if o.compute_type != "auto" else ("int8" if device == "cpu" else "float16")
         self.encoder = enc.WhisperEncoder(folder, device, compute, o.num_threads)
-        self.blocks = None
+        self.layer_encoder = None
         if o.layers:
             from pipeline.backends.whisper_layers import WhisperLayers
 
-            self.blocks = WhisperLayers(folder / "model.bin", device, list(o.layers))
+            self.layer_encoder = WhisperLayers(folder / "model.bin", device, list(o.layers))
         frame_s = self.encoder.frame_samples / self.encoder.features.sampling_rate
         self.hop = max(1, round(o.sequence_hop_s / frame_s))
         # whole 20 ms frames per window, so consecutive windows tile the time axis exactly
@@ -166,19 +168,12 @@ class WhisperEncoderExtractor(Extractor):
 
         def blocks(batch: list[tuple[np.ndarray, int]]) -> list[np.ndarray]:
             if self.options.pad_to_30s:
-                return [s[:, :n] for s, (_, n) in zip(self.blocks([mel for mel, _ in batch]), batch)]
-            return self.blocks([mel[:, : 2 * n] for mel, n in batch])  # (L, n, d) per window
+                return [s[:, :n] for s, (_, n) in zip(self.layer_encoder([mel for mel, _ in batch]), batch)]
+            return self.layer_encoder([mel[:, : 2 * n] for mel, n in batch])  # (L, n, d) per window
 
-        if self.blocks is None:
+        if self.layer_encoder is None:
             return _pool(items, enc.run_grouped(pairs, groups, encode), self.hop)
-        states = enc.run_grouped(pairs, groups, blocks)
-        out, start = [], 0
-        for item in items:
-            seq = np.concatenate(states[start:start + len(item.inputs)], axis=1).astype(np.float64)
-            start += len(item.inputs)
-            out.append({"utterance": seq.mean(axis=1).reshape(-1).astype(np.float32),
-                        "sequence": enc.pool_sequence(seq.mean(axis=0), self.hop), "present": np.float32(item.present)})
-        return out
+        return _pool(items, enc.run_grouped(pairs, groups, blocks), self.hop, enc.summarise_blocks)
 
 
 # ---------------------------------------------------------------- HF speech transformers

@@ -116,10 +116,10 @@ class TransformersLLM(LLM):
             torch.set_num_threads(self.options.num_threads)
         kwargs = {"gguf_file": gguf} if gguf else {}
         self.tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **kwargs)
+        if not getattr(self.tokenizer, "chat_template", None):  # before the weights: nothing to load in vain
+            raise LLMError(_NO_CHAT_TEMPLATE.format(path=folder / gguf if gguf else folder))
         self.model = AutoModelForCausalLM.from_pretrained(str(folder), local_files_only=True, **kwargs,
                                                           dtype=getattr(torch, self.options.dtype))
-        if not getattr(self.tokenizer, "chat_template", None):
-            raise LLMError(_NO_CHAT_TEMPLATE.format(path=folder / gguf if gguf else folder))
         self.model.to(device).eval()
         self.pad_id = self.tokenizer.pad_token_id
         if self.pad_id is None:  # padded positions are masked out: any id will do
