@@ -24,6 +24,7 @@ from pipeline.schema import (_at_least, _fraction, _one_of, as_dict, check_value
 EMOTION_NAMES = ("neutral", "angry", "happy", "sad", "worried", "surprise")  # = pipeline.labels.EMOTIONS
 RUNNERS = ("local", "ray")
 CLASS_BALANCE = ("weights", "sampler", "none")
+EPOCH_CHOICE = ("fixed", "inner_split")
 REFINE_METHODS = ("weighted_vote", "dawid_skene", "cleanlab")
 REFINE_MODES = ("hard", "soft", "drop")
 CLEANLAB_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
@@ -122,14 +123,16 @@ class TrainConfig:
     model: FusionConfig = field(default_factory=FusionConfig)
     folds: int = 5
     seed: int = 0
-    epochs: int = 40
+    epochs: int = 40  # epoch_choice fixed: the epochs trained; inner_split: the most tried
+    epoch_choice: str = "fixed"  # fixed | inner_split (best weighted F1 on an inner split of each training fold)
     batch_size: int = 32
     lr: float = 1e-3
     weight_decay: float = 1e-2
     class_balance: str = "weights"  # weights | sampler | none
     use_refined: bool = False  # train on refined labels of labelled clips (reports/refine/labels.jsonl)
     use_pseudo: bool = False  # add pseudo-labelled clips to every training fold
-    refit: bool = True  # after choosing the epoch on the inner split, retrain on the whole training fold
+    refine_in_folds: bool = True  # use_refined / use_pseudo: refine again inside each training fold (honest CV)
+    refit: bool = True  # inner_split: after choosing the epoch there, retrain on the whole training fold
     ensemble: int = 1  # models per outer fold, each with its own seed; their probabilities are averaged
     device: str = "cpu"
     threads: int = 1  # the fusion model is tiny: one CPU thread is fastest and reproducible
@@ -142,6 +145,7 @@ class TrainConfig:
              f"one of train.stores ({', '.join(self.stores)}) when train.model.kind is single"),
             _at_least("folds", self.folds, 2),
             _at_least("epochs", self.epochs, 1),
+            _one_of("epoch_choice", self.epoch_choice, EPOCH_CHOICE),
             _at_least("ensemble", self.ensemble, 1),
             _at_least("batch_size", self.batch_size, 1),
             ("lr", self.lr, self.lr > 0, "a number above 0"),

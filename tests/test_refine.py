@@ -355,3 +355,27 @@ def test_a_source_no_better_than_the_majority_class_gets_no_weight(tmp_path: Pat
     agg, rel = aggregate(kept, gold, cfg)
     summary = write_outputs(decide(clips, kept, agg, rel, cfg), cfg, tmp_path / "l.jsonl", tmp_path / "s.json")
     assert "llm_labels" in summary["skipped_sources"] and "llm_labels" not in summary["sources"]
+
+
+def test_fold_refiner_never_sees_the_labels_it_will_be_scored_on(tmp_path: Path):
+    """train.refine_in_folds: an outer fold's training targets come from refine rerun with the
+    scored clips' labels withheld, so changing those labels changes nothing."""
+    from dataclasses import replace
+
+    from pipeline.config import Params
+    from pipeline.stages.train import fold_refiner
+
+    root, clips = _tiny_project(tmp_path)
+    params = from_dict(Params, {"refine": {"stores": ["feat"], "label_stores": [], "k": 3, "method": "cleanlab",
+                                          "mode": "hard", "lightgbm": {"n_estimators": 20, "min_child_samples": 3}}})
+    hidden = {c.name for c in clips[:48:3]}
+    refined, pseudo = fold_refiner(clips, params, root / "features")(hidden)
+    assert refined and not hidden & (set(refined) | set(pseudo))
+    assert set(refined) == {c.name for c in clips[:48]} - hidden  # every visible labelled clip, no other
+    scrambled = [replace(c, label=EMOTIONS[(EMOTIONS.index(c.label) + 2) % 6]) if c.name in hidden else c
+                 for c in clips]
+    again, again_pseudo = fold_refiner(scrambled, params, root / "features")(hidden)
+    assert again.keys() == refined.keys() and again_pseudo.keys() == pseudo.keys()
+    assert all(np.array_equal(again[n], refined[n]) for n in refined)
+    full, _ = fold_refiner(clips, params, root / "features")(set())
+    assert any(not np.array_equal(full[n], refined[n]) for n in refined)  # withholding labels does change it

@@ -53,13 +53,13 @@ def test_folds_never_leak_and_pseudo_labels_only_train(monkeypatch):
     seen = []
     original = train_mod.train_fold
 
-    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold):
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw):
         seen.append((fold, set(train_rows.tolist()), set(val_rows.tolist())))
-        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold)
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw)
 
     monkeypatch.setattr(train_mod, "train_fold", spy)
     pseudo = {clips[i].name: np.eye(6, dtype=np.float32)[0] for i in range(72, 90)}
-    cross_validate(clips, features, small(epochs=1, use_pseudo=True), pseudo=pseudo)
+    cross_validate(clips, features, small(epochs=1, use_pseudo=True, epoch_choice="inner_split"), pseudo=pseudo)
     unlabelled = set(range(72, 90))
     assert [fold for fold, _, _ in seen] == [0, 0, 1, 1, 2, 2]  # inner fit + refit on the whole training fold
     scored_by = {i: 0 for i in range(72)}
@@ -79,7 +79,7 @@ def test_folds_never_leak_and_pseudo_labels_only_train(monkeypatch):
 def test_epoch_is_never_chosen_on_the_scored_fold(monkeypatch):
     """The reported fold score is the outer fold's; the selection score is the inner split's."""
     clips, features, y = synthetic(n=90, n_labelled=90)
-    result = cross_validate(clips, features, small(epochs=4))
+    result = cross_validate(clips, features, small(epochs=4, epoch_choice="inner_split"))
     from sklearn.metrics import f1_score
 
     assert len(result.selected_epochs) == 3 and all(0 <= e < 4 for e in result.selected_epochs)
@@ -90,22 +90,86 @@ def test_epoch_is_never_chosen_on_the_scored_fold(monkeypatch):
     assert not result.speaker_independent  # no groups in these clips
 
 
+def test_fixed_epochs_train_on_the_whole_fold_and_only_watch_the_scored_one(monkeypatch):
+    """`epoch_choice: fixed` (default): one model per outer fold, trained `epochs` epochs on every
+    training clip; the scored fold is evaluated per epoch for the curves and changes nothing."""
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    seen = []
+    original = train_mod.train_fold
+
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw):
+        seen.append((fold, set(train_rows.tolist()), set(val_rows.tolist()), kw.get("choose", True)))
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw)
+
+    monkeypatch.setattr(train_mod, "train_fold", spy)
+    cfg = small(epochs=3)
+    assert cfg.epoch_choice == "fixed"
+    watched = cross_validate(clips, features, cfg)
+    assert [fold for fold, *_ in seen] == [0, 1, 2] and not any(choose for *_, choose in seen)
+    assert set().union(*(va for _, _, va, _ in seen)) == set(range(72))  # each scored fold watched once
+    assert all(not tr & va and tr | va == set(range(72)) for _, tr, va, _ in seen)
+    assert watched.selected_epochs == [2, 2, 2] and all(len(h) == 3 for h in watched.histories)
+    assert all(c["selected_on"] == "fixed: train.epochs" for c in watched.checkpoints)
+
+    def blind(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw):
+        return original(features, train_rows, train_targets, val_rows[:0], val_gold[:0], cfg, seed, fold, **kw)
+
+    monkeypatch.setattr(train_mod, "train_fold", blind)
+    unwatched = cross_validate(clips, features, cfg)
+    np.testing.assert_array_equal(watched.oof_probs, unwatched.oof_probs)  # watching chose nothing
+    assert watched.fold_scores == unwatched.fold_scores
+    assert [h[-1]["val_weighted_f1"] for h in watched.histories] == pytest.approx(watched.fold_scores)
+
+
 def test_refined_labels_train_but_gold_scores(monkeypatch):
     clips, features, _ = synthetic(n=60, n_labelled=60)
     captured = []
     original = train_mod.train_fold
 
-    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold):
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw):
         captured.append((train_targets, val_gold))
-        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold)
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw)
 
     monkeypatch.setattr(train_mod, "train_fold", spy)
     refined = {c.name: np.eye(6, dtype=np.float32)[5] for c in clips}  # everything "surprise"
-    cross_validate(clips, features, small(epochs=1, use_refined=True), refined=refined)
+    cross_validate(clips, features, small(epochs=1, use_refined=True, epoch_choice="inner_split"), refined=refined)
     for targets, gold in captured:
         assert (targets.argmax(1) == 5).all()
     chosen_on = [gold for _, gold in captured if len(gold)]  # the refit chooses nothing
     assert len(chosen_on) == 3 and set(np.concatenate(chosen_on).tolist()) == set(range(6))
+
+
+def test_refine_in_folds_gives_each_fold_targets_made_without_its_labels(monkeypatch, caplog):
+    """train.refine_in_folds: the refiner is asked once per outer fold with exactly the clips that
+    fold scores, and its targets (here: everything "surprise", dropped clips all zero) are the
+    ones that train; the CV figure is then not flagged optimistic."""
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    asked, trained = [], []
+    original = train_mod.train_fold
+
+    def refiner(hidden):
+        asked.append(set(hidden))
+        refined = {c.name: np.eye(6, dtype=np.float32)[5] for c in clips[:72] if c.name not in hidden}
+        refined[clips[0].name] = np.zeros(6, np.float32)  # mode drop: no training row
+        return refined, {clips[80].name: np.eye(6, dtype=np.float32)[0]}
+
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw):
+        trained.append((fold, set(train_rows.tolist()), train_targets))
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw)
+
+    monkeypatch.setattr(train_mod, "train_fold", spy)
+    result = cross_validate(clips, features, small(epochs=1, use_refined=True, use_pseudo=True),
+                            fold_refiner=refiner)
+    folds = train_mod._folds([clips[i].label for i in range(72)], [None] * 72, 3, 0, "t")
+    assert asked == [{clips[i].name for i in va} for _, va in folds]
+    for fold, rows, targets in trained:
+        assert rows == set(folds[fold][0].tolist()) - {0} | {80}  # the fold's training clips, the drop left out
+        assert (targets.argmax(1)[:-1] == 5).all() and targets[-1].argmax() == 0  # ...refined, then the pseudo row
+    assert result.refined_labels and result.refined_in_folds
+    assert "use_refined" not in caplog.text
+    plain = cross_validate(clips, features, small(epochs=1, use_refined=True, refine_in_folds=False),
+                           refined={c.name: np.eye(6, dtype=np.float32)[5] for c in clips[:72]}, fold_refiner=refiner)
+    assert len(asked) == 3 and plain.refined_labels and not plain.refined_in_folds and "use_refined" in caplog.text
 
 
 def test_missing_modality_is_masked_and_gets_zero_weight():
@@ -144,9 +208,9 @@ def test_clips_without_any_modality_never_train_and_get_the_prior(monkeypatch):
     seen = []
     original = train_mod.train_fold
 
-    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold):
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw):
         seen.append(set(train_rows.tolist()) | set(val_rows.tolist()))
-        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold)
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw)
 
     monkeypatch.setattr(train_mod, "train_fold", spy)
     result = cross_validate(clips, features, small(epochs=2))
@@ -179,9 +243,9 @@ def test_an_ensemble_averages_its_members_per_fold(monkeypatch):
     seeds = []
     original = train_mod.train_fold
 
-    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold):
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw):
         seeds.append((fold, seed, len(val_rows) > 0))
-        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold)
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw)
 
     monkeypatch.setattr(train_mod, "train_fold", spy)
     result = cross_validate(clips, features, small(epochs=3, ensemble=2))
@@ -211,10 +275,10 @@ def test_a_dropped_clip_never_trains_but_is_still_scored(monkeypatch):
     seen = []
     original = train_mod.train_fold
 
-    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold):
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw):
         seen.append(set(train_rows.tolist()))
         assert (train_targets.sum(axis=1) > 0).all()
-        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold)
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw)
 
     monkeypatch.setattr(train_mod, "train_fold", spy)
     result = cross_validate(clips, features, small(epochs=2, use_refined=True), refined=dropped)

@@ -36,13 +36,14 @@ def variants(cfg: TrainConfig, stores: list[str]) -> list[tuple[str, TrainConfig
 
 
 def run_ablation(clips: list[Clip], features: Features, cfg: TrainConfig,
-                 refined: dict | None = None, pseudo: dict | None = None) -> list[dict]:
+                 refined: dict | None = None, pseudo: dict | None = None, fold_refiner=None) -> list[dict]:
     scored = [i for i, c in enumerate(clips) if c.label and features.mask[i].any()]
     gold = np.array([EMOTIONS.index(clips[i].label) for i in scored])
     rows = []
     for name, variant, stores in variants(cfg, features.stores):
         result = cross_validate(clips, select(features, stores), replace(variant, stores=stores), refined, pseudo,
-                                quiet=bool(rows), fold_lines=False)  # dataset warnings once, then a line per row
+                                quiet=bool(rows), fold_lines=False,  # dataset warnings once, then a line per row
+                                fold_refiner=fold_refiner)
         answer = dict(zip(result.labelled, result.oof_probs.argmax(1)))
         prior = int(result.prior.argmax())
         metrics = classification_metrics(gold, np.array([answer.get(i, prior) for i in scored]))

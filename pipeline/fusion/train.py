@@ -1,9 +1,13 @@
 """The fusion trainer: stratified (group-aware) k-fold cross-validation on cached features.
 
 Honest scores. Each outer fold is scored by a model that never saw it and was not chosen
-on it: the epoch is selected on an inner split of the outer fold's training clips (one
-stratified, group-aware split holding out about 1/folds of them), and the model of that
-epoch scores the outer fold. The reported weighted F1 is the outer folds' out-of-fold one.
+on it. With `epoch_choice: fixed` (the default) every model trains `train.epochs` epochs on
+its whole training fold; the outer fold is scored after each epoch only for the curves,
+and the last epoch stays. With `inner_split` the epoch is selected on an inner split of the
+outer fold's training clips (one stratified, group-aware split holding out about 1/folds
+of them), then (`refit`) retrained for that many epochs on the whole training fold. Fixed
+is the default because one inner split of a few speakers is a noisy judge (README
+"Fusion": measured). The reported weighted F1 is the outer folds' out-of-fold one.
 When the manifest has no `group` (speaker), folds cannot be speaker-independent: the log
 and `metrics.json` (`speaker_independent: false`) say so.
 
@@ -23,6 +27,7 @@ from __future__ import annotations
 import logging
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 
 import numpy as np
@@ -39,6 +44,8 @@ from pipeline.fusion.features import Features, Standardizer, load_features, sele
 from pipeline.manifest import Clip
 
 log = logging.getLogger(__name__)
+# names of the clips an outer fold scores -> (refined, pseudo) targets made without their labels
+FoldRefiner = Callable[[set[str]], tuple[dict[str, np.ndarray], dict[str, np.ndarray]]]
 
 
 def _set_seed(seed: int) -> None:
@@ -53,10 +60,12 @@ def _weighted_f1(y_true: np.ndarray, y_pred: np.ndarray) -> float:
 
 
 def train_fold(features: Features, train_rows: np.ndarray, train_targets: np.ndarray, val_rows: np.ndarray,
-               val_gold: np.ndarray, cfg: TrainConfig, seed: int, fold: int = 0) -> dict:
-    """Train one model on `train_rows`, keeping the epoch with the best weighted F1 on `val_rows`
-    (the inner validation split: never the clips the model is scored on). Returns the model,
-    its normaliser, the chosen epoch and score, and the per-epoch history."""
+               val_gold: np.ndarray, cfg: TrainConfig, seed: int, fold: int = 0, choose: bool = True) -> dict:
+    """Train one model on `train_rows` for `cfg.epochs` epochs. `choose`: keep the epoch with the
+    best weighted F1 on `val_rows` (the inner validation split: never the clips the model is
+    scored on); otherwise the last epoch stays and `val_rows`, when given, are only watched (the
+    per-epoch history). Returns the model, its normaliser, the kept epoch and its score, and
+    the per-epoch history."""
     _set_seed(seed)
     device = train_device(cfg.device)
     norm = Standardizer(features, train_rows)
@@ -91,13 +100,15 @@ def train_fold(features: Features, train_rows: np.ndarray, train_targets: np.nda
             loss.backward()
             optimizer.step()
             total += float(loss.detach()) * len(idx)
-        if not len(val_rows):  # a refit for a fixed number of epochs: nothing to choose, the last one stays
+        if not len(val_rows):  # a refit for a fixed number of epochs: nothing to watch, the last one stays
             best = {"val_f1": -1.0, "epoch": epoch, "state": None}
             continue
         val_probs, _ = predict(model, x_val, m_val)
         val_f1 = _weighted_f1(val_gold, val_probs.argmax(1))
         history.append({"epoch": epoch, "train_loss": total / len(order), "val_weighted_f1": val_f1})
-        if val_f1 > best["val_f1"]:
+        if not choose:  # watched only: the last epoch stays
+            best = {"val_f1": val_f1, "epoch": epoch, "state": None}
+        elif val_f1 > best["val_f1"]:
             best = {"val_f1": val_f1, "epoch": epoch,
                     "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     if best["state"] is not None:
@@ -173,7 +184,8 @@ class CVResult:
     selected_epochs: list[int] = field(default_factory=list)
     stores: list[str] = field(default_factory=list)  # the stores the models read
     dropped: list[str] = field(default_factory=list)  # stores named in params that carried nothing
-    refined_labels: bool = False  # trained on the refine stage's labels: the CV score is optimistic
+    refined_labels: bool = False  # trained on refined labels (train.use_refined)
+    refined_in_folds: bool = False  # ...refined inside each training fold: honest; false: optimistic
     present: np.ndarray | None = None  # (N, M) bool, columns in `stores` order: the clip has that modality
 
 
@@ -208,11 +220,14 @@ def _warn_small_classes(labels: list[str], k: int, warn=log.warning) -> None:
 def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
                    refined: dict[str, np.ndarray] | None = None,
                    pseudo: dict[str, np.ndarray] | None = None, quiet: bool = False,
-                   fold_lines: bool = True) -> CVResult:
+                   fold_lines: bool = True, fold_refiner: FoldRefiner | None = None) -> CVResult:
     """k-fold CV. `refined`: name -> soft target for labelled clips; `pseudo`: name -> soft
-    target for unlabelled clips. Both only ever enter training rows. `quiet`: the dataset
-    warnings at debug level (the ablation says them once, for its first row); `fold_lines`
-    false: the per-fold lines too (the ablation prints one line per variant)."""
+    target for unlabelled clips. Both only ever enter training rows. `fold_refiner` (with
+    `train.refine_in_folds`): called per outer fold with the names of the clips it scores, it
+    returns that fold's (refined, pseudo), made without those clips' labels; it replaces
+    `refined` and `pseudo`. `quiet`: the dataset warnings at debug level (the ablation says
+    them once, for its first row); `fold_lines` false: the per-fold lines too (the ablation
+    prints one line per variant)."""
     warn = log.debug if quiet else log.warning
     say = log.info if fold_lines and not quiet else log.debug
     torch.set_num_threads(cfg.threads)
@@ -238,14 +253,12 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     _warn_small_classes(labels, cfg.folds, warn)
     gold = np.array([EMOTION_INDEX[x] for x in labels])
     prior = np.bincount(gold, minlength=len(EMOTIONS)).astype(np.float32) / len(gold)
-    targets = one_hot(labels)
-    if cfg.use_refined and refined:
-        targets = np.stack([refined.get(clips[i].name, targets[k]) for k, i in enumerate(labelled)])
+    nested = fold_refiner is not None and cfg.refine_in_folds and (cfg.use_refined or cfg.use_pseudo)
+    targets, pseudo_rows, pseudo_targets = _training_targets(clips, labelled, unlabelled, usable, cfg, refined, pseudo)
+    if cfg.use_refined and refined and not nested:
         warn("train.use_refined: the refine stage chose these labels from every labelled clip, the scored "
-             "folds' too, so this CV score is optimistic; judge refinement on unseen candidates "
-             "(make bench-heldout)")
-    pseudo_rows = [i for i in unlabelled if cfg.use_pseudo and pseudo and clips[i].name in pseudo and usable[i]]
-    pseudo_targets = np.stack([pseudo[clips[i].name] for i in pseudo_rows]) if pseudo_rows else None
+             "folds' too, so this CV score is optimistic; train.refine_in_folds: true refines inside "
+             "each training fold instead")
     folds = _folds(labels, groups, cfg.folds, cfg.seed, f"train: {len(labels)} labelled clips")
     oof = np.zeros((len(labelled), len(EMOTIONS)), np.float32)
     weights = np.zeros((len(clips), len(features.stores)), np.float32)
@@ -254,22 +267,32 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     unl_probs[~unl_usable] = prior
     result = CVResult(oof, labelled, unl_probs, unlabelled, weights, [], [], [], [], excluded, ~usable, prior,
                       speaker_independent, stores=list(features.stores), dropped=list(features.dropped),
-                      refined_labels=bool(cfg.use_refined and refined), present=features.mask.copy())
+                      refined_labels=bool(cfg.use_refined and (refined or nested)),
+                      refined_in_folds=bool(nested and cfg.use_refined), present=features.mask.copy())
     lab_rows = np.array(labelled)
     pred_rows = np.array(unlabelled, dtype=int)[unl_usable]
     for k, (tr, va) in enumerate(folds):
         start = time.perf_counter()
-        inner_tr, inner_va = _inner_split([labels[j] for j in tr], [groups[j] for j in tr], cfg, cfg.seed + k, k)
+        if nested:  # this fold's labels and pseudo-labels, refined without the labels it scores
+            fold_refined, fold_pseudo = fold_refiner({clips[lab_rows[j]].name for j in va})
+            targets, pseudo_rows, pseudo_targets = _training_targets(clips, labelled, unlabelled, usable, cfg,
+                                                                     fold_refined, fold_pseudo)
 
         def rows_and_targets(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # labelled part + pseudo rows
             part = part[targets[part].sum(axis=1) > 0]  # an all-zero target (refine.mode drop) never trains
             rows = np.concatenate([lab_rows[part], np.array(pseudo_rows, dtype=int)])
             return rows, targets[part] if pseudo_targets is None else np.concatenate([targets[part], pseudo_targets])
 
-        pick = tr[inner_va]
         members = []
         for member in range(cfg.ensemble):  # same data, own seed: the average is steadier than any one
             seed = cfg.seed + k + 1000 * member
+            if cfg.epoch_choice == "fixed":  # the scored fold is watched for the curves, never chosen on
+                members.append(train_fold(features, *rows_and_targets(tr), lab_rows[va], gold[va], cfg, seed, k,
+                                          choose=False))
+                result.checkpoints.append(_checkpoint(members[-1], cfg, features, k, prior, member))
+                continue
+            inner_tr, inner_va = _inner_split([labels[j] for j in tr], [groups[j] for j in tr], cfg, cfg.seed + k, k)
+            pick = tr[inner_va]
             fold = train_fold(features, *rows_and_targets(tr[inner_tr]), lab_rows[pick], gold[pick], cfg, seed, k)
             if cfg.refit:  # the chosen epoch count, retrained on the whole training fold (nothing is chosen on it)
                 chosen = fold
@@ -287,14 +310,30 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
         result.histories.append(members[0]["history"])
         result.selected_epochs.append([m["epoch"] for m in members] if cfg.ensemble > 1 else members[0]["epoch"])
         result.seconds_per_fold.append(time.perf_counter() - start)
-        say("fold %d: epoch %s chosen on the inner split (weighted F1 %s), outer fold weighted F1 %.4f (%.1fs)",
-            k, "/".join(str(m["epoch"]) for m in members), "/".join(f"{m['val_f1']:.4f}" for m in members),
-            result.fold_scores[-1], result.seconds_per_fold[-1])
+        if cfg.epoch_choice == "fixed":
+            say("fold %d: %d epochs (train.epochs, fixed), outer fold weighted F1 %.4f (%.1fs)",
+                k, cfg.epochs, result.fold_scores[-1], result.seconds_per_fold[-1])
+        else:
+            say("fold %d: epoch %s chosen on the inner split (weighted F1 %s), outer fold weighted F1 %.4f (%.1fs)",
+                k, "/".join(str(m["epoch"]) for m in members), "/".join(f"{m['val_f1']:.4f}" for m in members),
+                result.fold_scores[-1], result.seconds_per_fold[-1])
     for name, values in (("out-of-fold probabilities", oof), ("candidate probabilities", unl_probs),
                          ("modality weights", weights)):
         if not np.isfinite(values).all():
             raise TrainError(f"training gave non-finite {name}; this is a bug: please report it with the params")
     return result
+
+
+def _training_targets(clips: list[Clip], labelled: list[int], unlabelled: list[int], usable: np.ndarray,
+                      cfg: TrainConfig, refined: dict[str, np.ndarray] | None,
+                      pseudo: dict[str, np.ndarray] | None) -> tuple[np.ndarray, list[int], np.ndarray | None]:
+    """(targets of the labelled clips, pseudo-labelled rows, their targets): gold one-hot unless
+    `use_refined` gives a refined target; pseudo rows only with `use_pseudo`."""
+    targets = one_hot([clips[i].label for i in labelled])
+    if cfg.use_refined and refined:
+        targets = np.stack([refined.get(clips[i].name, targets[k]) for k, i in enumerate(labelled)])
+    pseudo_rows = [i for i in unlabelled if cfg.use_pseudo and pseudo and clips[i].name in pseudo and usable[i]]
+    return targets, pseudo_rows, np.stack([pseudo[clips[i].name] for i in pseudo_rows]) if pseudo_rows else None
 
 
 def _average(members: list[dict], features: Features, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -317,7 +356,7 @@ def _checkpoint(fold: dict, cfg: TrainConfig, features: Features, k: int, prior:
         "stores": features.stores,
         "dims": {s: int(features.inputs[s].shape[1]) for s in features.stores},
         "prior": torch.from_numpy(prior.copy()),  # the answer for a clip with no usable modality
-        "selected_on": "inner split of the training fold",
+        "selected_on": "inner split of the training fold" if cfg.epoch_choice == "inner_split" else "fixed: train.epochs",
         "normalizer": {s: [torch.from_numpy(m), torch.from_numpy(sd)] for s, (m, sd) in fold["norm"].stats.items()},
     }
 

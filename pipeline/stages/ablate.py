@@ -8,7 +8,7 @@ from pathlib import Path
 from pipeline.config import load_params, train_config
 from pipeline.manifest import read_manifest
 from pipeline.stages import entry_point
-from pipeline.stages.train import read_refined
+from pipeline.stages.train import fold_refiner, read_refined
 from pipeline.tables import write_table
 
 
@@ -24,10 +24,12 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=Path, default=Path("features"))
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    cfg = train_config(load_params(args.params))
+    params = load_params(args.params)
+    cfg = train_config(params)
     clips = read_manifest(args.manifest)
     refined, pseudo = read_refined(args.refined)
-    rows = run_ablation(clips, load_features(clips, cfg.stores, args.features), cfg, refined, pseudo)
+    rows = run_ablation(clips, load_features(clips, cfg.stores, args.features), cfg, refined, pseudo,
+                        fold_refiner(clips, params, args.features))
     write_table(args.out, rows, to_markdown(rows))
 
 

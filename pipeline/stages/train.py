@@ -8,19 +8,27 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import load_params, train_config
+from collections.abc import Callable
+from dataclasses import replace
+
+from pipeline.config import Params, load_params, refine_config, train_config
 from pipeline.labels import EMOTIONS
-from pipeline.manifest import read_manifest
+from pipeline.manifest import Clip, read_manifest
 from pipeline.stages import entry_point
 
 
 def read_refined(path: Path | None) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
     """Soft targets from the refine stage: (labelled clip -> target, unlabelled clip -> pseudo target)."""
-    refined, pseudo = {}, {}
     if path is None or not path.is_file():
-        return refined, pseudo
-    for line in path.read_text(encoding="utf-8").splitlines():
-        row = json.loads(line)  # the refine stage's labels.jsonl (pipeline/refine/vote.py: label_rows)
+        return {}, {}
+    return targets_of([json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()])
+
+
+def targets_of(rows: list[dict]) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """(labelled clip -> target, unlabelled clip -> pseudo target) from refine's label rows
+    (labels.jsonl, pipeline/refine/vote.py: label_rows)."""
+    refined, pseudo = {}, {}
+    for row in rows:
         if row.get("refined") is None:
             continue  # an unlabelled clip that got no pseudo-label
         if row.get("dropped"):  # flagged by refine.mode drop: all zeros, the trainer's "not a training row"
@@ -33,6 +41,26 @@ def read_refined(path: Path | None) -> tuple[dict[str, np.ndarray], dict[str, np
         elif row.get("label"):
             refined[row["name"]] = target
     return refined, pseudo
+
+
+def fold_refiner(clips: list[Clip], params: Params, features: Path) -> Callable[[set[str]], tuple[dict, dict]]:
+    """The refine stage's method rerun with the labels of `hidden` clips withheld (they count as
+    unlabelled, and their own pseudo-labels are discarded), for `train.refine_in_folds`: an
+    outer fold's training labels are then refined by sources that never saw the labels it is
+    scored on. Results are kept per hidden set (the ablation's variants share folds)."""
+    from pipeline.refine.vote import label_rows, refine
+
+    cfg, done = refine_config(params), {}
+
+    def refine_without(hidden: set[str]) -> tuple[dict, dict]:
+        key = frozenset(hidden)
+        if key not in done:
+            seen = [replace(c, label=None, split="unlabelled") if c.name in hidden else c for c in clips]
+            refined, pseudo = targets_of(label_rows(refine(seen, cfg, features)))
+            done[key] = refined, {n: t for n, t in pseudo.items() if n not in hidden}
+        return done[key]
+
+    return refine_without
 
 
 @entry_point
@@ -51,13 +79,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--features", type=Path, default=Path("features"))
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
-    cfg = train_config(load_params(args.params))
+    params = load_params(args.params)
+    cfg = train_config(params)
     train_device(cfg.device)  # cuda without a GPU stops here, before any store is read
     check_kind(cfg.model.kind)
     clips = read_manifest(args.manifest)
     features = load_features(clips, cfg.stores, args.features)
     refined, pseudo = read_refined(args.refined)
-    result = cross_validate(clips, features, cfg, refined, pseudo)
+    result = cross_validate(clips, features, cfg, refined, pseudo,
+                            fold_refiner=fold_refiner(clips, params, args.features))
     args.models.mkdir(parents=True, exist_ok=True)
     for old in args.models.glob("fold*.pt"):
         old.unlink()
@@ -72,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
     if not metrics["speaker_independent"]:
         notes.append("folds NOT speaker-independent (no group column)")
     if metrics["refined_labels"]:
-        notes.append("trained on refined labels: optimistic (refine saw every fold)")
+        notes.append("trained on labels refined in each training fold" if metrics["refined_in_folds"]
+                     else "trained on refined labels: optimistic (refine saw every fold)")
     notes.append(f"{cands['total']} candidates predicted, {cands['prior_no_modality']} of them by the prior "
                  "(no usable modality)")
     print(f"weighted F1 {metrics['weighted_f1']:.4f} (folds {metrics['folds']['weighted_f1_mean']:.4f} "
