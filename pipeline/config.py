@@ -27,6 +27,7 @@ CLASS_BALANCE = ("weights", "sampler", "none")
 EPOCH_CHOICE = ("fixed", "inner_split")
 REFINE_METHODS = ("weighted_vote", "dawid_skene", "cleanlab")
 REFINE_MODES = ("hard", "soft", "drop")
+DS_IMPLEMENTATIONS = ("numpy", "crowdkit")
 CLEANLAB_FILTERS = ("prune_by_noise_rate", "prune_by_class", "both", "confident_learning", "predicted_neq_given")
 WEAK_CLASSIFIERS = ("logreg", "lightgbm")
 LLM_BACKENDS = ("endpoint", "llama_cpp", "transformers")  # = pipeline.llm.backends.BACKENDS
@@ -196,9 +197,11 @@ class DawidSkeneConfig:
     max_iter: int = 100
     tol: float = 1e-6  # stop when no confusion entry moves more than this
     smoothing: float = 1.0  # Dirichlet pseudo-count per confusion cell and class prior
+    implementation: str = "crowdkit"  # crowdkit (crowd-kit's DawidSkene EM) | numpy (ours, 150x faster): README "Label refinement"
 
     def __post_init__(self) -> None:
         check_values("refine.dawid_skene", [_at_least("max_iter", self.max_iter, 1),
+                                            _one_of("implementation", self.implementation, DS_IMPLEMENTATIONS),
                                             ("tol", self.tol, self.tol > 0, "a number above 0"),
                                             ("smoothing", self.smoothing, self.smoothing >= 0, "0 or more")])
 

@@ -12,13 +12,14 @@ from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
-from pipeline.config import ConfigError, from_dict
+from pipeline.config import ConfigError, DawidSkeneConfig, from_dict
 from pipeline.labels import EMOTION_INDEX, EMOTIONS
 from pipeline.manifest import Clip, write_manifest
 from pipeline.refine.vote import RefineConfig, Votes, aggregate, decide, write_outputs
 from pipeline.stages.refine import main as refine_stage
 from pipeline.store import StoreIdentity, StoreWriter
 from pipeline.refine.weak import (CompleteClassifier, LightGBMConfig, LogRegConfig, cross_fit, dawid_skene,
+                           dawid_skene_crowdkit,
                            lightgbm, logreg, make_weak, weighted_vote)
 
 W, S = EMOTION_INDEX["worried"], EMOTION_INDEX["sad"]
@@ -113,7 +114,7 @@ def _clips(gold: np.ndarray) -> list[Clip]:
             for i, g in enumerate(gold)]
 
 
-@pytest.mark.parametrize("method", ["weighted_vote", "dawid_skene"])
+@pytest.mark.parametrize("method", ["weighted_vote", "dawid_skene", "crowdkit"])
 def test_aggregate_learns_to_distrust_a_source_on_one_class(method):
     votes, truth = _biased_votes()
     # extra unlabelled worried clips where A says worried and B (wrongly) says sad
@@ -123,7 +124,9 @@ def test_aggregate_learns_to_distrust_a_source_on_one_class(method):
     gold = np.concatenate([truth, np.full(30, -1)])
     unweighted = weighted_vote(votes.probs, votes.present, np.ones((2, 6)))
     assert (unweighted[-30:].argmax(axis=1) == S).all()  # a plain vote believes B
-    cfg = RefineConfig(method=method, pseudo_threshold=0.4, min_agreeing_sources=1)
+    cfg = RefineConfig(method=method, pseudo_threshold=0.4, min_agreeing_sources=1) if method != "crowdkit" else \
+        RefineConfig(method="dawid_skene", dawid_skene=DawidSkeneConfig(implementation="crowdkit"),
+                     pseudo_threshold=0.4, min_agreeing_sources=1)
     agg, reliability = aggregate(votes, gold, cfg)
     assert (agg[-30:].argmax(axis=1) == W).all()
     assert reliability[1, S] < 0.6 < reliability[0, S] and reliability[1, S] < reliability[1, 0]
@@ -131,11 +134,12 @@ def test_aggregate_learns_to_distrust_a_source_on_one_class(method):
     assert result.pseudo[-30:].all() and (result.refined[-30:] == W).all()
 
 
-def test_dawid_skene_confusion_finds_the_swap_and_leaves_gold_out_of_the_posterior():
+@pytest.mark.parametrize("em", [dawid_skene, dawid_skene_crowdkit])
+def test_dawid_skene_confusion_finds_the_swap_and_leaves_gold_out_of_the_posterior(em):
     votes, truth = _biased_votes()
     noisy, wrong = truth.copy(), np.flatnonzero(truth == W)[:10]
     noisy[wrong] = S  # gold says sad where the truth is worried, as source B does
-    posterior, confusion, _ = dawid_skene(votes.probs, votes.present, noisy)
+    posterior, confusion, _ = em(votes.probs, votes.present, noisy)
     assert confusion[1, W, S] > 0.85 and confusion[0, W, W] > 0.8
     assert (posterior.argmax(axis=1) == truth).mean() > 0.85  # from the votes, not from gold
     assert (posterior[wrong].argmax(axis=1) == W).mean() >= 0.7  # A itself errs 10% of the time

@@ -8,7 +8,8 @@ the remaining training labels are flipped (seeded): to another class at random, 
 (`cc`, class-conditional) to each class's most confusable one, as annotators err (the class
 a cross-validated logistic regression on the clean training labels most often confuses it
 with). Every method then runs on the SAME cross-fitted sources of the noisy training part:
-the weighted vote and Dawid-Skene at several thresholds, and confident learning (cleanlab);
+the weighted vote and Dawid-Skene (ours in numpy, and crowd-kit's) at several thresholds,
+and confident learning (cleanlab);
 each flags clips, which are relabelled (mode hard) or left out (mode drop). Reported,
 pooled over the outer folds run: flipped, flagged, flags that are flips (precision), flips
 flagged (recall), detection F1, relabels that restore the truth, and the weighted F1 on the
@@ -39,7 +40,8 @@ from pipeline.tables import markdown_table, write_table
 
 log = logging.getLogger(__name__)
 THRESHOLDS = (0.5, 0.7, 0.9)
-SETTINGS = ([(m, t) for m in ("weighted_vote", "dawid_skene") for t in THRESHOLDS] + [("cleanlab", None)])
+SETTINGS = ([(m, t) for m in ("weighted_vote", "dawid_skene/numpy", "dawid_skene/crowdkit") for t in THRESHOLDS]
+            + [("cleanlab", None)])
 MODES = ("hard", "drop")
 OUTER_FOLDS = {"ravdess": 5, "meld": 1}  # RAVDESS pooled over all 5; MELD one outer fold (all 5: ~33 min here)
 
@@ -115,7 +117,10 @@ def run_fold(clips: list[Clip], X: np.ndarray, test: np.ndarray, rate: float, cf
            ("clean",): {"predicted": downstream(X, gold[~test], test)}}
     Xtrain = X[~test]
     for method, threshold in SETTINGS:
-        run = dataclasses.replace(cfg, method=method, correct_threshold=threshold or cfg.correct_threshold)
+        name, _, implementation = method.partition("/")  # dawid_skene/crowdkit: the same EM in crowd-kit
+        run = dataclasses.replace(cfg, method=name, correct_threshold=threshold or cfg.correct_threshold,
+                                  dawid_skene=dataclasses.replace(cfg.dawid_skene,
+                                                                  implementation=implementation or "crowdkit"))
         agg, weights = aggregate(votes, noisy, run)
         result = decide(train_clips, votes, agg, weights, run)  # mode hard: flagged = changed
         flagged = result.changed

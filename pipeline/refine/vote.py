@@ -47,8 +47,8 @@ from pipeline.labels import EMOTION_INDEX, EMOTIONS
 from pipeline.manifest import Clip
 from pipeline.store import StoreReader
 from pipeline.tables import write_json, write_jsonl
-from pipeline.refine.weak import (FoldError, cross_fit, dawid_skene, make_weak, precision_weights, vote_precision,
-                          weighted_vote)
+from pipeline.refine.weak import (FoldError, cross_fit, dawid_skene, dawid_skene_crowdkit, make_weak,
+                                  precision_weights, vote_precision, weighted_vote)
 
 log = logging.getLogger(__name__)
 @dataclass
@@ -178,8 +178,8 @@ def aggregate(votes: Votes, gold: np.ndarray, cfg: RefineConfig) -> tuple[np.nda
         return aggregate(votes, gold, replace(cfg, method="weighted_vote"))
     if cfg.method == "dawid_skene":
         ds = cfg.dawid_skene
-        posterior, confusion, prior = dawid_skene(votes.probs, votes.present, gold, ds.smoothing,
-                                                  ds.max_iter, ds.tol)
+        em = dawid_skene_crowdkit if ds.implementation == "crowdkit" else dawid_skene
+        posterior, confusion, prior = em(votes.probs, votes.present, gold, ds.smoothing, ds.max_iter, ds.tol)
         return posterior, vote_precision(confusion, prior)
     weights = precision_weights(votes.probs, votes.present, gold)
     return weighted_vote(votes.probs, votes.present, weights), weights
