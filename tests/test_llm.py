@@ -404,6 +404,25 @@ def test_shared_prefix_gives_the_numbers_of_whole_prompts(smol):
     assert np.ptp(shared_probs, axis=0).max() > 1e-3  # each row read its own subtitle, not the prefix alone
 
 
+def test_the_template_prefix_runs_once_across_batches(smol):
+    """The kept prefix (the template) serves the next batch: not run again, the same numbers."""
+    from dataclasses import replace as with_options
+
+    first = [build_messages(TEMPLATE_ENGLISH, t) for t in ("Oh my god!", "Fine, whatever.")]
+    second = [build_messages(TEMPLATE_ENGLISH, t) for t in ("I hate this.", "We won!", "Sure")]
+    smol.label_probs(first, EMOTIONS)
+    kept = smol._prefix
+    assert len(kept[0]) > 20 and all(smol._prompt_ids(m)[:len(kept[0])] == list(kept[0]) for m in second)
+    reused, answers = smol.label_probs(second, EMOTIONS), smol.chat(second, 6)
+    assert smol._prefix is kept  # reused, not recomputed
+    smol.options, options = with_options(smol.options, share_prefix=False), smol.options
+    try:
+        np.testing.assert_allclose(reused, smol.label_probs(second, EMOTIONS), atol=1e-5)
+        assert answers == smol.chat(second, 6)
+    finally:
+        smol.options = options
+
+
 def test_base_model_without_chat_template_stops_at_load(smol, tiny_dir, tmp_path):
     """A pretrained-only model (e.g. the Gemma 3 270M base GGUF) would fail every clip; it stops once instead."""
     import shutil

@@ -383,3 +383,22 @@ def test_fold_refiner_never_sees_the_labels_it_will_be_scored_on(tmp_path: Path)
     assert all(np.array_equal(again[n], refined[n]) for n in refined)
     full, _ = fold_refiner(clips, params, root / "features")(set())
     assert any(not np.array_equal(full[n], refined[n]) for n in refined)  # withholding labels does change it
+
+
+def test_crowdkit_em_keeps_smoothing_where_a_class_is_never_voted():
+    """crowd-kit smooths only its first M-step; ours keeps `smoothing` counts in the final
+    confusions, so a class no source votes (surprise here) vetoes nothing, and both EMs agree."""
+    rng = np.random.default_rng(1)
+    truth = np.repeat(np.arange(6), 60)
+    says = np.where(truth == 5, 4, truth)  # no source ever says surprise
+    a = np.where(rng.random(len(truth)) < 0.85, says, rng.integers(0, 5, len(truth)))
+    b = np.where(rng.random(len(truth)) < 0.85, says, rng.integers(0, 5, len(truth)))
+    probs = np.stack([_peaked(a, 0.7), _peaked(b, 0.7)])
+    present = np.ones(probs.shape[:2], bool)
+    gold = truth.copy()
+    gold[1::2] = -1
+    ours, ours_confusion, _ = dawid_skene(probs, present, gold)
+    theirs, confusion, prior = dawid_skene_crowdkit(probs, present, gold)
+    assert confusion.min() > 1e-3 and np.allclose(confusion.sum(axis=2), 1) and np.isclose(prior.sum(), 1)
+    assert confusion[0, 5, 4] > 0.6 and ours_confusion[0, 5, 4] > 0.6  # surprise is heard as worried
+    assert (theirs.argmax(1) == ours.argmax(1)).mean() > 0.95

@@ -45,7 +45,8 @@ def cv_metrics(clips: list[Clip], result: CVResult) -> dict:
     metrics["excluded_no_modality"] = len(result.excluded)
     metrics["speaker_independent"] = bool(result.speaker_independent)
     metrics["refined_labels"] = bool(result.refined_labels)  # trained on refined labels
-    metrics["refined_in_folds"] = bool(result.refined_in_folds)  # false with refined_labels: optimistic
+    metrics["pseudo_labels"] = bool(result.pseudo_labels)  # trained on pseudo-labelled clips too
+    metrics["refined_in_folds"] = bool(result.refined_in_folds)  # false with either: optimistic
     metrics["stores"] = list(result.stores)
     metrics["stores_without_clips"] = list(result.dropped)
     candidates = candidates_of(clips)

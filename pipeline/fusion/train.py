@@ -174,7 +174,8 @@ class CVResult:
     unlabelled: list[int]
     weights: np.ndarray  # (N, M) modality weights, oof for labelled, fold average otherwise
     fold_scores: list[float]  # weighted F1 of each outer fold's out-of-fold predictions
-    histories: list[list[dict]]  # per fold, per epoch: train loss and inner-validation weighted F1
+    histories: list[list[dict]]  # per fold (its first member), per epoch: train loss and the watched weighted F1
+                                 # (the scored fold with epoch_choice fixed, the inner split with inner_split)
     checkpoints: list[dict]
     seconds_per_fold: list[float]
     excluded: list[int] = field(default_factory=list)  # labelled rows with no usable modality: never trained on
@@ -185,7 +186,8 @@ class CVResult:
     stores: list[str] = field(default_factory=list)  # the stores the models read
     dropped: list[str] = field(default_factory=list)  # stores named in params that carried nothing
     refined_labels: bool = False  # trained on refined labels (train.use_refined)
-    refined_in_folds: bool = False  # ...refined inside each training fold: honest; false: optimistic
+    refined_in_folds: bool = False  # refined / pseudo labels made inside each training fold (honest CV)
+    pseudo_labels: bool = False  # pseudo-labelled clips trained (train.use_pseudo)
     present: np.ndarray | None = None  # (N, M) bool, columns in `stores` order: the clip has that modality
 
 
@@ -255,10 +257,10 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     prior = np.bincount(gold, minlength=len(EMOTIONS)).astype(np.float32) / len(gold)
     nested = fold_refiner is not None and cfg.refine_in_folds and (cfg.use_refined or cfg.use_pseudo)
     targets, pseudo_rows, pseudo_targets = _training_targets(clips, labelled, unlabelled, usable, cfg, refined, pseudo)
-    if cfg.use_refined and refined and not nested:
-        warn("train.use_refined: the refine stage chose these labels from every labelled clip, the scored "
-             "folds' too, so this CV score is optimistic; train.refine_in_folds: true refines inside "
-             "each training fold instead")
+    if ((cfg.use_refined and refined) or (cfg.use_pseudo and pseudo)) and not nested:
+        warn("train.use_refined / use_pseudo: the refine stage made these labels from every labelled clip, "
+             "the scored folds' too, so this CV score is optimistic; train.refine_in_folds: true refines "
+             "inside each training fold instead")
     folds = _folds(labels, groups, cfg.folds, cfg.seed, f"train: {len(labels)} labelled clips")
     oof = np.zeros((len(labelled), len(EMOTIONS)), np.float32)
     weights = np.zeros((len(clips), len(features.stores)), np.float32)
@@ -268,15 +270,16 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     result = CVResult(oof, labelled, unl_probs, unlabelled, weights, [], [], [], [], excluded, ~usable, prior,
                       speaker_independent, stores=list(features.stores), dropped=list(features.dropped),
                       refined_labels=bool(cfg.use_refined and (refined or nested)),
-                      refined_in_folds=bool(nested and cfg.use_refined), present=features.mask.copy())
+                      refined_in_folds=nested, pseudo_labels=bool(cfg.use_pseudo and (pseudo or nested)),
+                      present=features.mask.copy())
     lab_rows = np.array(labelled)
     pred_rows = np.array(unlabelled, dtype=int)[unl_usable]
     for k, (tr, va) in enumerate(folds):
-        start = time.perf_counter()
         if nested:  # this fold's labels and pseudo-labels, refined without the labels it scores
             fold_refined, fold_pseudo = fold_refiner({clips[lab_rows[j]].name for j in va})
             targets, pseudo_rows, pseudo_targets = _training_targets(clips, labelled, unlabelled, usable, cfg,
                                                                      fold_refined, fold_pseudo)
+        start = time.perf_counter()  # training only: a refinement is shared by the ablation's variants
 
         def rows_and_targets(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # labelled part + pseudo rows
             part = part[targets[part].sum(axis=1) > 0]  # an all-zero target (refine.mode drop) never trains
@@ -351,7 +354,7 @@ def _checkpoint(fold: dict, cfg: TrainConfig, features: Features, k: int, prior:
         "optimizer": fold["optimizer"].state_dict(),
         "config": asdict(cfg),
         "epoch": fold["epoch"],
-        "best_metric": fold["val_f1"],
+        "best_metric": fold["val_f1"] if cfg.epoch_choice == "inner_split" else None,  # fixed: nothing chosen
         "fold": k,
         "stores": features.stores,
         "dims": {s: int(features.inputs[s].shape[1]) for s in features.stores},

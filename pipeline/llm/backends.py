@@ -149,14 +149,24 @@ class TransformersLLM(LLM):
 
         With `share_prefix` and more than one prompt, n is the common token prefix (the system
         message: the template, the same for every subtitle) less one token, so every prompt
-        keeps at least one token of its own whose logits predict its answer."""
+        keeps at least one token of its own whose logits predict its answer. The prefix's KV
+        cache is kept for the next batch: when every prompt of it starts with the kept prefix,
+        that one is used (n its length) and the prefix is not run again."""
+        import copy
+
         import torch
 
         n_prefix = _common_prefix(prompts) - 1 if self.options.share_prefix and len(prompts) > 1 else 0
         if n_prefix <= 0:
             return 0, None
-        prefix = torch.tensor([prompts[0][:n_prefix]], dtype=torch.long, device=self.device)
-        cache = self.model(input_ids=prefix, use_cache=True).cache
+        kept = getattr(self, "_prefix", None)  # (ids, KV cache) of the last batch's prefix: the template
+        if kept is not None and len(kept[0]) <= n_prefix and tuple(prompts[0][:len(kept[0])]) == kept[0]:
+            n_prefix = len(kept[0])  # every prompt starts with it: the same numbers, one pass fewer
+        else:
+            ids = prompts[0][:n_prefix]
+            prefix = torch.tensor([ids], dtype=torch.long, device=self.device)
+            kept = self._prefix = tuple(ids), self.model(input_ids=prefix, use_cache=True).cache
+        cache = copy.deepcopy(kept[1])  # the model extends the cache it is given in place
         cache.batch_repeat_interleave(len(prompts))
         return n_prefix, cache
 

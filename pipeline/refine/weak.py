@@ -204,32 +204,35 @@ def dawid_skene(probs: np.ndarray, present: np.ndarray, gold: np.ndarray, smooth
 def dawid_skene_crowdkit(probs: np.ndarray, present: np.ndarray, gold: np.ndarray, smoothing: float = 1.0,
                         max_iter: int = 100, tol: float = 1e-6) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """`dawid_skene` with crowd-kit's DawidSkene doing the EM: each present argmax vote is a
-    (task, worker, label) row, gold goes in as `true_labels` (clamped), and `smoothing` counts
-    are crowd-kit's `initial_error` ('addition': added at its first M-step only). The votes-only
-    posterior of every clip then comes from its fitted confusions and prior, as in ours.
-    crowd-kit's tolerance is on its evidence lower bound, ours on the confusion entries."""
+    (task, worker, label) row, gold goes in as `true_labels` (clamped). crowd-kit smooths only
+    its first M-step, so an unseen (truth, vote) cell ends at 0 and vetoes a class; the returned
+    confusions and prior are therefore one more M-step on crowd-kit's fitted truths with
+    `smoothing` counts, as in ours. The votes-only posterior of every clip (crowd-kit has none
+    for gold-clamped tasks) comes from them. crowd-kit's tolerance is on its evidence lower
+    bound, ours on the confusion entries."""
     import pandas as pd
     from crowdkit.aggregation import DawidSkene
 
-    n_sources, n_clips, n_classes = probs.shape
+    n_classes = probs.shape[2]
     source, clip = np.nonzero(present)
     data = pd.DataFrame({"task": clip, "worker": source, "label": probs.argmax(axis=2)[source, clip]})
     labelled = np.flatnonzero(gold >= 0)
-    true_labels = pd.Series(gold[labelled], index=labelled)
-    cells = pd.MultiIndex.from_product([range(n_sources), range(n_classes)], names=["worker", "label"])
-    initial = pd.DataFrame(smoothing, index=cells, columns=pd.Index(range(n_classes), name="label"))
-    model = DawidSkene(n_iter=max_iter, tol=tol, initial_error_strategy="addition" if smoothing else None)
+    model = DawidSkene(n_iter=max_iter, tol=tol)
     with warnings.catch_warnings():  # crowd-kit 1.4.2 on pandas 3: inplace= deprecation notes per call
         warnings.simplefilter("ignore", FutureWarning)
         warnings.simplefilter("ignore", DeprecationWarning)
-        model.fit(data, true_labels=true_labels, initial_error=initial if smoothing else None)
-    errors = model.errors_.reindex(index=cells, columns=range(n_classes)).fillna(0.0).to_numpy()
-    confusion = np.clip(errors.reshape(n_sources, n_classes, n_classes).transpose(0, 2, 1), 1e-12, None)
-    confusion /= confusion.sum(axis=2, keepdims=True)  # (S, truth, vote)
-    prior = np.clip(model.priors_.reindex(range(n_classes)).fillna(0.0).to_numpy(), 1e-12, None)
-    hard = np.eye(n_classes)[probs.argmax(axis=2)] * present[..., None]
-    posterior = _ds_posterior(hard, confusion, prior / prior.sum())
-    return np.where(present.any(axis=0)[:, None], posterior, 0.0), confusion, prior / prior.sum()
+        model.fit(data, true_labels=pd.Series(gold[labelled], index=labelled))
+    truth = np.zeros((probs.shape[1], n_classes))  # fitted P(truth) per clip; rows of unvoted clips stay 0
+    fitted = model.probas_.reindex(columns=range(n_classes)).fillna(0.0)
+    truth[fitted.index.to_numpy(dtype=int)] = fitted.to_numpy()
+    truth[labelled] = np.eye(n_classes)[gold[labelled]]  # gold clamped, voted on or not
+    hard = np.eye(n_classes)[probs.argmax(axis=2)] * present[..., None]  # (S, N, C) one-hot votes
+    counts = np.einsum("nc,snj->scj", truth, hard) + smoothing
+    confusion = counts / counts.sum(axis=2, keepdims=True)  # (S, truth, vote)
+    prior = truth.sum(axis=0) + smoothing
+    prior = prior / prior.sum()
+    posterior = _ds_posterior(hard, confusion, prior)
+    return np.where(present.any(axis=0)[:, None], posterior, 0.0), confusion, prior
 
 
 def vote_precision(confusion: np.ndarray, prior: np.ndarray) -> np.ndarray:

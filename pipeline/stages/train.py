@@ -101,9 +101,11 @@ def main(argv: list[str] | None = None) -> None:
         notes.append(f"{metrics['excluded_no_modality']} left out: no usable modality")
     if not metrics["speaker_independent"]:
         notes.append("folds NOT speaker-independent (no group column)")
-    if metrics["refined_labels"]:
-        notes.append("trained on labels refined in each training fold" if metrics["refined_in_folds"]
-                     else "trained on refined labels: optimistic (refine saw every fold)")
+    if metrics["refined_labels"] or metrics["pseudo_labels"]:
+        what = " and ".join(w for w, on in (("refined labels", metrics["refined_labels"]),
+                                            ("pseudo-labels", metrics["pseudo_labels"])) if on)
+        notes.append(f"trained on {what} made in each training fold" if metrics["refined_in_folds"]
+                     else f"trained on {what}: optimistic (refine saw every fold)")
     notes.append(f"{cands['total']} candidates predicted, {cands['prior_no_modality']} of them by the prior "
                  "(no usable modality)")
     print(f"weighted F1 {metrics['weighted_f1']:.4f} (folds {metrics['folds']['weighted_f1_mean']:.4f} "
