@@ -286,6 +286,9 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
             rows = np.concatenate([lab_rows[part], np.array(pseudo_rows, dtype=int)])
             return rows, targets[part] if pseudo_targets is None else np.concatenate([targets[part], pseudo_targets])
 
+        if cfg.epoch_choice == "inner_split":  # one inner split per fold, shared by its members
+            inner_tr, inner_va = _inner_split([labels[j] for j in tr], [groups[j] for j in tr], cfg, cfg.seed + k, k)
+            pick = tr[inner_va]
         members = []
         for member in range(cfg.ensemble):  # same data, own seed: the average is steadier than any one
             seed = cfg.seed + k + 1000 * member
@@ -294,8 +297,6 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
                                           choose=False))
                 result.checkpoints.append(_checkpoint(members[-1], cfg, features, k, prior, member))
                 continue
-            inner_tr, inner_va = _inner_split([labels[j] for j in tr], [groups[j] for j in tr], cfg, cfg.seed + k, k)
-            pick = tr[inner_va]
             fold = train_fold(features, *rows_and_targets(tr[inner_tr]), lab_rows[pick], gold[pick], cfg, seed, k)
             if cfg.refit:  # the chosen epoch count, retrained on the whole training fold (nothing is chosen on it)
                 chosen = fold

@@ -125,6 +125,7 @@ class TransformersLLM(LLM):
         if self.pad_id is None:  # padded positions are masked out: any id will do
             self.pad_id = self.tokenizer.eos_token_id or 0
         self.device = device
+        self._prefix = None  # (ids, KV cache) of the last shared prefix: this model's, reused by _shared_prefix
         return self
 
     def _prompt_ids(self, messages: Messages) -> list[int]:
@@ -159,7 +160,7 @@ class TransformersLLM(LLM):
         n_prefix = _common_prefix(prompts) - 1 if self.options.share_prefix and len(prompts) > 1 else 0
         if n_prefix <= 0:
             return 0, None
-        kept = getattr(self, "_prefix", None)  # (ids, KV cache) of the last batch's prefix: the template
+        kept = self._prefix  # (ids, KV cache) of the last batch's prefix: the template
         if kept is not None and len(kept[0]) <= n_prefix and tuple(prompts[0][:len(kept[0])]) == kept[0]:
             n_prefix = len(kept[0])  # every prompt starts with it: the same numbers, one pass fewer
         else:

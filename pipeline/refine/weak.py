@@ -179,7 +179,7 @@ def dawid_skene(probs: np.ndarray, present: np.ndarray, gold: np.ndarray, smooth
     disagree with it. Rows of clips no source voted on are 0.
     """
     n_classes = probs.shape[2]
-    hard = np.eye(n_classes)[probs.argmax(axis=2)] * present[..., None]  # (S, N, C) one-hot votes
+    hard = _hard_votes(probs, present)
     labelled = gold >= 0
     truth = np.zeros((len(gold), n_classes))
     truth[labelled, gold[labelled]] = 1.0
@@ -188,10 +188,7 @@ def dawid_skene(probs: np.ndarray, present: np.ndarray, gold: np.ndarray, smooth
     truth[free] = voted[free] / voted[free].sum(axis=1, keepdims=True)  # start at the vote shares
     confusion = np.full((probs.shape[0], n_classes, n_classes), 1.0 / n_classes)
     for _ in range(max_iter):
-        counts = np.einsum("nc,snj->scj", truth, hard) + smoothing
-        new = counts / counts.sum(axis=2, keepdims=True)
-        prior = truth.sum(axis=0) + smoothing
-        prior = prior / prior.sum()
+        new, prior = _m_step(truth, hard, smoothing)
         truth[free] = _ds_posterior(hard[:, free], new, prior)
         moved = np.abs(new - confusion).max()
         confusion = new
@@ -226,11 +223,8 @@ def dawid_skene_crowdkit(probs: np.ndarray, present: np.ndarray, gold: np.ndarra
     fitted = model.probas_.reindex(columns=range(n_classes)).fillna(0.0)
     truth[fitted.index.to_numpy(dtype=int)] = fitted.to_numpy()
     truth[labelled] = np.eye(n_classes)[gold[labelled]]  # gold clamped, voted on or not
-    hard = np.eye(n_classes)[probs.argmax(axis=2)] * present[..., None]  # (S, N, C) one-hot votes
-    counts = np.einsum("nc,snj->scj", truth, hard) + smoothing
-    confusion = counts / counts.sum(axis=2, keepdims=True)  # (S, truth, vote)
-    prior = truth.sum(axis=0) + smoothing
-    prior = prior / prior.sum()
+    hard = _hard_votes(probs, present)
+    confusion, prior = _m_step(truth, hard, smoothing)
     posterior = _ds_posterior(hard, confusion, prior)
     return np.where(present.any(axis=0)[:, None], posterior, 0.0), confusion, prior
 
@@ -240,6 +234,18 @@ def vote_precision(confusion: np.ndarray, prior: np.ndarray) -> np.ndarray:
     joint = confusion * prior[None, :, None]  # (S, truth, vote)
     diagonal = np.diagonal(joint, axis1=1, axis2=2)
     return diagonal / joint.sum(axis=1)
+
+
+def _hard_votes(probs: np.ndarray, present: np.ndarray) -> np.ndarray:
+    """(S, N, C) one-hot argmax votes, zero where the source did not vote."""
+    return np.eye(probs.shape[2])[probs.argmax(axis=2)] * present[..., None]
+
+
+def _m_step(truth: np.ndarray, hard: np.ndarray, smoothing: float) -> tuple[np.ndarray, np.ndarray]:
+    """Dawid-Skene M-step with `smoothing` counts: (confusion (S, truth, vote), prior (C,))."""
+    counts = np.einsum("nc,snj->scj", truth, hard) + smoothing
+    prior = truth.sum(axis=0) + smoothing
+    return counts / counts.sum(axis=2, keepdims=True), prior / prior.sum()
 
 
 def _ds_posterior(hard: np.ndarray, confusion: np.ndarray, prior: np.ndarray) -> np.ndarray:

@@ -4,12 +4,11 @@ from __future__ import annotations
 
 import argparse
 import json
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
-
-from collections.abc import Callable
-from dataclasses import replace
 
 from pipeline.config import Params, load_params, refine_config, train_config
 from pipeline.labels import EMOTIONS
