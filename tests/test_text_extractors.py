@@ -259,3 +259,37 @@ def test_end_to_end_transformers_tiny_bert(manifest, engine, tmp_path, tiny_bert
         values, mask = reader.read("utterance", reader.names)
     assert mask.all() and values.shape == (8, 32)
     assert len({v.tobytes() for v in values}) == 8  # each subtitle names its clip
+
+
+def test_repeated_subtitles_are_encoded_once_per_run(e5):
+    asked = []
+
+    class Counting:  # the real encoder, recording what it is given
+        dim = e5.dim
+
+        def encode(self, texts):
+            asked.extend(texts)
+            return e5.encode(texts)
+
+    ext = get_extractor("text")({})
+    ext.encoder = Counting()
+    first = ext.extract_batch([("你好", "hello"), (None, "hello"), ("你好", "bye")])
+    second = ext.extract_batch([(None, "bye"), ("你好", "hello")])
+    assert sorted(asked) == sorted(["你好", "hello", "bye"])  # each distinct text once, across batches
+    zh, en, bye = e5.encode(["你好", "hello", "bye"])
+    np.testing.assert_allclose(second[1]["utterance"], np.concatenate([zh, en]), atol=1e-6)
+    np.testing.assert_allclose(second[0]["utterance"][384:], bye, atol=1e-6)
+    np.testing.assert_array_equal(first[1]["utterance"][384:], first[0]["utterance"][384:])
+    assert [o["languages"].tolist() for o in second] == [[0, 1], [1, 1]]
+
+
+def test_kept_vectors_are_bounded(e5, monkeypatch):
+    import pipeline.extractors.text as text_module
+
+    monkeypatch.setattr(text_module, "SEEN_TEXTS", 2)
+    ext = get_extractor("text")({"language": "english"})
+    ext.encoder = e5
+    out = ext.extract_batch([("a",), ("b",), ("c",), ("a",)])
+    assert list(ext._seen) == ["b", "c"]  # the oldest left first
+    np.testing.assert_array_equal(out[0]["utterance"], out[3]["utterance"])
+    np.testing.assert_allclose(out[2]["utterance"], e5.encode(["c"])[0], atol=1e-6)

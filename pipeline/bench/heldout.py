@@ -183,11 +183,15 @@ def run_corpus(corpus: str, shared: Path, work: Path, meld_train: int, overrides
         write_heldout(labelled, cands, root, truth_path)
     make_project(project, root, overrides)
     start = time.perf_counter()
-    done = subprocess.run(["dvc", "repro", "train"], cwd=project, env=_env(), text=True,
-                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-    (base / "repro.log").write_text(done.stdout, encoding="utf-8")
+    with (base / "repro.log").open("w", encoding="utf-8") as out:  # each line stamped: a stage's seconds
+        done = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=_env(), text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for line in done.stdout:
+            out.write(f"[{time.perf_counter() - start:7.1f}s] {line}")
+        done.wait()
     if done.returncode:
-        raise SystemExit(f"{corpus}: dvc repro failed; see {base / 'repro.log'}\n{done.stdout[-2000:]}")
+        tail = (base / "repro.log").read_text(encoding="utf-8")[-2000:]
+        raise SystemExit(f"{corpus}: dvc repro failed; see {base / 'repro.log'}\n{tail}")
     seconds = time.perf_counter() - start
     truth = _csv(truth_path)
     predictions = _csv(project / "reports" / "predictions.csv")

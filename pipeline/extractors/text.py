@@ -21,6 +21,7 @@ from pipeline.extractors.base import Extractor, NotApplicable, register
 from pipeline.manifest import Clip
 from pipeline.backends.text import TextEncoder, build_text_encoder
 
+SEEN_TEXTS = 50_000  # vectors kept per run for repeated subtitles (50k x 384 floats: 77 MB)
 LANGUAGES = {"chinese": ("chinese",), "english": ("english",), "both": ("chinese", "english")}
 
 
@@ -47,6 +48,7 @@ class SubtitleEncoder(Extractor):
     def __init__(self, options: dict[str, Any] | None = None, where: str = "extract.<store>.options"):
         super().__init__(options, where)
         self.encoder = self._build_encoder()  # settings only: a wrong option fails here, fast
+        self._seen: dict[str, np.ndarray] = {}  # subtitle -> vector, this run (insertion order: oldest first)
 
     def _build_encoder(self) -> TextEncoder:
         o = self.options
@@ -74,6 +76,7 @@ class SubtitleEncoder(Extractor):
     def load(self, device: str = "cpu") -> None:
         self.device = device
         self.encoder.load(device)
+        self._seen = {}  # vectors of the model just loaded only
 
     def prepare(self, clip: Clip) -> tuple[str | None, ...]:
         texts = tuple(getattr(clip, lang).strip() or None for lang in LANGUAGES[self.options.language])
@@ -82,13 +85,20 @@ class SubtitleEncoder(Extractor):
         return texts
 
     def extract_batch(self, items: list[tuple[str | None, ...]]) -> list[dict[str, np.ndarray]]:
-        # every subtitle of the batch in one encode call: one forward pass across clips
-        texts = [t for item in items for t in item if t is not None]
-        vectors = iter(self.encoder.encode(texts))
+        # each distinct subtitle not seen before in this run, in one encode call across clips:
+        # corpora repeat lines (an acted corpus has 2 sentences over 1,248 clips; MELD 9 % repeats)
+        distinct = list(dict.fromkeys(t for item in items for t in item if t is not None))
+        new = [t for t in distinct if t not in self._seen]
+        vectors = {t: self._seen[t] for t in distinct if t in self._seen}
+        vectors.update(zip(new, self.encoder.encode(new) if new else []))
+        for text in new:
+            if len(self._seen) >= SEEN_TEXTS:  # bounded: the oldest text goes first
+                del self._seen[next(iter(self._seen))]
+            self._seen[text] = vectors[text]
         dim = self.encoder.dim
         out = []
         for item in items:
-            halves = [next(vectors) if t is not None else np.zeros(dim, np.float32) for t in item]
+            halves = [vectors[t] if t is not None else np.zeros(dim, np.float32) for t in item]
             out.append({"utterance": np.concatenate(halves).astype(np.float32),
                         "present": np.float32(1.0),
                         "languages": self._languages(item)})

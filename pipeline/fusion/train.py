@@ -71,7 +71,10 @@ def train_fold(features: Features, train_rows: np.ndarray, train_targets: np.nda
     norm = Standardizer(features, train_rows)
     dims = {s: features.inputs[s].shape[1] for s in features.stores}
     model = build_fusion(dims, cfg.model).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    # fused: one kernel for all ~40 small tensors instead of a Python loop; on 2 CPU cores the
+    # step was a quarter of a fold's time (23.7 s -> 19.3 s per fold, 2 text stores, 3,133 clips)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay,
+                                  fused=torch.device(device).type in ("cpu", "cuda"))
     counts = np.bincount(train_targets.argmax(1), minlength=len(EMOTIONS)).astype(np.float32)
     class_weight = torch.tensor(counts.sum() / np.maximum(counts, 1) / len(EMOTIONS))
     loss_weight = class_weight.to(device) if cfg.class_balance == "weights" else None
