@@ -97,7 +97,9 @@ def make_project(project: Path, root: Path, overrides: dict) -> None:
 
 
 def _env() -> dict[str, str]:
-    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1"}
+    # unbuffered: each stage's lines reach repro.log when they are printed, so their stamps are true
+    return {**os.environ, "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}", "DVC_NO_ANALYTICS": "1",
+            "PYTHONUNBUFFERED": "1"}
 
 
 def score(pred: dict[str, str], truth: dict[str, str], covered: int) -> dict:
@@ -188,6 +190,7 @@ def run_corpus(corpus: str, shared: Path, work: Path, meld_train: int, overrides
                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         for line in done.stdout:
             out.write(f"[{time.perf_counter() - start:7.1f}s] {line}")
+            out.flush()  # a run that is stopped keeps its log
         done.wait()
     if done.returncode:
         tail = (base / "repro.log").read_text(encoding="utf-8")[-2000:]

@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bench.real import CORPORA, Corpus, build
-from pipeline.config import EngineConfig, IngestConfig
+from pipeline.config import CLEANLAB_FILTERS, EngineConfig, IngestConfig
 from pipeline.extract.engine import run_extraction
 from pipeline.extractors.base import available
 from pipeline.data.ingest import ingest
@@ -42,6 +42,8 @@ log = logging.getLogger(__name__)
 THRESHOLDS = (0.5, 0.7, 0.9)
 SETTINGS = ([(m, t) for m in ("weighted_vote", "dawid_skene/numpy", "dawid_skene/crowdkit") for t in THRESHOLDS]
             + [("cleanlab", None)])
+# `--settings cleanlab`: every filter_by rule of confident learning on the same sources
+CLEANLAB_SETTINGS = [(f"cleanlab/{rule}", None) for rule in CLEANLAB_FILTERS]
 MODES = ("hard", "drop")
 OUTER_FOLDS = {"ravdess": 5, "meld": 1}  # RAVDESS pooled over all 5; MELD one outer fold (all 5: ~33 min here)
 
@@ -106,7 +108,8 @@ def downstream(X: np.ndarray, labels: np.ndarray, test: np.ndarray) -> np.ndarra
 
 
 def run_fold(clips: list[Clip], X: np.ndarray, test: np.ndarray, rate: float, cfg: RefineConfig,
-             work: Path, seed: int, class_conditional: bool = False) -> dict[tuple, dict]:
+             work: Path, seed: int, class_conditional: bool = False,
+             settings: list[tuple[str, float | None]] = SETTINGS) -> dict[tuple, dict]:
     """Flip `rate` of the training labels, refine them; counts + test predictions per setting."""
     gold = gold_of(clips)
     confusable = most_confusable(X[~test], gold[~test], seed) if class_conditional else None
@@ -116,11 +119,15 @@ def run_fold(clips: list[Clip], X: np.ndarray, test: np.ndarray, rate: float, cf
     out = {("noisy",): {"predicted": downstream(X, noisy, test)},
            ("clean",): {"predicted": downstream(X, gold[~test], test)}}
     Xtrain = X[~test]
-    for method, threshold in SETTINGS:
-        name, _, implementation = method.partition("/")  # dawid_skene/crowdkit: the same EM in crowd-kit
-        run = dataclasses.replace(cfg, method=name, correct_threshold=threshold or cfg.correct_threshold,
-                                  dawid_skene=dataclasses.replace(cfg.dawid_skene,
-                                                                  implementation=implementation or "crowdkit"))
+    for method, threshold in settings:
+        # dawid_skene/crowdkit: the same EM in crowd-kit; cleanlab/both: confident learning's `both` rule
+        name, _, variant = method.partition("/")
+        run = dataclasses.replace(cfg, method=name, correct_threshold=threshold or cfg.correct_threshold)
+        if name == "dawid_skene":
+            run = dataclasses.replace(run, dawid_skene=dataclasses.replace(cfg.dawid_skene,
+                                                                         implementation=variant or "crowdkit"))
+        elif variant:
+            run = dataclasses.replace(run, cleanlab=dataclasses.replace(cfg.cleanlab, filter_by=variant))
         agg, weights = aggregate(votes, noisy, run)
         result = decide(train_clips, votes, agg, weights, run)  # mode hard: flagged = changed
         flagged = result.changed
@@ -169,7 +176,9 @@ def run_corpus(corpus: Corpus, stores: list[str], args: argparse.Namespace, engi
             test = np.zeros(len(clips), bool)
             test[held] = True
             truth += gold[test].tolist()
-            for key, part in run_fold(clips, X, test, rate, cfg, args.work / corpus.name, args.seed + f, cc).items():
+            settings = CLEANLAB_SETTINGS if args.settings == "cleanlab" else SETTINGS
+            for key, part in run_fold(clips, X, test, rate, cfg, args.work / corpus.name, args.seed + f, cc,
+                                      settings).items():
                 into = tally.setdefault(key, {})
                 for name, value in part.items():
                     into[name] = into.get(name, 0 if name != "predicted" else []) + (
@@ -241,6 +250,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=1,
                         help="LightGBM threads (more than the free cores is many times slower)")
     parser.add_argument("--no-whisper", action="store_true", help="RAVDESS with prosody only (fast)")
+    parser.add_argument("--settings", choices=("all", "cleanlab"), default="all",
+                        help="all: every method and threshold; cleanlab: each cleanlab.filter_by rule")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine = EngineConfig(device="auto", batch_size=16, flush_every=256, max_failed_fraction=0.02)
