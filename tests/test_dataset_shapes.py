@@ -123,6 +123,7 @@ def test_audio_only_set_with_broken_and_unusable_clips(tmp_path, caplog):
         metrics = _run(tmp_path, _params(root, ["prosody", "frames", "text"]))
     _assert_finite(metrics)
     assert metrics["stores"] == ["prosody"] and metrics["stores_without_clips"] == ["frames", "text"]
+    assert metrics["model_kind"] == "single"  # one store: nothing to fuse
     assert metrics["excluded_no_modality"] == 1 and metrics["n_labelled"] == len(labels) - 1
     assert metrics["candidates"] == {"total": 5, "predicted_by_model": 3, "prior_no_modality": 2,
                                      "coverage": 0.6}

@@ -317,3 +317,17 @@ def test_reports_weights_per_class_sum_to_one_and_per_clip_mark_missing(tmp_path
         row = rows[clip.name]
         assert (row["noise_a"] == "") == (i % 5 == 0)
         assert abs(sum(float(row[s]) for s in ("good", "noise_a", "noise_b") if row[s]) - 1) < 1e-3
+
+
+def test_one_store_trains_the_single_head_and_says_so(caplog):
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    only = train_mod.select(features, ["good"])
+    with caplog.at_level("WARNING"):
+        fused = cross_validate(clips, only, small(epochs=3))
+    assert "nothing to fuse" in caplog.text and fused.model_kind == "single"
+    assert {c["config"]["model"]["kind"] for c in fused.checkpoints} == {"single"}
+    assert all(c["config"]["model"]["single"] == "good" for c in fused.checkpoints)
+    # the same model as asking for it: `single` on that store
+    asked = cross_validate(clips, features, train_mod.config_with(small(epochs=3), kind="single", single="good"))
+    np.testing.assert_array_equal(fused.oof_probs, asked.oof_probs)
+    assert asked.model_kind == "single" and cross_validate(clips, features, small(epochs=1)).model_kind == "ecmf"

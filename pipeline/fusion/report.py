@@ -48,6 +48,7 @@ def cv_metrics(clips: list[Clip], result: CVResult) -> dict:
     metrics["pseudo_labels"] = bool(result.pseudo_labels)  # trained on pseudo-labelled clips too
     metrics["refined_in_folds"] = bool(result.refined_in_folds)  # false with either: optimistic
     metrics["stores"] = list(result.stores)
+    metrics["model_kind"] = result.model_kind  # `single` where one store carried features (nothing to fuse)
     metrics["stores_without_clips"] = list(result.dropped)
     candidates = candidates_of(clips)
     by_prior = int(sum(bool(result.no_modality[i]) for i in candidates)) if result.no_modality is not None else 0
