@@ -186,13 +186,13 @@ def run_corpus(corpus: str, shared: Path, work: Path, meld_train: int, overrides
     make_project(project, root, overrides)
     start = time.perf_counter()
     with (base / "repro.log").open("w", encoding="utf-8") as out:  # each line stamped: a stage's seconds
-        done = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=_env(), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
-        for line in done.stdout:
+        repro = subprocess.Popen(["dvc", "repro", "train"], cwd=project, env=_env(), text=True,
+                                 stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+        for line in repro.stdout:
             out.write(f"[{time.perf_counter() - start:7.1f}s] {line}")
             out.flush()  # a run that is stopped keeps its log
-        done.wait()
-    if done.returncode:
+        repro.wait()
+    if repro.returncode:
         tail = (base / "repro.log").read_text(encoding="utf-8")[-2000:]
         raise SystemExit(f"{corpus}: dvc repro failed; see {base / 'repro.log'}\n{tail}")
     seconds = time.perf_counter() - start

@@ -168,6 +168,7 @@ def run_corpus(corpus: Corpus, stores: list[str], args: argparse.Namespace, engi
     outer = fold_indices([c.label for c in clips], [c.group for c in clips], k=5, seed=args.seed)
     cfg = RefineConfig(stores=stores, k=5, seed=args.seed, lightgbm=LightGBMConfig(n_jobs=args.jobs))
     n_folds = args.folds or OUTER_FOLDS.get(corpus.name, 5)
+    settings = CLEANLAB_SETTINGS if args.settings == "cleanlab" else SETTINGS
     rows = []
     for rate, cc in [(r, False) for r in args.noise] + [(r, True) for r in args.cc_noise]:
         tally: dict[tuple, dict] = {}
@@ -176,7 +177,6 @@ def run_corpus(corpus: Corpus, stores: list[str], args: argparse.Namespace, engi
             test = np.zeros(len(clips), bool)
             test[held] = True
             truth += gold[test].tolist()
-            settings = CLEANLAB_SETTINGS if args.settings == "cleanlab" else SETTINGS
             for key, part in run_fold(clips, X, test, rate, cfg, args.work / corpus.name, args.seed + f, cc,
                                       settings).items():
                 into = tally.setdefault(key, {})
