@@ -67,9 +67,12 @@ def _predict(argv: list[str]) -> None:
     parser.add_argument("--text-zh", default="", help="Chinese subtitle")
     parser.add_argument("--models", type=Path, default=Path("models/fusion"))
     parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--same-speaker", action="store_true",
+                        help="the clips are one speaker's (needed by models trained with speaker normalisation)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    results = run_predict(args.clips, load_params(args.params), args.models, args.text, args.text_zh)
+    results = run_predict(args.clips, load_params(args.params), args.models, args.text, args.text_zh,
+                          same_speaker=args.same_speaker)
     print(json.dumps(results, indent=2, ensure_ascii=False) if args.json else format_text(results))
 
 

@@ -25,6 +25,7 @@ EMOTION_NAMES = ("neutral", "angry", "happy", "sad", "worried", "surprise")  # =
 RUNNERS = ("local", "ray")
 CLASS_BALANCE = ("weights", "sampler", "none")
 EPOCH_CHOICE = ("fixed", "inner_split")
+SPEAKER_NORM = ("auto", "on", "off")
 REFINE_METHODS = ("weighted_vote", "dawid_skene", "cleanlab")
 REFINE_MODES = ("hard", "soft", "drop")
 DS_IMPLEMENTATIONS = ("numpy", "crowdkit")
@@ -130,6 +131,7 @@ class TrainConfig:
     lr: float = 1e-3
     weight_decay: float = 1e-2
     class_balance: str = "weights"  # weights | sampler | none
+    speaker_norm: str = "auto"  # auto | on | off: each store standardised per speaker (group); pipeline/fusion/features.py
     use_refined: bool = False  # train on refined labels of labelled clips (reports/refine/labels.jsonl)
     use_pseudo: bool = False  # add pseudo-labelled clips to every training fold
     refine_in_folds: bool = True  # use_refined / use_pseudo: refine again inside each training fold (honest CV)
@@ -152,6 +154,7 @@ class TrainConfig:
             ("lr", self.lr, self.lr > 0, "a number above 0"),
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, "0 or more"),
             _one_of("class_balance", self.class_balance, CLASS_BALANCE),
+            _one_of("speaker_norm", self.speaker_norm, SPEAKER_NORM),
             ("device", self.device, is_device(self.device), "auto | cpu | cuda | cuda:N"),
             _at_least("threads", self.threads, 1),
         ])

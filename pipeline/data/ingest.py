@@ -2,8 +2,9 @@
 
 Layout (every part optional except that each clip needs media or a subtitle):
     video/{name}.mp4, audio/{name}.wav, openface_face/{name}/{name}.npy,
-    subtitle_chieng.csv (name,chinese,english), track1_train_disdim.csv
-    (name,discrete,valence[,group]), track_all_candidates.csv (name).
+    subtitle_chieng.csv (name,chinese,english[,group]), track1_train_disdim.csv
+    (name,discrete,valence[,group]), track_all_candidates.csv (name[,group]).
+`group` names the speaker (or dialogue) wherever it is given.
 Ingest only reads the layout; it does not decode media (extractors do, and record
 per-clip failures), so ingesting 130k clips takes seconds.
 """
@@ -143,7 +144,10 @@ def ingest(cfg: IngestConfig) -> list[Clip]:
     for name in names:
         sub = subtitles[name].values if name in subtitles else {}
         label, valence = _parse_label(labels[name], label_path) if name in labels else (None, None)
-        group = (labels[name].values.get("group") if name in labels else None) or sub.get("group") or None
+        # the speaker may be named by the label row, the subtitle row or the candidate row (an
+        # unlabelled candidate has only the last two): folds and speaker normalisation use it
+        group = ((labels[name].values.get("group") if name in labels else None) or sub.get("group")
+                 or (candidates[name].values.get("group") if name in candidates else None) or None)
         clips.append(Clip(
             name=name,
             video=str(videos[name]) if name in videos else None,

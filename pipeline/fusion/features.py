@@ -1,10 +1,25 @@
 """What the fusion trainer reads: every clip's utterance vector per store, where each is usable,
-and the per-store standardisation fitted on training rows only."""
+optionally centred per speaker, and the per-store standardisation fitted on training rows only.
+
+Speaker normalisation (`train.speaker_norm`). A voice or a face carries who speaks as much as
+how they feel, and a classifier trained on some speakers reads part of a new speaker's
+identity as emotion. Centring each store's vectors on the speaker's own mean (and scaling by
+the speaker's spread) removes that, the standard step for unseen-speaker speech emotion
+recognition. It uses features only, never labels: each speaker's statistics come from all of
+that speaker's clips with the modality, labelled or not, the scored and predicted ones too,
+exactly as a batch of a new speaker's clips would be normalised at prediction time. `auto`
+(the default) normalises when every clip names its group and groups hold at least
+MIN_SPEAKER_CLIPS clips (median), i.e. when groups are speakers, not dialogues or missing;
+`on` stops with the reason when that does not hold; `off` never normalises. Measured in the
+README ("Fusion": speaker normalisation).
+"""
 
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+import statistics
+from collections import Counter
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
@@ -24,15 +39,42 @@ class Features:
     mask: np.ndarray  # (N, M) bool, columns in `stores` order
     stores: list[str]
     dropped: list[str] = field(default_factory=list)  # stores named but carrying nothing, left out
+    speaker_normalized: bool = False  # each store centred and scaled per group (train.speaker_norm)
+
+
+# a speaker's mean from fewer clips than this is mostly their emotions' mean, not their voice's;
+# groups of a dialogue corpus (MELD train: a median of 9 utterances per dialogue) fall below it
+MIN_SPEAKER_CLIPS = 20
+
+
+def speaker_norm_applies(clips: list[Clip], mode: str) -> tuple[bool, str]:
+    """Whether `train.speaker_norm` (auto | on | off) normalises these clips, and why (for the log)."""
+    if mode == "off":
+        return False, "train.speaker_norm is off"
+    sizes = Counter(c.group for c in clips if c.group)
+    missing = [c.name for c in clips if not c.group]
+    median = statistics.median(sizes.values()) if sizes else 0
+    if missing:
+        why = f"{len(missing)} of {len(clips)} clips name no group (speaker), e.g. {missing[0]}"
+    elif median < MIN_SPEAKER_CLIPS:
+        why = (f"its {len(sizes)} groups hold a median of {median:g} clips, under {MIN_SPEAKER_CLIPS}: "
+               "groups this small (dialogues, not speakers) give no speaker's mean")
+    else:
+        return True, f"{len(sizes)} speakers (groups), a median of {median:g} clips each"
+    if mode == "on":
+        raise TrainError(f"params key 'train.speaker_norm' is on, but {why}; name each clip's speaker in a "
+                         "`group` column (label, subtitle or candidate file) or set train.speaker_norm: auto")
+    return False, why
 
 
 def load_features(clips: list[Clip], stores: list[str], feature_dir: str | Path = "features",
-                  dims: dict[str, int] | None = None) -> Features:
+                  dims: dict[str, int] | None = None, speaker_norm: str = "off") -> Features:
     """The `utterance` vector of every clip from each store, and where each is usable.
 
     A store no clip has (empty, or every row not present) is left out with a warning, unless
     `dims` (a trained model's input widths) is given: then it is read as all-missing zeros of
     that width, so the model masks it. Rows with non-finite values count as missing.
+    `speaker_norm` (auto | on | off): see the module docstring; the decision is logged.
     """
     names = [c.name for c in clips]
     inputs, masks, kept, dropped = {}, [], [], []
@@ -65,7 +107,38 @@ def load_features(clips: list[Clip], stores: list[str], feature_dir: str | Path 
     if not kept:
         raise TrainError(f"no store of params key 'train.stores' ({', '.join(stores)}) holds any clip: "
                          "the dataset has none of their modalities; name stores this dataset has")
-    return Features(names, inputs, np.stack(masks, axis=1), kept, dropped)
+    features = Features(names, inputs, np.stack(masks, axis=1), kept, dropped)
+    normalise, why = speaker_norm_applies(clips, speaker_norm)
+    (log.info if normalise or speaker_norm != "off" else log.debug)(
+        "speaker normalisation %s: %s", "on" if normalise else "off", why)
+    return normalize_per_speaker(features, [c.group for c in clips]) if normalise else features
+
+
+def normalize_per_speaker(features: Features, groups: list[str | None]) -> Features:
+    """Each store's present rows centred on their group's mean and scaled by its spread.
+
+    A group with fewer than MIN_SPEAKER_CLIPS rows of a store (a speaker seldom on camera) is
+    standardised with the statistics of all present rows instead, so it lands on the same scale.
+    The spread is floored at a thousandth of the store's overall spread, so a dimension constant
+    within one speaker stays 0 instead of dividing by nothing."""
+    codes = np.unique(np.array([g or "" for g in groups]), return_inverse=True)[1]
+    inputs = {}
+    for j, store in enumerate(features.stores):
+        x, present = features.inputs[store].astype(np.float64), features.mask[:, j]
+        if not present.any():  # a store the clips lack (read as zeros for a trained model): nothing to centre
+            inputs[store] = features.inputs[store]
+            continue
+        all_mean, all_std = x[present].mean(axis=0), x[present].std(axis=0)
+        out = np.zeros_like(x)
+        for code in np.unique(codes[present]):
+            rows = present & (codes == code)
+            if rows.sum() >= MIN_SPEAKER_CLIPS:
+                mean, std = x[rows].mean(axis=0), x[rows].std(axis=0)
+            else:
+                mean, std = all_mean, all_std
+            out[rows] = (x[rows] - mean) / np.maximum(std, 1e-3 * all_std + 1e-8)
+        inputs[store] = out.astype(np.float32)
+    return replace(features, inputs=inputs, speaker_normalized=True)
 
 
 def select(features: Features, stores: list[str]) -> Features:
@@ -75,7 +148,8 @@ def select(features: Features, stores: list[str]) -> Features:
         raise TrainError(f"store(s) {', '.join(missing)} carry nothing on this dataset (see the warning above); "
                          f"stores with clips: {', '.join(features.stores)}")
     cols = [features.stores.index(s) for s in stores]
-    return Features(features.names, {s: features.inputs[s] for s in stores}, features.mask[:, cols], list(stores))
+    return Features(features.names, {s: features.inputs[s] for s in stores}, features.mask[:, cols], list(stores),
+                    speaker_normalized=features.speaker_normalized)
 
 
 class Standardizer:

@@ -5,6 +5,9 @@ temporary folder; the fold models of `models/fusion` are averaged. Models that u
 `text_enriched` store get the given subtitle enriched by the LLM of params `llm` first,
 as the `enrich` stage does; with `llm.enabled: false` the LLM stores are read as missing. A clip without audio,
 a face or a subtitle still gets an answer: the missing modality is masked, and named.
+Models trained with speaker normalisation (`speaker_norm` in the checkpoint) need a batch of
+one speaker's clips (`--same-speaker`, at least MIN_SPEAKER_CLIPS), normalised together as
+training normalised each speaker; otherwise predict stops and says so.
 """
 
 from __future__ import annotations
@@ -26,12 +29,13 @@ from pipeline.fusion.models import build_fusion
 from pipeline.data.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip, write_manifest
+from pipeline.fusion.features import MIN_SPEAKER_CLIPS
 from pipeline.fusion.train import Standardizer, load_features, predict
 
 log = logging.getLogger(__name__)
 
 
-def clips_for(paths: list[Path], english: str = "", chinese: str = "") -> list[Clip]:
+def clips_for(paths: list[Path], english: str = "", chinese: str = "", group: str | None = None) -> list[Clip]:
     clips = []
     for path in paths:
         if not path.is_file():
@@ -41,7 +45,7 @@ def clips_for(paths: list[Path], english: str = "", chinese: str = "") -> list[C
             raise MerError(f"{path}: not a media file ({', '.join(VIDEO_EXTENSIONS + AUDIO_EXTENSIONS)})")
         video = str(path) if suffix in VIDEO_EXTENSIONS else None
         audio = str(path) if suffix in AUDIO_EXTENSIONS else None
-        clips.append(Clip(name=path.stem, video=video, audio=audio, english=english, chinese=chinese))
+        clips.append(Clip(name=path.stem, video=video, audio=audio, english=english, chinese=chinese, group=group))
     return clips
 
 
@@ -53,10 +57,16 @@ def load_folds(models: Path) -> list[dict]:
 
 
 def run_predict(paths: list[Path], params: Params, models: Path, english: str = "",
-                chinese: str = "") -> list[dict]:
+                chinese: str = "", same_speaker: bool = False) -> list[dict]:
     folds = load_folds(models)
     stores = folds[0]["stores"]
-    clips = clips_for(paths, english, chinese)
+    speaker_norm = bool(folds[0].get("speaker_norm", False))
+    if speaker_norm and (not same_speaker or len(paths) < MIN_SPEAKER_CLIPS):
+        raise MerError(f"the models in {models} standardise every store per speaker (train.speaker_norm), so "
+                       f"they need at least {MIN_SPEAKER_CLIPS} clips of one speaker at once, with --same-speaker "
+                       f"(given: {len(paths)} clip(s){'' if same_speaker else ', no --same-speaker'}); or retrain "
+                       "with train.speaker_norm: off")
+    clips = clips_for(paths, english, chinese, group="speaker" if speaker_norm else None)
     with tempfile.TemporaryDirectory(prefix="mer-predict-") as tmp:
         manifest = Path(tmp) / "manifest.jsonl"
         write_manifest(clips, manifest)
@@ -71,7 +81,8 @@ def run_predict(paths: list[Path], params: Params, models: Path, english: str = 
             for line in (Path(tmp) / f"{store}.failures.jsonl").read_text().splitlines():
                 row = json.loads(line)
                 failures.setdefault(row["id"], {})[store] = row["kind"]
-        features = load_features(clips, stores, tmp, dims=folds[0]["dims"])
+        features = load_features(clips, stores, tmp, dims=folds[0]["dims"],
+                                 speaker_norm="on" if speaker_norm else "off")
     return _ensemble(clips, features, folds, failures)
 
 

@@ -48,6 +48,7 @@ def cv_metrics(clips: list[Clip], result: CVResult) -> dict:
     metrics["pseudo_labels"] = bool(result.pseudo_labels)  # trained on pseudo-labelled clips too
     metrics["refined_in_folds"] = bool(result.refined_in_folds)  # false with either: optimistic
     metrics["stores"] = list(result.stores)
+    metrics["speaker_norm"] = bool(result.speaker_normalized)  # stores standardised per speaker (group)
     metrics["model_kind"] = result.model_kind  # `single` where one store carried features (nothing to fuse)
     metrics["stores_without_clips"] = list(result.dropped)
     candidates = candidates_of(clips)

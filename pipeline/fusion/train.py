@@ -193,6 +193,7 @@ class CVResult:
     pseudo_labels: bool = False  # pseudo-labelled clips trained (train.use_pseudo)
     present: np.ndarray | None = None  # (N, M) bool, columns in `stores` order: the clip has that modality
     model_kind: str = ""  # the fusion kind trained: train.model.kind, or `single` when one store carries features
+    speaker_normalized: bool = False  # the stores were standardised per speaker (train.speaker_norm)
 
 
 def _folds(labels: list[str], groups: list[str | None], k: int, seed: int, what: str, warn: bool = True) -> list:
@@ -282,7 +283,8 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
                       speaker_independent, stores=list(features.stores), dropped=list(features.dropped),
                       refined_labels=bool(cfg.use_refined and (refined or nested)),
                       refined_in_folds=nested, pseudo_labels=bool(cfg.use_pseudo and (pseudo or nested)),
-                      present=features.mask.copy(), model_kind=cfg.model.kind)
+                      present=features.mask.copy(), model_kind=cfg.model.kind,
+                      speaker_normalized=features.speaker_normalized)
     lab_rows = np.array(labelled)
     pred_rows = np.array(unlabelled, dtype=int)[unl_usable]
     for k, (tr, va) in enumerate(folds):
@@ -370,6 +372,7 @@ def _checkpoint(fold: dict, cfg: TrainConfig, features: Features, k: int, prior:
         "fold": k,
         "stores": features.stores,
         "dims": {s: int(features.inputs[s].shape[1]) for s in features.stores},
+        "speaker_norm": features.speaker_normalized,  # predict normalises new clips per speaker the same way
         "prior": torch.from_numpy(prior.copy()),  # the answer for a clip with no usable modality
         "selected_on": "inner split of the training fold" if cfg.epoch_choice == "inner_split" else "fixed: train.epochs",
         "normalizer": {s: [torch.from_numpy(m), torch.from_numpy(sd)] for s, (m, sd) in fold["norm"].stats.items()},

@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     train_device(cfg.device)  # cuda without a GPU stops here, before any store is read
     check_kind(cfg.model.kind)
     clips = read_manifest(args.manifest)
-    features = load_features(clips, cfg.stores, args.features)
+    features = load_features(clips, cfg.stores, args.features, speaker_norm=cfg.speaker_norm)
     refined, pseudo = read_refined(args.refined)
     result = cross_validate(clips, features, cfg, refined, pseudo,
                             fold_refiner=fold_refiner(clips, params, args.features))
@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> None:
         notes.append(f"{metrics['excluded_no_modality']} left out: no usable modality")
     if not metrics["speaker_independent"]:
         notes.append("folds NOT speaker-independent (no group column)")
+    if metrics["speaker_norm"]:
+        notes.append("stores standardised per speaker")
     if metrics["refined_labels"] or metrics["pseudo_labels"]:
         what = " and ".join(w for w, on in (("refined labels", metrics["refined_labels"]),
                                             ("pseudo-labels", metrics["pseudo_labels"])) if on)
