@@ -38,3 +38,35 @@ def test_meld_split_keeps_whole_dialogues_and_scores_missing_as_wrong():
     assert {i.group.split("_")[0] for i in cands} == {"dev"} and len(cands) == 15
     truth = {"a": "happy", "b": "sad"}
     assert score({"a": "happy"}, truth, 1) == {"weighted_f1": 0.5, "accuracy": 0.5, "coverage": 0.5, "candidates": 2}
+
+
+def test_store_rows_score_each_store_plain_and_speaker_normalised_and_the_zero_shot_labels(tmp_path):
+    """A voice store where each speaker shifts every vector: the speaker-normalised LR row finds the
+    emotions the plain one misses; a candidate a store lacks gets the majority class, outside coverage."""
+    import numpy as np
+    from test_refine import _write_store
+
+    from pipeline.bench.heldout import store_rows
+    from pipeline.labels import EMOTIONS
+    from pipeline.manifest import Clip, write_manifest
+
+    rng = np.random.default_rng(0)
+    spk = np.repeat(np.arange(8), 24)
+    y = np.tile(np.arange(6), 32)
+    clips = [Clip(name=f"c{i:03d}", label=EMOTIONS[y[i]] if spk[i] < 6 else None, group=f"spk{spk[i]}",
+                  candidate=bool(spk[i] >= 6)) for i in range(len(y))]
+    write_manifest(clips, tmp_path / "data" / "manifest.jsonl")
+    voice = (rng.standard_normal((6, 16))[y] + 6 * rng.standard_normal((8, 16))[spk]
+             + 0.5 * rng.standard_normal((len(y), 16)))
+    _write_store(tmp_path / "features" / "voice.h5", "voice", {c.name: v for c, v in zip(clips, voice)})
+    llm = {c.name: np.eye(6)[t] for c, t in zip(clips[:-4], y[:-4])}  # the last 4 candidates absent
+    _write_store(tmp_path / "features" / "llm_labels.h5", "llm_labels", llm)
+    truth = {c.name: c.label or EMOTIONS[y[i]] for i, c in enumerate(clips) if c.candidate}
+    rows = {r["row"]: r for r in store_rows(tmp_path, truth)}
+    assert list(rows) == ["llm_labels (zero-shot)", "voice + LR", "voice + LR, speaker-normalised"]
+    assert rows["llm_labels (zero-shot)"]["coverage"] == round(44 / 48, 4)
+    # the 4 absent get the majority class (neutral), wrong for each of them
+    assert rows["llm_labels (zero-shot)"]["accuracy"] == round(44 / 48, 4)
+    assert rows["voice + LR, speaker-normalised"]["weighted_f1"] > 0.9
+    assert rows["voice + LR, speaker-normalised"]["weighted_f1"] > rows["voice + LR"]["weighted_f1"] + 0.2
+    assert all(r["candidates"] == 48 and r["coverage"] in (1.0, round(44 / 48, 4)) for r in rows.values())

@@ -131,38 +131,35 @@ def store_rows(project: Path, truth: dict[str, str]) -> list[dict]:
     from pipeline.store import StoreReader
 
     clips = read_manifest(project / "data" / "manifest.jsonl")
-    labelled = np.array([c.label is not None for c in clips])
-    cand = np.array([c.name in truth for c in clips])
-    majority = max(EMOTIONS, key=lambda e: sum(c.label == e for c in clips))
+    names = np.array([c.name for c in clips], dtype=object)
+    gold = np.array([c.label for c in clips], dtype=object)
+    labelled, cand = gold != None, np.isin(names, list(truth))  # noqa: E711 - elementwise
+    majority = max(EMOTIONS, key=lambda e: int((gold == e).sum()))
     by_speaker = speaker_norm_applies(clips, "auto")[0]
+
+    def row(name: str, pred: dict[str, str]) -> dict:  # a candidate the store lacks gets the majority class
+        return {"row": name, **score({n: pred.get(n, majority) for n in names[cand]}, truth, len(pred))}
+
     rows = []
     for path in sorted((project / "features").glob("*.h5")):
         with StoreReader(path) as reader:
             if reader.empty:
                 continue
-            x, mask = reader.read("utterance", [c.name for c in clips])
-        x = x.reshape(len(clips), -1)
-        variants = [("", x)]
-        if path.stem == "llm_labels":
-            variants = [(" (zero-shot)", None)]
-        elif by_speaker:
-            one = Features([c.name for c in clips], {path.stem: x.astype(np.float32)}, mask[:, None], [path.stem])
-            variants.append((", speaker-normalised", normalize_per_speaker(one, [c.group for c in clips])
-                             .inputs[path.stem]))
-        for suffix, values in variants:
-            if values is None:  # six class probabilities already
-                pred = {c.name: EMOTIONS[int(p.argmax())] for c, p, m in zip(clips, x, mask & cand) if m}
-            else:
-                model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5))
-                fit = mask & labelled
-                model.fit(values[fit], np.array([c.label for c in clips], dtype=object)[fit])
-                scored = mask & cand
-                pred = (dict(zip([c.name for c, m in zip(clips, scored) if m], model.predict(values[scored])))
-                        if scored.any() else {})
-            covered = len(pred)
-            pred = {c.name: pred.get(c.name, majority) for c, m in zip(clips, cand) if m}
-            rows.append({"row": f"{path.stem}{' + LR' if values is not None else ''}{suffix}",
-                         **score(pred, truth, covered)})
+            x, mask = reader.read("utterance", list(names))
+        x, scored = x.reshape(len(clips), -1), mask & cand
+        if path.stem == "llm_labels":  # six class probabilities already
+            rows.append(row(f"{path.stem} (zero-shot)",
+                            {n: EMOTIONS[int(p.argmax())] for n, p in zip(names[scored], x[scored])}))
+            continue
+        variants = [(f"{path.stem} + LR", x)]
+        if by_speaker:
+            one = Features(list(names), {path.stem: x.astype(np.float32)}, mask[:, None], [path.stem])
+            variants.append((f"{path.stem} + LR, speaker-normalised",
+                             normalize_per_speaker(one, [c.group for c in clips]).inputs[path.stem]))
+        for name, values in variants:
+            model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5))
+            model.fit(values[mask & labelled], gold[mask & labelled].astype(str))
+            rows.append(row(name, dict(zip(names[scored], model.predict(values[scored]))) if scored.any() else {}))
     return rows
 
 

@@ -28,7 +28,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = train_config(params)
     clips = read_manifest(args.manifest)
     refined, pseudo = read_refined(args.refined)
-    rows = run_ablation(clips, load_features(clips, cfg.stores, args.features, speaker_norm=cfg.speaker_norm), cfg, refined, pseudo,
+    features = load_features(clips, cfg.stores, args.features, speaker_norm=cfg.speaker_norm)
+    rows = run_ablation(clips, features, cfg, refined, pseudo,
                         fold_refiner(clips, params, args.features))
     write_table(args.out, rows, to_markdown(rows))
 
