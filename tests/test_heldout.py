@@ -63,10 +63,10 @@ def test_store_rows_score_each_store_plain_and_speaker_normalised_and_the_zero_s
     _write_store(tmp_path / "features" / "llm_labels.h5", "llm_labels", llm)
     truth = {c.name: c.label or EMOTIONS[y[i]] for i, c in enumerate(clips) if c.candidate}
     rows = {r["row"]: r for r in store_rows(tmp_path, truth)}
-    assert list(rows) == ["llm_labels (zero-shot)", "voice + LR", "voice + LR, speaker-normalised"]
+    assert list(rows) == ["llm_labels (zero-shot)", "voice + LR", "voice + LR, speaker-normalised (named)"]
     assert rows["llm_labels (zero-shot)"]["coverage"] == round(44 / 48, 4)
     # the 4 absent get the majority class (neutral), wrong for each of them
     assert rows["llm_labels (zero-shot)"]["accuracy"] == round(44 / 48, 4)
-    assert rows["voice + LR, speaker-normalised"]["weighted_f1"] > 0.9
-    assert rows["voice + LR, speaker-normalised"]["weighted_f1"] > rows["voice + LR"]["weighted_f1"] + 0.2
+    assert rows["voice + LR, speaker-normalised (named)"]["weighted_f1"] > 0.9
+    assert rows["voice + LR, speaker-normalised (named)"]["weighted_f1"] > rows["voice + LR"]["weighted_f1"] + 0.2
     assert all(r["candidates"] == 48 and r["coverage"] in (1.0, round(44 / 48, 4)) for r in rows.values())

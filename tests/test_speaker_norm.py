@@ -9,7 +9,10 @@ from conftest import build_dataset, write_csv
 from pipeline.config import FusionConfig, IngestConfig, TrainConfig
 from pipeline.data.ingest import ingest
 from pipeline.errors import MerError, TrainError
-from pipeline.fusion.features import MIN_SPEAKER_CLIPS, Features, normalize_per_speaker, speaker_norm_applies
+from pipeline.fusion.features import (MIN_SPEAKER_CLIPS, Features, load_features, normalize_by_groupings,
+                                      normalize_per_speaker, speaker_groupings)
+from pipeline.fusion.speakers import cluster_counts, voice_groupings
+from pipeline.store import StoreIdentity, StoreWriter
 from pipeline.fusion.train import cross_validate
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip
@@ -29,17 +32,94 @@ def speakers(n_speakers=12, per_speaker=30, offset=4.0, seed=0):
 
 def test_auto_applies_to_speakers_not_to_dialogues_or_missing_groups():
     clips, _, _ = speakers()
-    assert speaker_norm_applies(clips, "auto")[0]
-    assert speaker_norm_applies(clips, "on")[0]
-    assert not speaker_norm_applies(clips, "off")[0]
+    for mode in ("auto", "on"):
+        groupings, kind, _ = speaker_groupings(clips, mode, None)
+        assert kind == "named" and groupings == [[c.group for c in clips]]
+    assert speaker_groupings(clips, "off", None)[0] == []
     dialogues = [Clip(name=f"d{i}", group=f"dia{i // 9}") for i in range(90)]  # MELD: ~9 utterances each
-    applies, why = speaker_norm_applies(dialogues, "auto")
-    assert not applies and "median of 9 clips" in why
+    groupings, _, why = speaker_groupings(dialogues, "auto", None)
+    assert not groupings and "median of 9 clips" in why and "no voice store" in why
     unnamed = clips[:-1] + [Clip(name="x")]
-    applies, why = speaker_norm_applies(unnamed, "auto")
-    assert not applies and "1 of 360 clips name no group" in why and "x" in why
+    groupings, _, why = speaker_groupings(unnamed, "auto", None)
+    assert not groupings and "1 of 360 clips name no group" in why and "x" in why
     with pytest.raises(TrainError, match="train.speaker_norm' is on, but 1 of 360 clips name no group"):
-        speaker_norm_applies(unnamed, "on")
+        speaker_groupings(unnamed, "on", None)
+
+
+def voices(n_speakers=8, per_speaker=40, seed=0):
+    """Unit voice vectors: a speaker's own direction plus per-clip scatter (emotion, channel)."""
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((n_speakers, 32))
+    g = np.repeat(np.arange(n_speakers), per_speaker)
+    v = centres[g] + 0.35 * rng.standard_normal((len(g), 32))
+    return (v / np.linalg.norm(v, axis=1, keepdims=True)).astype(np.float32), g
+
+
+def test_voice_clusters_at_each_resolution_never_split_a_speaker():
+    assert cluster_counts(320, MIN_SPEAKER_CLIPS) == [2, 3, 4, 6, 8]
+    assert cluster_counts(80, MIN_SPEAKER_CLIPS) == [2] and cluster_counts(30, MIN_SPEAKER_CLIPS) == []
+    emb, g = voices()
+    present = np.ones(len(g), bool)
+    present[5] = False  # a silent clip: no voice, no pseudo-speaker
+    groupings = voice_groupings(emb, present, MIN_SPEAKER_CLIPS)
+    assert [len({x for x in grouping if x}) for grouping in groupings] == [2, 3, 4, 6, 8]
+    for grouping in groupings:
+        assert grouping[5] is None
+        for spk in range(8):  # coarser clusterings merge speakers; none cuts one in two
+            assert len({grouping[i] for i in np.flatnonzero((g == spk) & present)}) == 1
+    assert voice_groupings(emb[:30], present[:30], MIN_SPEAKER_CLIPS) == []
+
+
+def _voice_store(path, names, emb, present):
+    writer = StoreWriter(path, StoreIdentity(store="speaker", extractor="voice_encoder", params={}))
+    for name, vec, here in zip(names, emb, present):
+        writer.add(name, {"utterance": vec, "present": np.float32(here)})
+    writer.finalize(list(names))
+
+
+def test_unnamed_speakers_are_found_by_voice_and_normalised(tmp_path):
+    """No clip names its speaker (the MER2025 layout): the voice store's clusters stand in, and
+    the speaker shift goes as it does with named speakers."""
+    clips, features, y = speakers(n_speakers=8, per_speaker=40)
+    emb, g = voices()
+    assert (g == np.array([int(c.group[3:]) for c in clips])).all()
+    unnamed = [Clip(name=c.name, label=c.label, split=c.split) for c in clips]
+    present = np.ones(len(clips), bool)
+    _voice_store(tmp_path / "speaker.h5", [c.name for c in clips], emb, present)
+    from pipeline.store import StoreReader  # noqa: F401 - the voice store reads back as written
+    writer = StoreWriter(tmp_path / "voice.h5", StoreIdentity(store="voice", extractor="test", params={}))
+    for c, vec in zip(clips, features.inputs["voice"]):
+        writer.add(c.name, {"utterance": vec})
+    writer.finalize([c.name for c in clips])
+    groupings, kind, why = speaker_groupings(unnamed, "on", tmp_path / "speaker.h5")
+    assert kind == "voice clusters" and len(groupings) == 5 and "320 clips with a voice" in why
+    loaded = load_features(unnamed, ["voice"], tmp_path, speaker_norm="auto", voices=tmp_path / "speaker.h5")
+    assert loaded.speaker_normalized and loaded.speaker_groups == "voice clusters"
+    np.testing.assert_allclose(loaded.inputs["voice"],
+                               normalize_by_groupings(features, groupings).inputs["voice"], rtol=1e-5)
+    # what the speakers hid comes back: a linear model across speakers (grouped folds) gains
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.model_selection import GroupKFold, cross_val_predict
+    from sklearn.metrics import f1_score
+
+    def f1(x):
+        pred = cross_val_predict(LogisticRegression(max_iter=2000), x, y, groups=g, cv=GroupKFold(4))
+        return f1_score(y, pred, average="weighted")
+
+    assert f1(loaded.inputs["voice"]) > f1(features.inputs["voice"]) + 0.2
+    # and the trainer's folds, with no group named, are grouped by the finest voice clustering
+    assert loaded.fold_groups == groupings[-1]
+    cfg = TrainConfig(stores=["voice"], model=FusionConfig(kind="single", single="voice", width=16), folds=4, epochs=3)
+    result = cross_validate(unnamed, loaded, cfg)
+    assert result.folds_grouped_by == "voice clusters" and not result.speaker_independent
+    assert cross_validate(clips, loaded, cfg).folds_grouped_by == "named"
+    with pytest.raises(FileNotFoundError, match="train.speaker_stores"):
+        speaker_groupings(unnamed, "auto", tmp_path / "missing.h5")
+    _voice_store(tmp_path / "few.h5", [c.name for c in clips], emb, np.arange(len(clips)) < 30)
+    groupings, _, why = speaker_groupings(unnamed, "auto", tmp_path / "few.h5")
+    assert not groupings and "30 clips with a voice" in why
+    with pytest.raises(TrainError, match="too few"):
+        speaker_groupings(unnamed, "on", tmp_path / "few.h5")
 
 
 def test_each_speaker_is_centred_and_scaled_and_missing_rows_stay_missing():

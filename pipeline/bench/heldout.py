@@ -59,17 +59,21 @@ def split_items(corpus: str, items: list[convert.Item], meld_train: int, seed: i
     return [i for i in train if i.group in kept], [i for i in items if i.group.startswith("dev_")]
 
 
-def write_heldout(labelled: list[convert.Item], cands: list[convert.Item], root: Path, truth: Path) -> None:
-    """A MER2025 layout with labels for `labelled` only; the candidates' labels go to `truth`."""
-    convert.write_layout(labelled + cands, root, convert.Report())
+def write_heldout(labelled: list[convert.Item], cands: list[convert.Item], root: Path, truth: Path,
+                  groups: bool = True) -> None:
+    """A MER2025 layout with labels for `labelled` only; the candidates' labels go to `truth`.
+    `groups` false: no clip names its speaker or dialogue anywhere, as in MER2025's own files."""
+    items = labelled + cands if groups else [replace(i, group="") for i in labelled + cands]
+    convert.write_layout(items, root, convert.Report())
+    group = ["group"] if groups else []
     with (root / "track1_train_disdim.csv").open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["name", "discrete", "valence", "group"])
-        writer.writerows([i.name, i.label, "", i.group] for i in labelled)
+        writer.writerow(["name", "discrete", "valence"] + group)
+        writer.writerows([i.name, i.label, ""] + [i.group] * groups for i in labelled)
     with (root / "track_all_candidates.csv").open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
-        writer.writerow(["name", "group"])
-        writer.writerows([i.name, i.group] for i in cands)
+        writer.writerow(["name"] + group)
+        writer.writerows([i.name] + [i.group] * groups for i in cands)
     with truth.open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["name", "discrete"])
@@ -118,16 +122,17 @@ def _csv(path: Path) -> dict[str, str]:
         return {r["name"]: r["discrete"] for r in csv.DictReader(fh)}
 
 
-def store_rows(project: Path, truth: dict[str, str]) -> list[dict]:
+def store_rows(project: Path, truth: dict[str, str], speaker_stores: list[str] = ()) -> list[dict]:
     """Each store with a standardised logistic regression: fit on the labelled clips, predict
-    candidates. Where speaker normalisation applies (every clip names a speaker), each store
-    also gets a row with its vectors normalised per speaker first, the way the default trains:
-    that row tells the normalisation's gain apart from the fusion's."""
+    candidates. Where speaker normalisation applies (every clip names a speaker, or the voice
+    store finds pseudo-speakers), each store also gets a row with its vectors normalised per
+    speaker first, the way the default trains: that row tells the normalisation's gain apart
+    from the fusion's."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pipeline.fusion.features import Features, normalize_per_speaker, speaker_norm_applies
+    from pipeline.fusion.features import Features, normalize_by_groupings, speaker_groupings, voice_store
     from pipeline.store import StoreReader
 
     clips = read_manifest(project / "data" / "manifest.jsonl")
@@ -135,7 +140,7 @@ def store_rows(project: Path, truth: dict[str, str]) -> list[dict]:
     gold = np.array([c.label for c in clips], dtype=object)
     labelled, cand = gold != None, np.isin(names, list(truth))  # noqa: E711 - elementwise
     majority = max(EMOTIONS, key=lambda e: int((gold == e).sum()))
-    by_speaker = speaker_norm_applies(clips, "auto")[0]
+    groupings, kind, _ = speaker_groupings(clips, "auto", voice_store(list(speaker_stores), project / "features"))
 
     def row(name: str, pred: dict[str, str]) -> dict:  # a candidate the store lacks gets the majority class
         return {"row": name, **score({n: pred.get(n, majority) for n in names[cand]}, truth, len(pred))}
@@ -152,10 +157,10 @@ def store_rows(project: Path, truth: dict[str, str]) -> list[dict]:
                             {n: EMOTIONS[int(p.argmax())] for n, p in zip(names[scored], x[scored])}))
             continue
         variants = [(f"{path.stem} + LR", x)]
-        if by_speaker:
+        if groupings and path.stem not in speaker_stores:
             one = Features(list(names), {path.stem: x.astype(np.float32)}, mask[:, None], [path.stem])
-            variants.append((f"{path.stem} + LR, speaker-normalised",
-                             normalize_per_speaker(one, [c.group for c in clips]).inputs[path.stem]))
+            variants.append((f"{path.stem} + LR, speaker-normalised ({kind})",
+                             normalize_by_groupings(one, groupings).inputs[path.stem]))
         for name, values in variants:
             model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5))
             model.fit(values[mask & labelled], gold[mask & labelled].astype(str))
@@ -166,12 +171,14 @@ def store_rows(project: Path, truth: dict[str, str]) -> list[dict]:
 def fusion_rows(project: Path, truth: dict[str, str]) -> list[dict]:
     """Each fusion kind with the project's train params, trained on the labelled clips; candidates scored."""
     from pipeline.fusion.models import FUSION_MODELS
+    from pipeline.fusion.features import voice_store
     from pipeline.fusion.train import config_with, cross_validate, load_features
 
     params = load_params(project / "params.yaml")
     cfg = train_config(params)
     clips = read_manifest(project / "data" / "manifest.jsonl")
-    features = load_features(clips, cfg.stores, project / "features", speaker_norm=cfg.speaker_norm)
+    features = load_features(clips, cfg.stores, project / "features", speaker_norm=cfg.speaker_norm,
+                             voices=voice_store(cfg.speaker_stores, project / "features"))
     rows = []
     for kind in FUSION_MODELS:
         start = time.perf_counter()
@@ -189,14 +196,15 @@ def fusion_rows(project: Path, truth: dict[str, str]) -> list[dict]:
     return rows
 
 
-def run_corpus(corpus: str, shared: Path, work: Path, meld_train: int, overrides: dict) -> list[dict]:
-    base = work / corpus
+def run_corpus(corpus: str, shared: Path, work: Path, meld_train: int, overrides: dict,
+               groups: bool = True) -> list[dict]:
+    base = work / (corpus if groups else f"{corpus}_unnamed")
     root, truth_path, project = base / "dataset", base / "truth.csv", base / "project"
     if not root.exists():
         items, _ = convert.ravdess(shared / corpus) if corpus == "ravdess" else convert.meld(shared / corpus)
         labelled, cands = split_items(corpus, items, meld_train)
         base.mkdir(parents=True, exist_ok=True)
-        write_heldout(labelled, cands, root, truth_path)
+        write_heldout(labelled, cands, root, truth_path, groups)
     make_project(project, root, overrides)
     start = time.perf_counter()
     with (base / "repro.log").open("w", encoding="utf-8") as out:  # each line stamped: a stage's seconds
@@ -217,8 +225,10 @@ def run_corpus(corpus: str, shared: Path, work: Path, meld_train: int, overrides
     n_labelled = sum(1 for _ in csv.DictReader((root / "track1_train_disdim.csv").open(encoding="utf-8")))
     rows = [{"row": "default pipeline (dvc repro, predictions.csv)",
              **score(predictions, truth, len(truth) - prior), "repro_seconds": round(seconds)}]
-    rows += store_rows(project, truth) + fusion_rows(project, truth)
-    return [{"dataset": corpus, "split": CORPORA[corpus], "labelled": n_labelled, **r} for r in rows]
+    speaker_stores = train_config(load_params(project / "params.yaml")).speaker_stores
+    rows += store_rows(project, truth, speaker_stores) + fusion_rows(project, truth)
+    split = CORPORA[corpus] + ("" if groups else ", speakers unnamed")
+    return [{"dataset": corpus, "split": split, "labelled": n_labelled, **r} for r in rows]
 
 
 def to_markdown(rows: list[dict]) -> str:
@@ -235,6 +245,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--corpora", nargs="+", default=list(CORPORA), choices=list(CORPORA))
     parser.add_argument("--meld-train", type=int, default=3000,
                         help="MELD training utterances kept (whole dialogues, seeded); 0: all")
+    parser.add_argument("--unnamed", action="store_true",
+                        help="write no group column anywhere (MER2025's own files name no speaker): "
+                             "speaker normalisation must find speakers by voice")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=YAML",
                         help="a params override for the projects, e.g. --set train.epochs=20")
     args = parser.parse_args(argv)
@@ -245,7 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         if not (args.shared / corpus).is_dir():
             print(f"skipped {corpus}: {args.shared / corpus} not found")
             continue
-        rows += run_corpus(corpus, args.shared, args.work, args.meld_train, overrides)
+        rows += run_corpus(corpus, args.shared, args.work, args.meld_train, overrides, groups=not args.unnamed)
     write_table(args.out, rows, to_markdown(rows))
 
 

@@ -10,7 +10,9 @@ that speaker's clips with the modality, labelled or not, the scored and predicte
 exactly as a batch of a new speaker's clips would be normalised at prediction time. `auto`
 (the default) normalises when every clip names its group and groups hold at least
 MIN_SPEAKER_CLIPS clips (median), i.e. when groups are speakers, not dialogues or missing;
-`on` stops with the reason when that does not hold; `off` never normalises. Measured in the
+otherwise, when the voice store (`train.speaker_stores`, GE2E embeddings) has clips with a
+voice, it normalises per pseudo-speaker found by clustering voices (pipeline/fusion/speakers.py);
+`on` stops with the reason when neither holds; `off` never normalises. Measured in the
 README ("Fusion": speaker normalisation).
 """
 
@@ -40,6 +42,8 @@ class Features:
     stores: list[str]
     dropped: list[str] = field(default_factory=list)  # stores named but carrying nothing, left out
     speaker_normalized: bool = False  # each store centred and scaled per group (train.speaker_norm)
+    speaker_groups: str = ""  # what the groups were: "named" (the dataset's) | "voice clusters" | ""
+    fold_groups: list[str | None] | None = None  # voice clusters: the finest, for folds when no clip names a group
 
 
 # a speaker's mean from fewer clips than this is mostly their emotions' mean, not their voice's;
@@ -47,34 +51,67 @@ class Features:
 MIN_SPEAKER_CLIPS = 20
 
 
-def speaker_norm_applies(clips: list[Clip], mode: str) -> tuple[bool, str]:
-    """Whether `train.speaker_norm` (auto | on | off) normalises these clips, and why (for the log)."""
-    if mode == "off":
-        return False, "train.speaker_norm is off"
+def named_speakers(clips: list[Clip]) -> tuple[bool, str]:
+    """Whether the clips' own groups are speakers (every clip names one; a median of
+    MIN_SPEAKER_CLIPS clips each), and why (for the log)."""
     sizes = Counter(c.group for c in clips if c.group)
     missing = [c.name for c in clips if not c.group]
     median = statistics.median(sizes.values()) if sizes else 0
     if missing:
-        why = f"{len(missing)} of {len(clips)} clips name no group (speaker), e.g. {missing[0]}"
-    elif median < MIN_SPEAKER_CLIPS:
-        why = (f"its {len(sizes)} groups hold a median of {median:g} clips, under {MIN_SPEAKER_CLIPS}: "
-               "groups this small (dialogues, not speakers) give no speaker's mean")
+        return False, f"{len(missing)} of {len(clips)} clips name no group (speaker), e.g. {missing[0]}"
+    if median < MIN_SPEAKER_CLIPS:
+        return False, (f"its {len(sizes)} groups hold a median of {median:g} clips, under {MIN_SPEAKER_CLIPS}: "
+                       "groups this small (dialogues, not speakers) give no speaker's mean")
+    return True, f"{len(sizes)} speakers (groups), a median of {median:g} clips each"
+
+
+def speaker_groupings(clips: list[Clip], mode: str, voices: Path | None) -> tuple[list[list[str | None]], str, str]:
+    """(groupings, kind, why): the groupings to normalise by ([] for none), "named" or "voice
+    clusters", and the reason for the log. `voices`: the voice store (None: not configured)."""
+    from pipeline.fusion.speakers import voice_groupings
+
+    if mode == "off":
+        return [], "", "train.speaker_norm is off"
+    named, why = named_speakers(clips)
+    if named:
+        return [[c.group for c in clips]], "named", why
+    if voices is None:
+        why += "; no voice store to find speakers by (train.speaker_stores is empty)"
+    elif not voices.is_file():
+        raise FileNotFoundError(f"{voices} not found: params key 'train.speaker_stores' names {voices.stem!r}; "
+                                f"run `dvc repro extract@{voices.stem}` or set train.speaker_stores: []")
     else:
-        return True, f"{len(sizes)} speakers (groups), a median of {median:g} clips each"
+        with StoreReader(voices) as reader:
+            embeddings, present = reader.read("utterance", [c.name for c in clips]) if not reader.empty \
+                else (np.zeros((len(clips), 1)), np.zeros(len(clips), bool))
+        present &= np.isfinite(embeddings.reshape(len(clips), -1)).all(axis=1)
+        groupings = voice_groupings(embeddings.reshape(len(clips), -1), present, MIN_SPEAKER_CLIPS)
+        if groupings:
+            sizes = ", ".join(str(len({g for g in grouping if g})) for grouping in groupings)
+            return groupings, "voice clusters", (f"{why}, so speakers are found by voice: {int(present.sum())} "
+                                                 f"clips with a voice clustered into {sizes} pseudo-speakers")
+        why += f"; {int(present.sum())} clips with a voice in {voices}: too few (or too many) to cluster"
     if mode == "on":
         raise TrainError(f"params key 'train.speaker_norm' is on, but {why}; name each clip's speaker in a "
                          "`group` column (label, subtitle or candidate file) or set train.speaker_norm: auto")
-    return False, why
+    return [], "", why
+
+
+def voice_store(speaker_stores: list[str], feature_dir: str | Path = "features") -> Path | None:
+    """The voice store of `train.speaker_stores` ([] or one name), or None."""
+    return Path(feature_dir) / f"{speaker_stores[0]}.h5" if speaker_stores else None
 
 
 def load_features(clips: list[Clip], stores: list[str], feature_dir: str | Path = "features",
-                  dims: dict[str, int] | None = None, speaker_norm: str = "off") -> Features:
+                  dims: dict[str, int] | None = None, speaker_norm: str = "off",
+                  voices: Path | None = None) -> Features:
     """The `utterance` vector of every clip from each store, and where each is usable.
 
     A store no clip has (empty, or every row not present) is left out with a warning, unless
     `dims` (a trained model's input widths) is given: then it is read as all-missing zeros of
     that width, so the model masks it. Rows with non-finite values count as missing.
     `speaker_norm` (auto | on | off): see the module docstring; the decision is logged.
+    `voices`: the voice store that pseudo-speakers are found in when the clips name none.
     """
     names = [c.name for c in clips]
     inputs, masks, kept, dropped = {}, [], [], []
@@ -108,10 +145,23 @@ def load_features(clips: list[Clip], stores: list[str], feature_dir: str | Path 
         raise TrainError(f"no store of params key 'train.stores' ({', '.join(stores)}) holds any clip: "
                          "the dataset has none of their modalities; name stores this dataset has")
     features = Features(names, inputs, np.stack(masks, axis=1), kept, dropped)
-    normalise, why = speaker_norm_applies(clips, speaker_norm)
-    (log.info if normalise or speaker_norm != "off" else log.debug)(
-        "speaker normalisation %s: %s", "on" if normalise else "off", why)
-    return normalize_per_speaker(features, [c.group for c in clips]) if normalise else features
+    groupings, kind, why = speaker_groupings(clips, speaker_norm, voices)
+    (log.info if groupings or speaker_norm != "off" else log.debug)(
+        "speaker normalisation %s: %s", f"on ({kind})" if groupings else "off", why)
+    if not groupings:
+        return features
+    return replace(normalize_by_groupings(features, groupings), speaker_groups=kind,
+                   fold_groups=groupings[-1] if kind == "voice clusters" else None)
+
+
+def normalize_by_groupings(features: Features, groupings: list[list[str | None]]) -> Features:
+    """`normalize_per_speaker` under each grouping, averaged (pseudo-speakers at several
+    resolutions: pipeline/fusion/speakers.py); one grouping is exactly normalize_per_speaker."""
+    runs = [normalize_per_speaker(features, groups) for groups in groupings]
+    if len(runs) == 1:
+        return runs[0]
+    inputs = {s: np.mean([r.inputs[s] for r in runs], axis=0).astype(np.float32) for s in features.stores}
+    return replace(runs[0], inputs=inputs)
 
 
 def normalize_per_speaker(features: Features, groups: list[str | None]) -> Features:
@@ -149,7 +199,8 @@ def select(features: Features, stores: list[str]) -> Features:
                          f"stores with clips: {', '.join(features.stores)}")
     cols = [features.stores.index(s) for s in stores]
     return Features(features.names, {s: features.inputs[s] for s in stores}, features.mask[:, cols], list(stores),
-                    speaker_normalized=features.speaker_normalized)
+                    speaker_normalized=features.speaker_normalized, speaker_groups=features.speaker_groups,
+                    fold_groups=features.fold_groups)
 
 
 class Standardizer:

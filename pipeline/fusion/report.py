@@ -44,11 +44,13 @@ def cv_metrics(clips: list[Clip], result: CVResult) -> dict:
     metrics["n_labelled"] = len(result.labelled)
     metrics["excluded_no_modality"] = len(result.excluded)
     metrics["speaker_independent"] = bool(result.speaker_independent)
+    metrics["folds_grouped_by"] = result.folds_grouped_by or None  # named | voice clusters | null: by clip
     metrics["refined_labels"] = bool(result.refined_labels)  # trained on refined labels
     metrics["pseudo_labels"] = bool(result.pseudo_labels)  # trained on pseudo-labelled clips too
     metrics["refined_in_folds"] = bool(result.refined_in_folds)  # false with either: optimistic
     metrics["stores"] = list(result.stores)
     metrics["speaker_norm"] = bool(result.speaker_normalized)  # stores standardised per speaker (group)
+    metrics["speaker_groups"] = result.speaker_groups or None  # named | voice clusters (pseudo-speakers)
     metrics["model_kind"] = result.model_kind  # `single` where one store carried features (nothing to fuse)
     metrics["stores_without_clips"] = list(result.dropped)
     candidates = candidates_of(clips)

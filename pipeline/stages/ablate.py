@@ -15,6 +15,7 @@ from pipeline.tables import write_table
 @entry_point
 def main(argv: list[str] | None = None) -> None:
     from pipeline.fusion.ablation import run_ablation, to_markdown
+    from pipeline.fusion.features import voice_store
     from pipeline.fusion.train import load_features
 
     parser = argparse.ArgumentParser(prog="mer ablate", description=__doc__)
@@ -28,7 +29,8 @@ def main(argv: list[str] | None = None) -> None:
     cfg = train_config(params)
     clips = read_manifest(args.manifest)
     refined, pseudo = read_refined(args.refined)
-    features = load_features(clips, cfg.stores, args.features, speaker_norm=cfg.speaker_norm)
+    features = load_features(clips, cfg.stores, args.features, speaker_norm=cfg.speaker_norm,
+                             voices=voice_store(cfg.speaker_stores, args.features))
     rows = run_ablation(clips, features, cfg, refined, pseudo,
                         fold_refiner(clips, params, args.features))
     write_table(args.out, rows, to_markdown(rows))

@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
 
     from pipeline.fusion.models import check_kind
     from pipeline.fusion.report import write_reports
+    from pipeline.fusion.features import voice_store
     from pipeline.fusion.train import cross_validate, load_features, train_device
 
     parser = argparse.ArgumentParser(prog="mer train", description=__doc__)
@@ -83,7 +84,8 @@ def main(argv: list[str] | None = None) -> None:
     train_device(cfg.device)  # cuda without a GPU stops here, before any store is read
     check_kind(cfg.model.kind)
     clips = read_manifest(args.manifest)
-    features = load_features(clips, cfg.stores, args.features, speaker_norm=cfg.speaker_norm)
+    features = load_features(clips, cfg.stores, args.features, speaker_norm=cfg.speaker_norm,
+                             voices=voice_store(cfg.speaker_stores, args.features))
     refined, pseudo = read_refined(args.refined)
     result = cross_validate(clips, features, cfg, refined, pseudo,
                             fold_refiner=fold_refiner(clips, params, args.features))
@@ -98,10 +100,13 @@ def main(argv: list[str] | None = None) -> None:
     notes = [f"{metrics['n_labelled']} labelled clips scored out of fold"]
     if metrics["excluded_no_modality"]:
         notes.append(f"{metrics['excluded_no_modality']} left out: no usable modality")
-    if not metrics["speaker_independent"]:
+    if metrics["folds_grouped_by"] == "voice clusters":
+        notes.append("folds grouped by voice clusters (no group column)")
+    elif not metrics["speaker_independent"]:
         notes.append("folds NOT speaker-independent (no group column)")
     if metrics["speaker_norm"]:
-        notes.append("stores standardised per speaker")
+        notes.append("stores standardised per speaker" + (" (speakers found by voice)"
+                                                          if metrics["speaker_groups"] == "voice clusters" else ""))
     if metrics["refined_labels"] or metrics["pseudo_labels"]:
         what = " and ".join(w for w, on in (("refined labels", metrics["refined_labels"]),
                                             ("pseudo-labels", metrics["pseudo_labels"])) if on)
