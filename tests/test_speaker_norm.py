@@ -188,3 +188,14 @@ def test_predict_needs_one_speakers_clips_for_speaker_normalised_models(tmp_path
     results = run_predict(clips, params, models, english="hi", same_speaker=True)
     assert len(results) == MIN_SPEAKER_CLIPS
     assert all(abs(sum(r["probabilities"].values()) - 1) < 1e-3 for r in results)
+
+
+def test_clips_without_a_group_get_the_overall_statistics_not_their_own():
+    """Clips with no voice to cluster (None) are not one big speaker, however many there are."""
+    rng = np.random.default_rng(2)
+    x = rng.standard_normal((60, 4)).astype(np.float32) + np.repeat([[0.0], [5.0]], 30, axis=0)
+    groups = ["spk"] * 30 + [None] * 30
+    out = normalize_per_speaker(Features([f"c{i}" for i in range(60)], {"s": x}, np.ones((60, 1), bool), ["s"]),
+                                groups).inputs["s"]
+    np.testing.assert_allclose(out[:30].mean(axis=0), 0, atol=1e-5)  # the named speaker: its own mean
+    np.testing.assert_allclose(out[30:], (x[30:] - x.mean(axis=0)) / x.std(axis=0), rtol=1e-4)

@@ -167,11 +167,13 @@ def normalize_by_groupings(features: Features, groupings: list[list[str | None]]
 def normalize_per_speaker(features: Features, groups: list[str | None]) -> Features:
     """Each store's present rows centred on their group's mean and scaled by its spread.
 
-    A group with fewer than MIN_SPEAKER_CLIPS rows of a store (a speaker seldom on camera) is
-    standardised with the statistics of all present rows instead, so it lands on the same scale.
+    A group with fewer than MIN_SPEAKER_CLIPS rows of a store (a speaker seldom on camera), and a
+    clip without a group (no voice to cluster it by), is standardised with the statistics of all
+    present rows instead, so it lands on the same scale.
     The spread is floored at a thousandth of the store's overall spread, so a dimension constant
     within one speaker stays 0 instead of dividing by nothing."""
     codes = np.unique(np.array([g or "" for g in groups]), return_inverse=True)[1]
+    unnamed = np.array([not g for g in groups])
     inputs = {}
     for j, store in enumerate(features.stores):
         x, present = features.inputs[store].astype(np.float64), features.mask[:, j]
@@ -182,7 +184,7 @@ def normalize_per_speaker(features: Features, groups: list[str | None]) -> Featu
         out = np.zeros_like(x)
         for code in np.unique(codes[present]):
             rows = present & (codes == code)
-            if rows.sum() >= MIN_SPEAKER_CLIPS:
+            if rows.sum() >= MIN_SPEAKER_CLIPS and not unnamed[rows].any():
                 mean, std = x[rows].mean(axis=0), x[rows].std(axis=0)
             else:
                 mean, std = all_mean, all_std

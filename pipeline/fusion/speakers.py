@@ -21,7 +21,7 @@ import numpy as np
 
 CLUSTER_SIZES = (160, 110, 80, 55, 40)  # mean clips per pseudo-speaker, one clustering each
 NEIGHBOURS = 15
-MAX_CLUSTERED = 6000  # spectral clustering's eigenvectors grow with the count; above this, name speakers
+MAX_CLUSTERED = 15000  # spectral clustering grows fast: 1 s at 3,000 clips, 44 s at 15,000, 6 min at 30,000 (2 cores)
 
 
 def cluster_counts(n: int, min_clips: int) -> list[int]:
