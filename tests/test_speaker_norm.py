@@ -61,13 +61,45 @@ def test_voice_clusters_at_each_resolution_never_split_a_speaker():
     emb, g = voices()
     present = np.ones(len(g), bool)
     present[5] = False  # a silent clip: no voice, no pseudo-speaker
-    groupings = voice_groupings(emb, present, MIN_SPEAKER_CLIPS)
+    groupings, what = voice_groupings(emb, present, MIN_SPEAKER_CLIPS)
     assert [len({x for x in grouping if x}) for grouping in groupings] == [2, 3, 4, 6, 8]
+    assert what == "319 clips with a voice clustered into 2, 3, 4, 6, 8 pseudo-speakers"
     for grouping in groupings:
         assert grouping[5] is None
         for spk in range(8):  # coarser clusterings merge speakers; none cuts one in two
             assert len({grouping[i] for i in np.flatnonzero((g == spk) & present)}) == 1
-    assert voice_groupings(emb[:30], present[:30], MIN_SPEAKER_CLIPS) == []
+    assert voice_groupings(emb[:30], present[:30], MIN_SPEAKER_CLIPS)[0] == []
+
+
+def _two_voices(emotion: float):
+    """Two speakers with 400 clips each, each emotion a voice shift of `emotion`; half labelled."""
+    rng = np.random.default_rng(3)
+    spk, y = np.repeat([0, 1], 400), np.tile(np.arange(6), 134)[:800]
+    v = (4 * rng.standard_normal((2, 32))[spk] + emotion * rng.standard_normal((6, 32))[y]
+         + 0.6 * rng.standard_normal((800, 32)))
+    return v.astype(np.float32), spk, [EMOTIONS[t] if i % 2 == 0 else None for i, t in enumerate(y)]
+
+
+def test_a_clustering_that_follows_the_emotions_is_left_out_for_a_coarser_one(tmp_path):
+    """A few speakers with hundreds of clips each: the size-based clusterings (5-20 clusters) cut
+    each speaker by emotion, as their clusters' agreement with the labels shows; they are left
+    out and the coarser clustering into the two voices is kept. Where even the coarsest follow
+    the emotions, nothing is normalised, rather than the emotions."""
+    v, spk, labels = _two_voices(0.5)
+    groupings, what = voice_groupings(v, np.ones(800, bool), MIN_SPEAKER_CLIPS, labels)
+    assert "clustered into 2 pseudo-speakers" in what and "5 clusters: AMI" in what and "cut by emotion" in what
+    assert len(groupings) == 1
+    assert all(len({groupings[0][i] for i in np.flatnonzero(spk == s)}) == 1 for s in (0, 1))  # each voice whole
+    # without labels there is nothing to judge by: the size-based clusterings stay
+    assert len(voice_groupings(v, np.ones(800, bool), MIN_SPEAKER_CLIPS)[0]) == 5
+    v, _, labels = _two_voices(0.8)
+    groupings, what = voice_groupings(v, np.ones(800, bool), MIN_SPEAKER_CLIPS, labels)
+    assert groupings == [] and "clustered into no pseudo-speakers" in what and "2 clusters: AMI" in what
+    clips = [Clip(name=f"c{i}", label=label) for i, label in enumerate(labels)]
+    _voice_store(tmp_path / "speaker.h5", [c.name for c in clips], v, np.ones(800, bool))
+    assert speaker_groupings(clips, "auto", tmp_path / "speaker.h5")[0] == []
+    with pytest.raises(TrainError, match="cut by emotion"):
+        speaker_groupings(clips, "on", tmp_path / "speaker.h5")
 
 
 def _voice_store(path, names, emb, present):

@@ -60,7 +60,8 @@ class VoiceEncoderExtractor(Extractor):
 
         if not clip.has_audio:
             raise NotApplicable(clip.name)
-        audio = clip_audio(clip.audio, clip.video, voice.SAMPLE_RATE)[: int(self.options.max_seconds * voice.SAMPLE_RATE)]
+        audio = clip_audio(clip.audio, clip.video, voice.SAMPLE_RATE)
+        audio = audio[: int(self.options.max_seconds * voice.SAMPLE_RATE)]
         return voice.partials(audio), float(enc.peak_dbfs(audio) > self.options.silence_dbfs)
 
     def extract_batch(self, items: list[tuple[np.ndarray, float]]) -> list[dict[str, np.ndarray]]:

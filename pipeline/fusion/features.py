@@ -85,12 +85,11 @@ def speaker_groupings(clips: list[Clip], mode: str, voices: Path | None) -> tupl
             embeddings, present = reader.read("utterance", [c.name for c in clips]) if not reader.empty \
                 else (np.zeros((len(clips), 1)), np.zeros(len(clips), bool))
         present &= np.isfinite(embeddings.reshape(len(clips), -1)).all(axis=1)
-        groupings = voice_groupings(embeddings.reshape(len(clips), -1), present, MIN_SPEAKER_CLIPS)
+        groupings, what = voice_groupings(embeddings.reshape(len(clips), -1), present, MIN_SPEAKER_CLIPS,
+                                          [c.label for c in clips])
         if groupings:
-            sizes = ", ".join(str(len({g for g in grouping if g})) for grouping in groupings)
-            return groupings, "voice clusters", (f"{why}, so speakers are found by voice: {int(present.sum())} "
-                                                 f"clips with a voice clustered into {sizes} pseudo-speakers")
-        why += f"; {int(present.sum())} clips with a voice in {voices}: too few (or too many) to cluster"
+            return groupings, "voice clusters", f"{why}, so speakers are found by voice: {what}"
+        why += f"; {voices}: {what}"
     if mode == "on":
         raise TrainError(f"params key 'train.speaker_norm' is on, but {why}; name each clip's speaker in a "
                          "`group` column (label, subtitle or candidate file) or set train.speaker_norm: auto")
