@@ -57,7 +57,7 @@ def repo(tmp_path_factory) -> Path:
     _demo_subset(work / "data" / "subset")
     params = yaml.safe_load((work / "params.yaml").read_text())
     params["ingest"]["root"] = "data/subset"
-    params["train"].update(folds=3, epochs=4)
+    params["train"].update(folds=3, epochs=4, ensemble=1)  # one checkpoint per fold: fold<k>.pt
     params["llm"]["enabled"] = True  # the LLM stages run here (off by default in params.yaml)
     (work / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False, allow_unicode=True))
     _sh(["git", "init", "-q"], work)
