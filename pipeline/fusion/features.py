@@ -29,7 +29,7 @@ import torch
 
 from pipeline.errors import TrainError
 from pipeline.manifest import Clip
-from pipeline.store import StoreReader
+from pipeline.store import StoreReader, read_features
 
 log = logging.getLogger(__name__)
 
@@ -81,12 +81,10 @@ def speaker_groupings(clips: list[Clip], mode: str, voices: Path | None) -> tupl
         raise FileNotFoundError(f"{voices} not found: params key 'train.speaker_stores' names {voices.stem!r}; "
                                 f"run `dvc repro extract@{voices.stem}` or set train.speaker_stores: []")
     else:
-        with StoreReader(voices) as reader:
-            embeddings, present = reader.read("utterance", [c.name for c in clips]) if not reader.empty \
-                else (np.zeros((len(clips), 1)), np.zeros(len(clips), bool))
-        present &= np.isfinite(embeddings.reshape(len(clips), -1)).all(axis=1)
-        groupings, what = voice_groupings(embeddings.reshape(len(clips), -1), present, MIN_SPEAKER_CLIPS,
-                                          [c.label for c in clips])
+        embeddings, present = read_features(voices, "utterance", [c.name for c in clips])  # empty: none present
+        embeddings = embeddings.reshape(len(clips), -1)
+        present &= np.isfinite(embeddings).all(axis=1)
+        groupings, what = voice_groupings(embeddings, present, MIN_SPEAKER_CLIPS, [c.label for c in clips])
         if groupings:
             return groupings, "voice clusters", f"{why}, so speakers are found by voice: {what}"
         why += f"; {voices}: {what}"

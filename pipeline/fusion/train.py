@@ -265,14 +265,15 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     speaker_independent = any(g is not None for g in groups)
     folds_by = "named" if speaker_independent else ""
     voices = [features.fold_groups[i] for i in labelled] if features.fold_groups is not None else []
-    if not speaker_independent and len({g for g in voices if g}) >= cfg.folds:
+    n_voices = len({g for g in voices if g})
+    if not speaker_independent and n_voices >= cfg.folds:
         # no clip names its speaker: fold by pseudo-speaker (the finest voice clustering) instead, so a
         # fold's voices are mostly new to its model (RAVDESS, unnamed: CV 0.79-0.82 this way, 0.80 by
         # the true actors, 0.93 by clip; README "Fusion")
         groups, folds_by = voices, "voice clusters"
         if not quiet:
             log.info("the manifest has no `group` (speaker): folds are grouped by voice clusters "
-                     "(%d pseudo-speakers), an estimate of unseen-speaker folds", len({g for g in voices if g}))
+                     "(%d pseudo-speakers), an estimate of unseen-speaker folds", n_voices)
     elif not speaker_independent:
         warn("the manifest has no `group` (speaker): folds are not speaker-independent, so the CV score "
              "is optimistic for unseen speakers; add a group column to the label file")
