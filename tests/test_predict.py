@@ -115,3 +115,20 @@ def test_predict_without_text_and_a_clip_with_nothing_usable(trained, tmp_path, 
     assert list(second["probabilities"].values()) == pytest.approx(prior.tolist(), abs=1e-4)
     cli_main(["predict", str(nothing), "--models", str(models)])
     assert "training prior: no usable modality" in capsys.readouterr().out
+
+
+def test_predict_stops_on_weights_of_an_earlier_model_version(trained, tmp_path):
+    """A checkpoint whose ECMF weights were saved by the earlier nn.TransformerEncoder layer
+    (other keys) stops with one line saying to retrain, instead of a state-dict dump."""
+    from pipeline.errors import TrainError
+
+    params, models = trained
+    for path in models.glob("fold*.pt"):
+        ckpt = torch.load(path, weights_only=True)
+        ckpt["model"] = {k.replace("attention.0.qkv.weight", "attention.layers.0.self_attn.in_proj_weight"): v
+                         for k, v in ckpt["model"].items()}
+        torch.save(ckpt, path)
+    clip = write_clip(tmp_path / "c.mp4", seconds=0.6)
+    with pytest.raises(TrainError, match=r"fold 0 model: its weights do not fit this version's ecmf model .*"
+                                         r"retrain \(`dvc repro train`\)"):
+        run_predict([clip], params, models, english="hello")

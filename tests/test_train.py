@@ -331,3 +331,66 @@ def test_one_store_trains_the_single_head_and_says_so(caplog):
     asked = cross_validate(clips, features, train_mod.config_with(small(epochs=3), kind="single", single="good"))
     np.testing.assert_array_equal(fused.oof_probs, asked.oof_probs)
     assert asked.model_kind == "single" and cross_validate(clips, features, small(epochs=1)).model_kind == "ecmf"
+
+
+def test_fast_dropout_drops_p_keeps_the_mean_and_follows_its_generator():
+    from pipeline.fusion.models import FastDropout
+
+    drop = FastDropout(0.3).train()
+    drop.generator = torch.Generator().manual_seed(1)
+    x = torch.ones(400, 500)
+    y = drop(x)
+    assert abs(float((y == 0).float().mean()) - 0.3) < 0.005
+    assert abs(float(y.mean()) - 1) < 0.01  # inverted dropout: the expectation is kept
+    assert torch.unique(y).tolist() == [0.0, pytest.approx(1 / (1 - drop.p))]
+    drop.generator = torch.Generator().manual_seed(1)
+    assert torch.equal(drop(x), y)  # the same stream gives the same mask
+    assert torch.equal(drop.eval()(x), x)
+    assert torch.equal(FastDropout(0.0).train()(x), x)
+
+
+def test_attention_layer_computes_what_torch_encoder_layer_does():
+    """ECMF's written-out layer is nn.TransformerEncoderLayer(norm_first, ReLU, 2 x width)
+    with the same weights, missing modalities masked as src_key_padding_mask does."""
+    from pipeline.fusion.models import _AttentionLayer
+
+    torch.manual_seed(0)
+    reference = torch.nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.3, batch_first=True,
+                                                 norm_first=True).eval()
+    ours = _AttentionLayer(16, 4, 0.3).eval()
+    ours.norm1.load_state_dict(reference.norm1.state_dict())
+    ours.norm2.load_state_dict(reference.norm2.state_dict())
+    ours.qkv.weight.data, ours.qkv.bias.data = reference.self_attn.in_proj_weight.data, reference.self_attn.in_proj_bias.data
+    ours.out.load_state_dict(reference.self_attn.out_proj.state_dict())
+    ours.feed_forward[0].load_state_dict(reference.linear1.state_dict())
+    ours.feed_forward[3].load_state_dict(reference.linear2.state_dict())
+    x = torch.randn(5, 3, 16)
+    mask = torch.tensor([[True, True, True], [True, False, True], [False, False, True],
+                         [True, True, False], [True, False, False]])
+    with torch.no_grad():
+        expected = reference(x, src_key_padding_mask=~mask)
+        got = ours(x, mask)
+    torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=1e-5)
+
+
+def test_members_side_by_side_give_what_one_after_another_gives(monkeypatch):
+    """train.threads 2 trains an outer fold's two members at once, each in its own thread; every
+    number is the one a single thread gives."""
+    import threading
+
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    where = []
+    original = train_mod.train_fold
+
+    def spy(*args, **kw):
+        where.append(threading.current_thread().name)
+        return original(*args, **kw)
+
+    monkeypatch.setattr(train_mod, "train_fold", spy)
+    one = cross_validate(clips, features, small(epochs=3, ensemble=2, threads=1))
+    assert all(not name.startswith("fusion-member") for name in where)
+    where.clear()
+    two = cross_validate(clips, features, small(epochs=3, ensemble=2, threads=2))
+    assert len(where) == 6 and all(name.startswith("fusion-member") for name in where)
+    np.testing.assert_array_equal(one.oof_probs, two.oof_probs)
+    np.testing.assert_array_equal(one.unlabelled_probs, two.unlabelled_probs)

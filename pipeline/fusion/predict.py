@@ -108,7 +108,12 @@ def _ensemble(clips: list[Clip], features, folds: list[dict], failures: dict) ->
     weights = np.zeros((len(clips), len(features.stores)))
     for ckpt in folds:
         model = build_fusion(ckpt["dims"], FusionConfig(**ckpt["config"]["model"]))
-        model.load_state_dict(ckpt["model"])
+        try:
+            model.load_state_dict(ckpt["model"])
+        except RuntimeError as err:  # e.g. ECMF's attention layer before it was written out (fewer keys)
+            raise TrainError(f"fold {ckpt.get('fold')} model: its weights do not fit this version's "
+                             f"{ckpt['config']['model']['kind']} model ({str(err).splitlines()[0]}); "
+                             "retrain (`dvc repro train`)") from None
         norm = Standardizer.from_stats(ckpt["normalizer"])
         if len(rows):
             p, w = predict(model, norm(features, rows), torch.from_numpy(features.mask[rows]))
