@@ -100,7 +100,7 @@ class ExtractorSpec:
 @dataclass(frozen=True)
 class FusionConfig:
     kind: str = "ecmf"  # ecmf | mer_baseline | concat | single: the fusion registry (pipeline/fusion/models.py)
-    width: int = 128  # common width every modality is projected to
+    width: int = 64  # common width every modality is projected to (README "Fusion": 64 measured as high as 128)
     depth: int = 1  # self-attention layers over the modality tokens
     heads: int = 4
     dropout: float = 0.3
