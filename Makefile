@@ -9,7 +9,7 @@ RAY_STAMP := $(VENV)/.installed-ray
 # dvc stages call `python`: run them with the venv first on PATH.
 RUN := PATH="$(abspath $(BIN)):$$PATH" DVC_NO_ANALYTICS=1 HF_HUB_OFFLINE=1
 
-.PHONY: help install repro features test test-fast demo bench bench-heldout bench-extract bench-whisper bench-refine bench-llm bench-scale bench-browser plots-template clean-features
+.PHONY: help install repro features test test-fast demo bench bench-heldout bench-train bench-extract bench-whisper bench-refine bench-llm bench-scale bench-browser plots-template clean-features
 .DEFAULT_GOAL := help
 
 help:  ## list targets
@@ -65,6 +65,9 @@ bench: $(STAMP)  ## real-data benchmark: RAVDESS (audio, by actor) + MELD (text,
 
 bench-heldout: $(STAMP)  ## MER protocol: train on some speakers, predict others' candidates with `dvc repro`, score (RAVDESS, MELD)
 	$(RUN) $(BIN)/python -m pipeline.bench.heldout --shared ../shared/data --work build/heldout --out reports/bench/heldout
+
+bench-train: $(STAMP)  ## fusion training seconds per fold on 3,000 clips (video stores; subtitles + LLM) vs the trainer before, same process
+	$(RUN) $(BIN)/python -m pipeline.bench.train_speed --clips 3000 --out reports/bench/train_speed
 
 bench-extract: $(STAMP)  ## extractor speed on the demo clips vs a naive one-clip-one-frame loop
 	$(RUN) $(BIN)/dvc repro ingest

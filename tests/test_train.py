@@ -394,3 +394,29 @@ def test_members_side_by_side_give_what_one_after_another_gives(monkeypatch):
     assert len(where) == 6 and all(name.startswith("fusion-member") for name in where)
     np.testing.assert_array_equal(one.oof_probs, two.oof_probs)
     np.testing.assert_array_equal(one.unlabelled_probs, two.unlabelled_probs)
+
+
+def test_train_speed_bench_times_the_torch_layer_reference_and_the_default(monkeypatch):
+    """`make bench-train`: every row a full CV in this process; the reference row really trains
+    torch's nn.TransformerEncoderLayer with nn.Dropout, the others ECMF's own layer."""
+    from pipeline.bench import train_speed
+
+    built = []
+    original = train_speed._TorchLayerECMF.__init__
+
+    def spy(self, *args, **kw):
+        original(self, *args, **kw)
+        built.append(self)
+
+    monkeypatch.setattr(train_speed._TorchLayerECMF, "__init__", spy)
+    monkeypatch.setitem(train_speed.STORE_SETS, "tiny", {"a": 12, "b": 8})
+    rows = train_speed.run(60, ["tiny"])
+    assert [r["row"].split(",")[0] for r in rows][:2] == ["reference: torch encoder layer + dropout",
+                                                         "written-out layer + FastDropout"]
+    assert rows[0]["ratio_to_reference"] == 1.0 and all(r["seconds_per_fold"] > 0 for r in rows)
+    assert len(built) == 10  # 5 folds x 2 members, the reference row only
+    modules = list(built[0].modules())
+    assert any(isinstance(m, torch.nn.TransformerEncoderLayer) for m in modules)
+    assert not any(type(m).__name__ == "FastDropout" for m in modules)
+    assert train_speed.train_module.build_fusion is build_fusion  # restored after the reference row
+    assert "| tiny (20) | 60 |" in train_speed.to_markdown(rows)

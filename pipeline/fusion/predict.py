@@ -25,6 +25,7 @@ from pipeline.config import ENRICHED_STORE, ExtractorSpec, FusionConfig, Params,
 from pipeline.errors import MerError, TrainError
 from pipeline.llm.enrich import enrich_from_params, enriched_manifest, read_enriched
 from pipeline.extract.engine import resolve_device, run_extraction, write_disabled
+from pipeline.fusion.checkpoint import load_folds
 from pipeline.fusion.models import build_fusion
 from pipeline.data.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from pipeline.labels import EMOTIONS
@@ -47,13 +48,6 @@ def clips_for(paths: list[Path], english: str = "", chinese: str = "", group: st
         audio = str(path) if suffix in AUDIO_EXTENSIONS else None
         clips.append(Clip(name=path.stem, video=video, audio=audio, english=english, chinese=chinese, group=group))
     return clips
-
-
-def load_folds(models: Path) -> list[dict]:
-    paths = sorted(Path(models).glob("fold*.pt"))
-    if not paths:
-        raise FileNotFoundError(f"no fold*.pt in {models}; train first (`dvc repro train`)")
-    return [torch.load(p, weights_only=True, map_location="cpu") for p in paths]
 
 
 def run_predict(paths: list[Path], params: Params, models: Path, english: str = "",

@@ -30,7 +30,7 @@ import time
 import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -38,6 +38,7 @@ from torch import nn
 
 from pipeline.config import TrainConfig
 from pipeline.errors import TrainError
+from pipeline.fusion.checkpoint import fold_checkpoint
 from pipeline.fusion.models import build_fusion, set_dropout_generator
 from pipeline.labels import EMOTIONS, EMOTION_INDEX
 from pipeline.data.splits import fold_indices, group_ids
@@ -336,7 +337,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
             return fold
 
         members = _side_by_side(train_member, cfg.ensemble, side_by_side)
-        result.checkpoints += [_checkpoint(m, cfg, features, k, prior, i) for i, m in enumerate(members)]
+        result.checkpoints += [fold_checkpoint(m, cfg, features, k, prior, i) for i, m in enumerate(members)]
         oof[va], weights[lab_rows[va]] = _average(members, features, lab_rows[va])
         if len(pred_rows):
             probs, w = _average(members, features, pred_rows)
@@ -387,26 +388,6 @@ def _average(members: list[dict], features: Features, rows: np.ndarray) -> tuple
     """Mean class probabilities and modality weights of an outer fold's ensemble members on `rows`."""
     outs = [predict(m["model"], m["norm"](features, rows), torch.from_numpy(features.mask[rows])) for m in members]
     return np.mean([p for p, _ in outs], axis=0), np.mean([w for _, w in outs], axis=0)
-
-
-def _checkpoint(fold: dict, cfg: TrainConfig, features: Features, k: int, prior: np.ndarray,
-                member: int = 0) -> dict:
-    """Plain tensors and primitives only, so `torch.load(..., weights_only=True)` reads it."""
-    return {
-        "member": member,
-        "model": fold["model"].state_dict(),
-        "optimizer": fold["optimizer"].state_dict(),
-        "config": asdict(cfg),
-        "epoch": fold["epoch"],
-        "best_metric": fold["val_f1"] if cfg.epoch_choice == "inner_split" else None,  # fixed: nothing chosen
-        "fold": k,
-        "stores": features.stores,
-        "dims": {s: int(features.inputs[s].shape[1]) for s in features.stores},
-        "speaker_norm": features.speaker_normalized,  # predict normalises new clips per speaker the same way
-        "prior": torch.from_numpy(prior.copy()),  # the answer for a clip with no usable modality
-        "selected_on": "inner split of the training fold" if cfg.epoch_choice == "inner_split" else "fixed: train.epochs",
-        "normalizer": {s: [torch.from_numpy(m), torch.from_numpy(sd)] for s, (m, sd) in fold["norm"].stats.items()},
-    }
 
 
 def config_with(cfg: TrainConfig, **model_changes) -> TrainConfig:

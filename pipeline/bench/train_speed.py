@@ -1,0 +1,139 @@
+"""Fusion training speed: seconds per outer fold on 3,000 clips, 2 CPU cores, against the
+trainer as it was, run in this same process (these machines are noisy: read the ratios).
+
+    python -m pipeline.bench.train_speed            (make bench-train)
+
+The clips are synthetic (class means plus noise) with the widths of real stores, so the
+cost is the real one and no extraction runs first:
+- `video`: frames 1,280 + faces 1,415 + prosody 34 + whisper 2,048 + text 768 (the default
+  stores on a MER-style video corpus);
+- `subtitles + LLM`: text 768 + text_enriched 768 (a subtitle corpus with `llm.enabled`).
+Each row is a full group 5-fold cross_validate with the default trainer (2 members of 20
+epochs, batch 32), so a fold trains on 2,400 clips. Rows:
+- `reference`: ECMF on torch's nn.TransformerEncoderLayer with nn.Dropout, width 128, the
+  members one after the other on one thread (the trainer before this benchmark);
+- `written-out layer`: the same model with ECMF's own layer and FastDropout (models.py);
+- `+ members side by side`: train.threads 2;
+- `+ width 64`: the default;
+- `concat`: the concatenation baseline with the defaults, for scale.
+Writes reports/bench/train_speed.{json,md}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+from collections.abc import Iterator
+from dataclasses import replace
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.config import FusionConfig, TrainConfig
+from pipeline.fusion import train as train_module
+from pipeline.fusion.features import Features
+from pipeline.fusion.models import ECMFFusion, FastDropout, build_fusion
+from pipeline.labels import EMOTIONS
+from pipeline.manifest import Clip
+from pipeline.tables import markdown_table, write_table
+
+STORE_SETS = {
+    "video": {"frames": 1280, "faces": 1415, "prosody": 34, "whisper": 2048, "text": 768},
+    "subtitles + LLM": {"text": 768, "text_enriched": 768},
+}
+
+
+class _TorchLayerECMF(ECMFFusion):
+    """ECMF as it was: torch's encoder layer and dropout (the reference row only)."""
+
+    def __init__(self, dims: dict[str, int], cfg: FusionConfig, n_classes: int = 6):
+        super().__init__(dims, cfg, n_classes)
+        layer = nn.TransformerEncoderLayer(cfg.width, cfg.heads, dim_feedforward=2 * cfg.width,
+                                           dropout=cfg.dropout, batch_first=True, norm_first=True)
+        encoder = nn.TransformerEncoder(layer, cfg.depth, enable_nested_tensor=False)
+        self.attention = nn.ModuleList([_PaddingMaskLayer(encoder)])
+        for parent in self.modules():
+            for name, child in parent.named_children():
+                if isinstance(child, FastDropout):
+                    setattr(parent, name, nn.Dropout(child.p))
+
+
+class _PaddingMaskLayer(nn.Module):
+    def __init__(self, encoder: nn.TransformerEncoder):
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        return self.encoder(x, src_key_padding_mask=~mask)
+
+
+@contextlib.contextmanager
+def _torch_layer() -> Iterator[None]:
+    """The trainer builds the reference ECMF while this is open."""
+    def build(dims: dict[str, int], cfg: FusionConfig, n_classes: int = 6) -> nn.Module:
+        return _TorchLayerECMF(dims, cfg, n_classes) if cfg.kind == "ecmf" else build_fusion(dims, cfg, n_classes)
+
+    train_module.build_fusion = build
+    try:
+        yield
+    finally:
+        train_module.build_fusion = build_fusion
+
+
+def synthetic(dims: dict[str, int], n: int, seed: int = 0) -> tuple[list[Clip], Features]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, len(EMOTIONS), n)
+    inputs = {s: (rng.standard_normal((n, d)) + 0.3 * rng.standard_normal((len(EMOTIONS), d))[y]).astype(np.float32)
+              for s, d in dims.items()}
+    clips = [Clip(name=f"c{i}", label=EMOTIONS[y[i]], group=f"s{i % 40}") for i in range(n)]
+    return clips, Features([c.name for c in clips], inputs, np.ones((n, len(dims)), bool), list(dims))
+
+
+def run(clips: int, store_sets: list[str]) -> list[dict]:
+    base = TrainConfig(stores=["x"], epochs=20, ensemble=2)  # the default trainer (params.yaml)
+    variants = [
+        ("reference: torch encoder layer + dropout, width 128, one thread", "ecmf", 128, 1, True),
+        ("written-out layer + FastDropout, width 128, one thread", "ecmf", 128, 1, False),
+        ("+ members side by side (train.threads 2), width 128", "ecmf", 128, 2, False),
+        ("+ width 64 (the default)", "ecmf", 64, 2, False),
+        ("concat, defaults", "concat", 64, 2, False),
+    ]
+    rows = []
+    for name in store_sets:
+        dims = STORE_SETS[name]
+        clip_list, features = synthetic(dims, clips)
+        reference = None
+        for label, kind, width, threads, torch_layer in variants:
+            cfg = replace(base, stores=list(dims), threads=threads, model=replace(base.model, kind=kind, width=width))
+            with _torch_layer() if torch_layer else contextlib.nullcontext():
+                result = train_module.cross_validate(clip_list, features, cfg, quiet=True, fold_lines=False)
+            seconds = float(np.mean(result.seconds_per_fold))
+            reference = reference or seconds
+            rows.append({"stores": name, "dims": sum(dims.values()), "clips": clips, "row": label,
+                         "seconds_per_fold": round(seconds, 1), "ratio_to_reference": round(seconds / reference, 2),
+                         "fold_seconds": [round(s, 1) for s in result.seconds_per_fold]})
+            logging.info("%s", rows[-1])
+    return rows
+
+
+def to_markdown(rows: list[dict]) -> str:
+    return markdown_table(["stores (input dims)", "clips", "row", "s per fold", "× reference"],
+                          ([f"{r['stores']} ({r['dims']:,})", r["clips"], r["row"], f"{r['seconds_per_fold']:.1f}",
+                            f"{r['ratio_to_reference']:.2f}"] for r in rows))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.bench.train_speed", description=__doc__)
+    parser.add_argument("--clips", type=int, default=3000)
+    parser.add_argument("--stores", nargs="+", default=list(STORE_SETS), choices=list(STORE_SETS))
+    parser.add_argument("--out", default="reports/bench/train_speed")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    rows = run(args.clips, args.stores)
+    write_table(args.out, rows, to_markdown(rows))
+
+
+if __name__ == "__main__":
+    main()

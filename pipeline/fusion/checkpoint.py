@@ -1,0 +1,42 @@
+"""What a fold model's checkpoint (`models/fusion/fold<k>[-<member>].pt`) holds, written by
+the trainer and read by `mer predict`: plain tensors and primitives only, so
+`torch.load(..., weights_only=True)` reads it and a checkpoint from anyone stays data."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from pipeline.config import TrainConfig
+from pipeline.fusion.features import Features
+
+
+def fold_checkpoint(fold: dict, cfg: TrainConfig, features: Features, k: int, prior: np.ndarray,
+                    member: int = 0) -> dict:
+    """Outer fold `k`'s ensemble member `member`, as train_fold returned it."""
+    return {
+        "member": member,
+        "model": fold["model"].state_dict(),
+        "optimizer": fold["optimizer"].state_dict(),
+        "config": asdict(cfg),
+        "epoch": fold["epoch"],
+        "best_metric": fold["val_f1"] if cfg.epoch_choice == "inner_split" else None,  # fixed: nothing chosen
+        "fold": k,
+        "stores": features.stores,
+        "dims": {s: int(features.inputs[s].shape[1]) for s in features.stores},
+        "speaker_norm": features.speaker_normalized,  # predict normalises new clips per speaker the same way
+        "prior": torch.from_numpy(prior.copy()),  # the answer for a clip with no usable modality
+        "selected_on": "inner split of the training fold" if cfg.epoch_choice == "inner_split" else "fixed: train.epochs",
+        "normalizer": {s: [torch.from_numpy(m), torch.from_numpy(sd)] for s, (m, sd) in fold["norm"].stats.items()},
+    }
+
+
+def load_folds(models: Path) -> list[dict]:
+    """Every fold model of a `models/fusion` folder, read as data (weights_only)."""
+    paths = sorted(Path(models).glob("fold*.pt"))
+    if not paths:
+        raise FileNotFoundError(f"no fold*.pt in {models}; train first (`dvc repro train`)")
+    return [torch.load(p, weights_only=True, map_location="cpu") for p in paths]
