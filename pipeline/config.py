@@ -140,8 +140,8 @@ class TrainConfig:
     refit: bool = True  # inner_split: after choosing the epoch there, retrain on the whole training fold
     ensemble: int = 1  # models per outer fold, each with its own seed; their probabilities are averaged
     device: str = "cpu"
-    threads: int = 2  # CPU threads: ensemble members train side by side, one thread each (the model is tiny:
-                      # one thread per model is fastest); the result does not depend on it
+    threads: int = 2  # CPU threads: up to this many ensemble members train side by side, one thread each (the
+                      # model is tiny: one thread per model is fastest); the result does not depend on it
 
     def __post_init__(self) -> None:
         check_values("train", [
