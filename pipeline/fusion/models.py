@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import torch
 from torch import nn
-from torch.nn import functional as F
 
 from pipeline.config import FusionConfig
 from pipeline.errors import ConfigError
@@ -96,7 +95,7 @@ class _AttentionLayer(nn.Module):
         # Plain matmuls: on these (B, heads, M, M) scores scaled_dot_product_attention's CPU kernel
         # took 4x their time
         scores = (q @ k.transpose(-2, -1)) * (q.shape[-1] ** -0.5)
-        attention = torch.softmax(scores.masked_fill(~mask[:, None, None, :], float("-inf")), dim=-1)
+        attention = _masked_softmax(scores, mask[:, None, None, :])
         attended = self.drop_attention(attention) @ v
         x = x + self.drop1(self.out(attended.transpose(1, 2).reshape(batch, tokens, width)))
         return x + self.drop2(self.feed_forward(self.norm2(x)))

@@ -368,7 +368,7 @@ def _side_by_side(train_member: Callable[[int], dict], count: int, workers: int)
     inside its ops, so two members on two cores take 0.55-0.7 of the time of one after the other
     (README "Fusion": measured); each member has its own seeds and dropout stream
     (set_dropout_generator), so the result does not depend on `workers`."""
-    if workers <= 1 or count == 1:
+    if workers <= 1:  # workers = min(train.threads, count)
         return [train_member(i) for i in range(count)]
     with ThreadPoolExecutor(workers, thread_name_prefix="fusion-member") as pool:
         return list(pool.map(train_member, range(count)))
