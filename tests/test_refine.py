@@ -402,3 +402,23 @@ def test_crowdkit_em_keeps_smoothing_where_a_class_is_never_voted():
     assert confusion.min() > 1e-3 and np.allclose(confusion.sum(axis=2), 1) and np.isclose(prior.sum(), 1)
     assert confusion[0, 5, 4] > 0.6 and ours_confusion[0, 5, 4] > 0.6  # surprise is heard as worried
     assert (theirs.argmax(1) == ours.argmax(1)).mean() > 0.95
+
+
+def test_refine_bench_marks_the_params_defaults_and_the_share_recovered():
+    from pipeline.bench.refine import is_default, recovered
+    from pipeline.config import load_params, refine_config
+
+    shipped = refine_config(load_params(Path(__file__).parents[1] / "params.yaml"))
+    assert (shipped.method, shipped.mode) == ("cleanlab", "drop")  # what the README's table calls default
+    assert is_default("cleanlab", None, "drop", shipped)
+    assert is_default(f"cleanlab/{shipped.cleanlab.filter_by}", None, "drop", shipped)
+    assert not is_default("cleanlab/both", None, "drop", shipped)
+    assert not is_default("cleanlab", None, "hard", shipped)
+    assert not is_default("weighted_vote", 0.9, "drop", shipped)
+    vote = RefineConfig(stores=["a"], method="dawid_skene", mode="hard", correct_threshold=0.7)
+    assert is_default("dawid_skene/crowdkit", 0.7, "hard", vote)
+    assert not is_default("dawid_skene/numpy", 0.7, "hard", vote)
+    assert not is_default("dawid_skene/crowdkit", 0.9, "hard", vote)
+    assert recovered(0.5, 0.6, 0.7) == pytest.approx(0.5)
+    assert recovered(0.6, 0.55, 0.7) == pytest.approx(-0.5)  # refinement can cost
+    assert recovered(0.7, 0.69, 0.7) is None  # the noise cost nothing: no share to speak of

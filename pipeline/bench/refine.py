@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.bench.real import CORPORA, Corpus, build
-from pipeline.config import CLEANLAB_FILTERS, EngineConfig, IngestConfig
+from pipeline.config import CLEANLAB_FILTERS, EngineConfig, IngestConfig, load_params, refine_config
 from pipeline.extract.engine import run_extraction
 from pipeline.extractors.base import available
 from pipeline.data.ingest import ingest
@@ -191,25 +191,47 @@ def run_corpus(corpus: Corpus, stores: list[str], args: argparse.Namespace, engi
         for (method, threshold, mode), t in ((k, v) for k, v in tally.items() if len(k) == 3):
             precision = t["found"] / t["flagged"] if t["flagged"] else 0.0
             recall = t["found"] / t["flipped"] if t["flipped"] else 0.0
+            refined = _f1(truth, t["predicted"])
             rows.append({**base, "method": method, "threshold": threshold, "mode": mode,
+                         "default": is_default(method, threshold, mode, args.defaults),
                          **{k: t[k] for k in ("flipped", "flagged", "found", "restored")},
                          "precision": round(precision, 4), "recall": round(recall, 4),
                          "detection_f1": round(2 * precision * recall / (precision + recall), 4)
                          if precision + recall else 0.0,
-                         "f1_refined": _f1(truth, t["predicted"])})
+                         "f1_refined": refined, "recovered": recovered(base["f1_noisy"], refined, base["f1_clean"])})
             log.info("%s", rows[-1])
     return rows
+
+
+def is_default(method: str, threshold: float | None, mode: str, defaults: RefineConfig) -> bool:
+    """Is this row what params.yaml's `refine` runs? (`dawid_skene/crowdkit` names the method and
+    its implementation; a threshold counts only for the methods that use one.)"""
+    name, _, variant = method.partition("/")
+    if name != defaults.method or mode != defaults.mode:
+        return False
+    if name == "cleanlab":
+        return variant in ("", defaults.cleanlab.filter_by)
+    if name == "dawid_skene" and variant and variant != defaults.dawid_skene.implementation:
+        return False
+    return threshold == defaults.correct_threshold
+
+
+def recovered(noisy: float, refined: float, clean: float) -> float | None:
+    """Share of the weighted F1 the noise cost that the refined labels win back (None: noise cost nothing)."""
+    cost = clean - noisy
+    return round((refined - noisy) / cost, 4) if cost > 1e-9 else None
 
 
 def to_markdown(rows: list[dict]) -> str:
     return markdown_table(
         ["dataset", "noise", "folds", "method", "threshold", "mode", "flipped", "flagged", "precision", "recall",
-         "detection F1", "restored", "F1 noisy", "F1 refined", "F1 clean"],
-        ([r["dataset"], f"{r['noise']:.0%}{' cc' if r['noise_kind'] != 'uniform' else ''}", r["folds"], r["method"],
+         "detection F1", "restored", "F1 noisy", "F1 refined", "F1 clean", "recovered"],
+        ([r["dataset"], f"{r['noise']:.0%}{' cc' if r['noise_kind'] != 'uniform' else ''}", r["folds"],
+          f"**{r['method']}** (default)" if r.get("default") else r["method"],
           r["threshold"] if r["threshold"] is not None else "-", r["mode"], r["flipped"], r["flagged"],
           _num(r["precision"]), f"{r['recall']:.3f}", f"{r['detection_f1']:.3f}",
           r["restored"] if r["mode"] == "hard" else "-", f"{r['f1_noisy']:.4f}", f"{r['f1_refined']:.4f}",
-          f"{r['f1_clean']:.4f}"] for r in rows))
+          f"{r['f1_clean']:.4f}", "-" if r.get("recovered") is None else f"{r['recovered']:.0%}"] for r in rows))
 
 
 def _num(value: float | None) -> str:
@@ -252,7 +274,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--no-whisper", action="store_true", help="RAVDESS with prosody only (fast)")
     parser.add_argument("--settings", choices=("all", "cleanlab"), default="all",
                         help="all: every method and threshold; cleanlab: each cleanlab.filter_by rule")
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="whose `refine` method and mode mark the rows `default`")
     args = parser.parse_args(argv)
+    args.defaults = refine_config(load_params(args.params))
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine = EngineConfig(device="auto", batch_size=16, flush_every=256, max_failed_fraction=0.02)
     rows = []
