@@ -170,6 +170,10 @@ def test_refine_in_folds_gives_each_fold_targets_made_without_its_labels(monkeyp
         assert (targets.argmax(1)[:-1] == 5).all() and targets[-1].argmax() == 0  # ...refined, then the pseudo row
     assert result.refined_labels and result.refined_in_folds
     assert "use_refined" not in caplog.text
+    for (tr, _), changes in zip(folds, result.label_changes):  # what each fold's refinement did, counted
+        gold = [clips[i].label for i in tr if i != 0]
+        assert changes == {"training_clips": len(gold), "left_out": int(0 in tr),
+                           "relabelled": sum(g != "surprise" for g in gold), "softened": 0, "pseudo_labelled": 1}
     plain = cross_validate(clips, features, small(epochs=1, use_refined=True, refine_in_folds=False),
                            refined={c.name: np.eye(6, dtype=np.float32)[5] for c in clips[:72]}, fold_refiner=refiner)
     assert len(asked) == 3 and plain.refined_labels and not plain.refined_in_folds and "use_refined" in caplog.text
@@ -420,3 +424,14 @@ def test_train_speed_bench_times_the_torch_layer_reference_and_the_default(monke
     assert not any(type(m).__name__ == "FastDropout" for m in modules)
     assert train_speed.train_module.build_fusion is build_fusion  # restored after the reference row
     assert "| tiny (20) | 60 |" in train_speed.to_markdown(rows)
+
+
+def test_target_changes_tells_left_out_relabelled_and_softened_apart():
+    from pipeline.fusion.targets import describe, target_changes
+
+    eye = np.eye(6, dtype=np.float32)
+    targets = np.stack([eye[0], np.zeros(6, np.float32), eye[2], eye[3] * 0.6 + eye[1] * 0.4, eye[4] * 0.7 + eye[5] * 0.3])
+    changes = target_changes(np.array([0, 1, 1, 3, 4]), targets, 7)
+    assert changes == {"training_clips": 4, "left_out": 1, "relabelled": 1, "softened": 2, "pseudo_labelled": 7}
+    assert describe(changes) == ("4 labelled clips (1 left out, 1 relabelled, 2 softened by refinement) "
+                                 "+ 7 pseudo-labelled")

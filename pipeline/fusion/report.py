@@ -48,6 +48,8 @@ def cv_metrics(clips: list[Clip], result: CVResult) -> dict:
     metrics["refined_labels"] = bool(result.refined_labels)  # trained on refined labels
     metrics["pseudo_labels"] = bool(result.pseudo_labels)  # trained on pseudo-labelled clips too
     metrics["refined_in_folds"] = bool(result.refined_in_folds)  # false with either: optimistic
+    # per outer fold, what refinement did to its training targets (left out, relabelled, softened, pseudo)
+    metrics["label_changes_per_fold"] = list(result.label_changes)
     metrics["stores"] = list(result.stores)
     metrics["speaker_norm"] = bool(result.speaker_normalized)  # stores standardised per speaker (group)
     metrics["speaker_groups"] = result.speaker_groups or None  # named | voice clusters (pseudo-speakers)

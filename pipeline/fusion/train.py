@@ -40,6 +40,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import TrainError
 from pipeline.fusion.checkpoint import fold_checkpoint
 from pipeline.fusion.models import build_fusion, set_dropout_generator
+from pipeline.fusion.targets import describe, target_changes, training_targets
 from pipeline.labels import EMOTIONS, EMOTION_INDEX
 from pipeline.data.splits import fold_indices, group_ids
 from pipeline.devices import resolve_device
@@ -169,12 +170,6 @@ def predict(model: nn.Module, inputs: dict[str, torch.Tensor], mask: torch.Tenso
     return torch.softmax(logits, dim=1).cpu().numpy(), weights.cpu().numpy()
 
 
-def one_hot(labels: list[str]) -> np.ndarray:
-    out = np.zeros((len(labels), len(EMOTIONS)), np.float32)
-    out[np.arange(len(labels)), [EMOTION_INDEX[x] for x in labels]] = 1
-    return out
-
-
 @dataclass
 class CVResult:
     oof_probs: np.ndarray  # (n_labelled, 6), out of fold
@@ -202,6 +197,7 @@ class CVResult:
     speaker_normalized: bool = False  # the stores were standardised per speaker (train.speaker_norm)
     speaker_groups: str = ""  # by what: "named" (the dataset's groups) | "voice clusters"
     folds_grouped_by: str = ""  # "named" (the manifest's groups) | "voice clusters" | "" (by clip)
+    label_changes: list[dict] = field(default_factory=list)  # per fold, with refined / pseudo labels: targets.target_changes
 
 
 def _folds(labels: list[str], groups: list[str | None], k: int, seed: int, what: str, warn: bool = True) -> list:
@@ -290,7 +286,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     gold = np.array([EMOTION_INDEX[x] for x in labels])
     prior = np.bincount(gold, minlength=len(EMOTIONS)).astype(np.float32) / len(gold)
     nested = fold_refiner is not None and cfg.refine_in_folds and (cfg.use_refined or cfg.use_pseudo)
-    targets, pseudo_rows, pseudo_targets = _training_targets(clips, labelled, unlabelled, usable, cfg, refined, pseudo)
+    targets, pseudo_rows, pseudo_targets = training_targets(clips, labelled, unlabelled, usable, cfg, refined, pseudo)
     if ((cfg.use_refined and refined) or (cfg.use_pseudo and pseudo)) and not nested:
         warn("train.use_refined / use_pseudo: the refine stage made these labels from every labelled clip, "
              "the scored folds' too, so this CV score is optimistic; train.refine_in_folds: true refines "
@@ -313,8 +309,11 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     for k, (tr, va) in enumerate(folds):
         if nested:  # this fold's labels and pseudo-labels, refined without the labels it scores
             fold_refined, fold_pseudo = fold_refiner({clips[lab_rows[j]].name for j in va})
-            targets, pseudo_rows, pseudo_targets = _training_targets(clips, labelled, unlabelled, usable, cfg,
+            targets, pseudo_rows, pseudo_targets = training_targets(clips, labelled, unlabelled, usable, cfg,
                                                                      fold_refined, fold_pseudo)
+        if result.refined_labels or result.pseudo_labels:
+            result.label_changes.append(target_changes(gold[tr], targets[tr], len(pseudo_rows)))
+            say("fold %d trains on %s", k, describe(result.label_changes[-1]))
         start = time.perf_counter()  # training only: a refinement is shared by the ablation's variants
 
         def rows_and_targets(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # labelled part + pseudo rows
@@ -372,18 +371,6 @@ def _side_by_side(train_member: Callable[[int], dict], count: int, workers: int)
         return [train_member(i) for i in range(count)]
     with ThreadPoolExecutor(workers, thread_name_prefix="fusion-member") as pool:
         return list(pool.map(train_member, range(count)))
-
-
-def _training_targets(clips: list[Clip], labelled: list[int], unlabelled: list[int], usable: np.ndarray,
-                      cfg: TrainConfig, refined: dict[str, np.ndarray] | None,
-                      pseudo: dict[str, np.ndarray] | None) -> tuple[np.ndarray, list[int], np.ndarray | None]:
-    """(targets of the labelled clips, pseudo-labelled rows, their targets): gold one-hot unless
-    `use_refined` gives a refined target; pseudo rows only with `use_pseudo`."""
-    targets = one_hot([clips[i].label for i in labelled])
-    if cfg.use_refined and refined:
-        targets = np.stack([refined.get(clips[i].name, targets[k]) for k, i in enumerate(labelled)])
-    pseudo_rows = [i for i in unlabelled if cfg.use_pseudo and pseudo and clips[i].name in pseudo and usable[i]]
-    return targets, pseudo_rows, np.stack([pseudo[clips[i].name] for i in pseudo_rows]) if pseudo_rows else None
 
 
 def _average(members: list[dict], features: Features, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -112,6 +112,11 @@ def main(argv: list[str] | None = None) -> None:
                                             ("pseudo-labels", metrics["pseudo_labels"])) if on)
         notes.append(f"trained on {what} made in each training fold" if metrics["refined_in_folds"]
                      else f"trained on {what}: optimistic (refine saw every fold)")
+        if changes := metrics["label_changes_per_fold"]:
+            mean = {k: sum(c[k] for c in changes) / len(changes) for k in changes[0]}
+            notes.append("per fold on average {left_out:.0f} of {total:.0f} labelled training clips left out, "
+                         "{relabelled:.0f} relabelled, {softened:.0f} softened, {pseudo_labelled:.0f} "
+                         "pseudo-labelled".format(total=mean["training_clips"] + mean["left_out"], **mean))
     notes.append(f"{cands['total']} candidates predicted, {cands['prior_no_modality']} of them by the prior "
                  "(no usable modality)")
     print(f"weighted F1 {metrics['weighted_f1']:.4f} (folds {metrics['folds']['weighted_f1_mean']:.4f} "
