@@ -44,7 +44,7 @@ def target_changes(gold: np.ndarray, targets: np.ndarray, pseudo_rows: int) -> d
 
 
 def describe(changes: dict[str, int]) -> str:
-    """'412 labelled clips (38 left out, 0 relabelled, 0 softened) + 12 pseudo-labelled'."""
+    """'412 labelled clips (38 left out, 0 relabelled, 0 softened by refinement) + 12 pseudo-labelled'."""
     return (f"{changes['training_clips']} labelled clips ({changes['left_out']} left out, "
             f"{changes['relabelled']} relabelled, {changes['softened']} softened by refinement) "
             f"+ {changes['pseudo_labelled']} pseudo-labelled")

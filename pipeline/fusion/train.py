@@ -310,7 +310,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
         if nested:  # this fold's labels and pseudo-labels, refined without the labels it scores
             fold_refined, fold_pseudo = fold_refiner({clips[lab_rows[j]].name for j in va})
             targets, pseudo_rows, pseudo_targets = training_targets(clips, labelled, unlabelled, usable, cfg,
-                                                                     fold_refined, fold_pseudo)
+                                                                    fold_refined, fold_pseudo)
         if result.refined_labels or result.pseudo_labels:
             result.label_changes.append(target_changes(gold[tr], targets[tr], len(pseudo_rows)))
             say("fold %d trains on %s", k, describe(result.label_changes[-1]))
