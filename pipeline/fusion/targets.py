@@ -34,9 +34,15 @@ def training_targets(clips: list[Clip], labelled: list[int], unlabelled: list[in
     return targets, pseudo_rows, np.stack([pseudo[clips[i].name] for i in pseudo_rows]) if pseudo_rows else None
 
 
+def trains(targets: np.ndarray) -> np.ndarray:
+    """(N,) bool: the rows that train. An all-zero target is refine.mode drop's mark for a clip
+    left out of training (it is still scored against its gold label)."""
+    return targets.sum(axis=1) > 0
+
+
 def target_changes(gold: np.ndarray, targets: np.ndarray, pseudo_rows: int) -> dict[str, int]:
     """How one fold's training targets differ from its gold labels (`gold`: class indices)."""
-    kept = targets.sum(axis=1) > 0
+    kept = trains(targets)
     moved = kept & (targets.argmax(axis=1) != gold)
     softened = kept & ~moved & (targets.max(axis=1) < 1 - 1e-6)
     return {"training_clips": int(kept.sum()), "left_out": int((~kept).sum()), "relabelled": int(moved.sum()),

@@ -40,7 +40,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import TrainError
 from pipeline.fusion.checkpoint import fold_checkpoint
 from pipeline.fusion.models import build_fusion, set_dropout_generator
-from pipeline.fusion.targets import describe, target_changes, training_targets
+from pipeline.fusion.targets import describe, target_changes, training_targets, trains
 from pipeline.labels import EMOTIONS, EMOTION_INDEX
 from pipeline.data.splits import fold_indices, group_ids
 from pipeline.devices import resolve_device
@@ -317,7 +317,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
         start = time.perf_counter()  # training only: a refinement is shared by the ablation's variants
 
         def rows_and_targets(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # labelled part + pseudo rows
-            part = part[targets[part].sum(axis=1) > 0]  # an all-zero target (refine.mode drop) never trains
+            part = part[trains(targets[part])]  # refine.mode drop's clips never train
             rows = np.concatenate([lab_rows[part], np.array(pseudo_rows, dtype=int)])
             return rows, targets[part] if pseudo_targets is None else np.concatenate([targets[part], pseudo_targets])
 
