@@ -139,6 +139,8 @@ class TrainConfig:
     refine_in_folds: bool = True  # use_refined / use_pseudo: refine again inside each training fold (honest CV)
     refit: bool = True  # inner_split: after choosing the epoch there, retrain on the whole training fold
     ensemble: int = 1  # models per outer fold, each with its own seed; their probabilities are averaged
+    linear_weight: float = 0.0  # share of each fold's answer from its linear member (pipeline/fusion/linear.py); 0: none
+    linear_c: float = 0.005  # that member's inverse L2 strength on the standardised stores (scikit-learn's C)
     device: str = "cpu"
     threads: int = 2  # CPU threads: up to this many ensemble members train side by side, one thread each (the
                       # model is tiny: one thread per model is fastest); the result does not depend on it
@@ -153,6 +155,8 @@ class TrainConfig:
             _at_least("epochs", self.epochs, 1),
             _one_of("epoch_choice", self.epoch_choice, EPOCH_CHOICE),
             _at_least("ensemble", self.ensemble, 1),
+            ("linear_weight", self.linear_weight, 0.0 <= self.linear_weight < 1.0, "a number in [0, 1)"),
+            ("linear_c", self.linear_c, self.linear_c > 0, "a number above 0"),
             _at_least("batch_size", self.batch_size, 1),
             ("lr", self.lr, self.lr > 0, "a number above 0"),
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, "0 or more"),

@@ -435,3 +435,52 @@ def test_target_changes_tells_left_out_relabelled_and_softened_apart():
     assert changes == {"training_clips": 4, "left_out": 1, "relabelled": 1, "softened": 2, "pseudo_labelled": 7}
     assert describe(changes) == ("4 labelled clips (1 left out, 1 relabelled, 2 softened by refinement) "
                                  "+ 7 pseudo-labelled")
+
+
+def test_fit_linear_is_scikit_learns_regression_on_the_standardised_stores():
+    from sklearn.linear_model import LogisticRegression
+
+    from pipeline.fusion.linear import fit_linear
+    from pipeline.fusion.train import predict
+
+    clips, features, y = synthetic(n=90, n_labelled=90)
+    features.mask[70, 1] = False  # a test clip without noise_a: its standardised input counts as zero
+    train, test = np.arange(60), np.arange(60, 90)
+    targets = np.eye(6, dtype=np.float32)[y[train]]
+    targets[targets.argmax(1) == 5] = np.eye(6, dtype=np.float32)[0]  # class 5 never trains
+    member = fit_linear(features, train, targets, c=0.05, seed=0)
+    x = lambda rows: torch.cat(list(member["norm"](features, rows).values()), 1).numpy()  # noqa: E731
+    reference = LogisticRegression(C=0.05, max_iter=1000).fit(x(train), targets.argmax(1))
+    probs, weights = predict(member["model"], member["norm"](features, test), torch.from_numpy(features.mask[test]))
+    np.testing.assert_allclose(probs[:, :5], reference.predict_proba(x(test)), atol=1e-4)
+    assert (probs[:, 5] < 1e-9).all() and np.isfinite(probs).all()  # the absent class: never NaN, never chosen
+    np.testing.assert_allclose(weights[10], [0.5, 0, 0.5])  # uniform over the present stores
+
+
+def test_linear_member_is_blended_by_its_weight_and_round_trips_through_checkpoints(tmp_path):
+    from pipeline.fusion.checkpoint import load_folds
+    from pipeline.fusion.predict import _ensemble
+
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    plain = cross_validate(clips, features, small(epochs=2, ensemble=2))
+    blend = cross_validate(clips, features, small(epochs=2, ensemble=2, linear_weight=0.3, linear_c=0.05))
+    assert [(c["fold"], c["member"], c["head"], c["blend_weight"]) for c in blend.checkpoints] == [
+        (k, m, head, pytest.approx(w)) for k in range(3)
+        for m, head, w in ((0, "fusion", 0.35), (1, "fusion", 0.35), ("linear", "linear", 0.3))]
+    # the fusion members are the same models as without the linear member; what is added is a distribution
+    linear_oof = (blend.oof_probs - 0.7 * plain.oof_probs) / 0.3
+    np.testing.assert_allclose(linear_oof.sum(1), 1, atol=1e-4)
+    assert (linear_oof > -1e-4).all() and not np.allclose(linear_oof, plain.oof_probs, atol=1e-2)
+    np.testing.assert_allclose(blend.weights, plain.weights, atol=1e-6)  # modality weights: the fusion gates'
+    for ckpt in blend.checkpoints:
+        torch.save(ckpt, tmp_path / f"fold{ckpt['fold']}-{ckpt['member']}.pt")
+    out = _ensemble(clips, features, load_folds(tmp_path), {})  # what `mer predict` does with the files
+    got = np.array([[r["probabilities"][e] for e in EMOTIONS] for r in out])[blend.unlabelled]
+    np.testing.assert_allclose(got, blend.unlabelled_probs, atol=1e-4)
+
+
+def test_linear_weight_is_checked_at_the_start():
+    with pytest.raises(ValueError, match="train.linear_weight"):
+        small(linear_weight=1.0)
+    with pytest.raises(ValueError, match="train.linear_c"):
+        small(linear_c=0.0)

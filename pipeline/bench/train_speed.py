@@ -14,7 +14,9 @@ epochs, batch 32), so a fold trains on 2,400 clips. Rows:
   members one after the other on one thread (the trainer before this benchmark);
 - `written-out layer`: the same model with ECMF's own layer and FastDropout (models.py);
 - `+ members side by side`: train.threads 2;
-- `+ width 64`: the default;
+- `+ width 64`;
+- `+ the linear member`: train.linear_weight 0.5, the default (a logistic regression fitted
+  per fold beside the two members, pipeline/fusion/linear.py);
 - `concat`: the concatenation baseline with the defaults, for scale.
 Writes reports/bench/train_speed.{json,md}.
 """
@@ -94,19 +96,21 @@ def synthetic(dims: dict[str, int], n: int, seed: int = 0) -> tuple[list[Clip], 
 def run(clips: int, store_sets: list[str]) -> list[dict]:
     base = TrainConfig(stores=["x"], epochs=20, ensemble=2)  # the default trainer (params.yaml)
     variants = [
-        ("reference: torch encoder layer + dropout, width 128, one thread", "ecmf", 128, 1, True),
-        ("written-out layer + FastDropout, width 128, one thread", "ecmf", 128, 1, False),
-        ("+ members side by side (train.threads 2), width 128", "ecmf", 128, 2, False),
-        ("+ width 64 (the default)", "ecmf", 64, 2, False),
-        ("concat, defaults", "concat", 64, 2, False),
+        ("reference: torch encoder layer + dropout, width 128, one thread", "ecmf", 128, 1, True, 0.0),
+        ("written-out layer + FastDropout, width 128, one thread", "ecmf", 128, 1, False, 0.0),
+        ("+ members side by side (train.threads 2), width 128", "ecmf", 128, 2, False, 0.0),
+        ("+ width 64", "ecmf", 64, 2, False, 0.0),
+        ("+ the linear member (train.linear_weight 0.5): the default", "ecmf", 64, 2, False, 0.5),
+        ("concat, defaults", "concat", 64, 2, False, 0.5),
     ]
     rows = []
     for name in store_sets:
         dims = STORE_SETS[name]
         clip_list, features = synthetic(dims, clips)
         reference = None
-        for label, kind, width, threads, torch_layer in variants:
-            cfg = replace(base, stores=list(dims), threads=threads, model=replace(base.model, kind=kind, width=width))
+        for label, kind, width, threads, torch_layer, linear in variants:
+            cfg = replace(base, stores=list(dims), threads=threads, linear_weight=linear,
+                          model=replace(base.model, kind=kind, width=width))
             with _torch_layer() if torch_layer else contextlib.nullcontext():
                 result = train_module.cross_validate(clip_list, features, cfg, quiet=True, fold_lines=False)
             seconds = float(np.mean(result.seconds_per_fold))

@@ -15,12 +15,15 @@ from pipeline.fusion.features import Features
 
 
 def fold_checkpoint(fold: dict, cfg: TrainConfig, features: Features, k: int, prior: np.ndarray,
-                    member: int = 0) -> dict:
-    """Outer fold `k`'s ensemble member `member`, as train_fold returned it."""
+                    member: int | str = 0, blend_weight: float = 1.0) -> dict:
+    """Outer fold `k`'s ensemble member `member` (a number, or "linear" for the linear member), as
+    train_fold or fit_linear returned it; `blend_weight`: its share of the fold's answer."""
     return {
         "member": member,
+        "head": "linear" if fold.get("linear") else "fusion",  # predict rebuilds LinearFusion or the fusion kind
+        "blend_weight": float(blend_weight),
         "model": fold["model"].state_dict(),
-        "optimizer": fold["optimizer"].state_dict(),
+        "optimizer": fold["optimizer"].state_dict() if fold["optimizer"] is not None else {},
         "config": asdict(cfg),
         "epoch": fold["epoch"],
         "best_metric": fold["val_f1"] if cfg.epoch_choice == "inner_split" else None,  # fixed: nothing chosen

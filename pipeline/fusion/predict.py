@@ -26,6 +26,7 @@ from pipeline.errors import MerError, TrainError
 from pipeline.llm.enrich import enrich_from_params, enriched_manifest, read_enriched
 from pipeline.extract.engine import resolve_device, run_extraction, write_disabled
 from pipeline.fusion.checkpoint import load_folds
+from pipeline.fusion.linear import LinearFusion
 from pipeline.fusion.models import build_fusion
 from pipeline.data.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
 from pipeline.labels import EMOTIONS
@@ -100,8 +101,16 @@ def _ensemble(clips: list[Clip], features, folds: list[dict], failures: dict) ->
     rows = np.flatnonzero(usable)
     probs = np.zeros((len(clips), len(EMOTIONS)))
     weights = np.zeros((len(clips), len(features.stores)))
-    for ckpt in folds:
-        model = build_fusion(ckpt["dims"], FusionConfig(**ckpt["config"]["model"]))
+    # each checkpoint's share: its blend_weight (a fold's members sum to 1); equal shares for
+    # checkpoints written before the linear member existed
+    shares = np.array([float(c.get("blend_weight", 1.0)) for c in folds])
+    shares = shares / shares.sum()
+    gates = [i for i, c in enumerate(folds) if c.get("head", "fusion") == "fusion"]  # modality weights: fusion members
+    for i, ckpt in enumerate(folds):
+        if ckpt.get("head", "fusion") == "linear":
+            model = LinearFusion(ckpt["dims"])
+        else:
+            model = build_fusion(ckpt["dims"], FusionConfig(**ckpt["config"]["model"]))
         try:
             model.load_state_dict(ckpt["model"])
         except RuntimeError as err:  # e.g. ECMF's attention layer before it was written out (fewer keys)
@@ -111,8 +120,9 @@ def _ensemble(clips: list[Clip], features, folds: list[dict], failures: dict) ->
         norm = Standardizer.from_stats(ckpt["normalizer"])
         if len(rows):
             p, w = predict(model, norm(features, rows), torch.from_numpy(features.mask[rows]))
-            probs[rows] += p / len(folds)
-            weights[rows] += w / len(folds)
+            probs[rows] += shares[i] * p
+            if i in gates:
+                weights[rows] += w / len(gates)
     if not usable.all():
         if "prior" not in folds[0]:
             raise TrainError(f"{sum(~usable)} clip(s) have no usable modality and these models (trained before "

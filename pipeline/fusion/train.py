@@ -39,6 +39,7 @@ from torch import nn
 from pipeline.config import TrainConfig
 from pipeline.errors import TrainError
 from pipeline.fusion.checkpoint import fold_checkpoint
+from pipeline.fusion.linear import fit_linear
 from pipeline.fusion.models import build_fusion, set_dropout_generator
 from pipeline.fusion.targets import describe, target_changes, training_targets, trains
 from pipeline.labels import EMOTIONS, EMOTION_INDEX
@@ -338,15 +339,19 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
             return fold
 
         members = _side_by_side(train_member, cfg.ensemble, side_by_side)
-        result.checkpoints += [fold_checkpoint(m, cfg, features, k, prior, i) for i, m in enumerate(members)]
-        oof[va], weights[lab_rows[va]] = _average(members, features, lab_rows[va])
+        if cfg.linear_weight > 0:  # the linear member, blended in (pipeline/fusion/linear.py)
+            members.append(fit_linear(features, *rows_and_targets(tr), cfg.linear_c, cfg.seed + k))
+        result.checkpoints += [fold_checkpoint(m, cfg, features, k, prior, "linear" if m.get("linear") else i,
+                                               _blend_weight(m, cfg)) for i, m in enumerate(members)]
+        oof[va], weights[lab_rows[va]] = _average(members, features, lab_rows[va], cfg)
         if len(pred_rows):
-            probs, w = _average(members, features, pred_rows)
+            probs, w = _average(members, features, pred_rows, cfg)
             unl_probs[unl_usable] += probs / len(folds)
             weights[pred_rows] += w / len(folds)
         result.fold_scores.append(_weighted_f1(gold[va], oof[va].argmax(1)))
         result.histories.append(members[0]["history"])
-        result.selected_epochs.append([m["epoch"] for m in members] if cfg.ensemble > 1 else members[0]["epoch"])
+        result.selected_epochs.append([m["epoch"] for m in members[:cfg.ensemble]] if cfg.ensemble > 1
+                                      else members[0]["epoch"])
         result.seconds_per_fold.append(time.perf_counter() - start)
         if cfg.epoch_choice == "fixed":
             say("fold %d: %d epochs (train.epochs, fixed), outer fold weighted F1 %.4f (%.1fs)",
@@ -373,10 +378,21 @@ def _side_by_side(train_member: Callable[[int], dict], count: int, workers: int)
         return list(pool.map(train_member, range(count)))
 
 
-def _average(members: list[dict], features: Features, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Mean class probabilities and modality weights of an outer fold's ensemble members on `rows`."""
+def _blend_weight(member: dict, cfg: TrainConfig) -> float:
+    """A member's share of its fold's answer: train.linear_weight for the linear member, the rest
+    split evenly between the fusion members."""
+    if member.get("linear"):
+        return cfg.linear_weight
+    return (1.0 - cfg.linear_weight if cfg.linear_weight > 0 else 1.0) / cfg.ensemble
+
+
+def _average(members: list[dict], features: Features, rows: np.ndarray,
+             cfg: TrainConfig) -> tuple[np.ndarray, np.ndarray]:
+    """An outer fold's class probabilities on `rows`: its members' blend (_blend_weight); the
+    modality weights are the fusion members' mean (the linear member has no gate to report)."""
     outs = [predict(m["model"], m["norm"](features, rows), torch.from_numpy(features.mask[rows])) for m in members]
-    return np.mean([p for p, _ in outs], axis=0), np.mean([w for _, w in outs], axis=0)
+    probs = sum(_blend_weight(m, cfg) * p for m, (p, _) in zip(members, outs))
+    return probs, np.mean([w for m, (_, w) in zip(members, outs) if not m.get("linear")], axis=0)
 
 
 def config_with(cfg: TrainConfig, **model_changes) -> TrainConfig:

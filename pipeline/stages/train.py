@@ -93,7 +93,7 @@ def main(argv: list[str] | None = None) -> None:
     for old in args.models.glob("fold*.pt"):
         old.unlink()
     for ckpt in result.checkpoints:  # fold<k>.pt, or fold<k>-<member>.pt for an ensemble; predict averages them all
-        suffix = f"-{ckpt['member']}" if cfg.ensemble > 1 else ""
+        suffix = f"-{ckpt['member']}" if cfg.ensemble > 1 or ckpt["head"] == "linear" else ""
         torch.save(ckpt, args.models / f"fold{ckpt['fold']}{suffix}.pt")
     metrics = write_reports(clips, result, args.reports)
     cands = metrics["candidates"]
