@@ -455,6 +455,15 @@ def test_fit_linear_is_scikit_learns_regression_on_the_standardised_stores():
     np.testing.assert_allclose(probs[:, :5], reference.predict_proba(x(test)), atol=1e-4)
     assert (probs[:, 5] < 1e-9).all() and np.isfinite(probs).all()  # the absent class: never NaN, never chosen
     np.testing.assert_allclose(weights[10], [0.5, 0, 0.5])  # uniform over the present stores
+    two = np.eye(6, dtype=np.float32)[np.where(y[train] % 2 == 0, 1, 4)]  # a fold of two classes: binary form
+    member = fit_linear(features, train, two, c=0.05, seed=0)
+    reference = LogisticRegression(C=0.05, max_iter=1000).fit(x(train), two.argmax(1))
+    probs, _ = predict(member["model"], member["norm"](features, test), torch.from_numpy(features.mask[test]))
+    np.testing.assert_allclose(probs[:, [1, 4]], reference.predict_proba(x(test)), atol=1e-4)
+    one = np.eye(6, dtype=np.float32)[np.full(len(train), 2)]  # one class: always that class
+    member = fit_linear(features, train, one, c=0.05, seed=0)
+    probs, _ = predict(member["model"], member["norm"](features, test), torch.from_numpy(features.mask[test]))
+    assert (probs.argmax(1) == 2).all() and np.isfinite(probs).all()
 
 
 def test_linear_member_is_blended_by_its_weight_and_round_trips_through_checkpoints(tmp_path):

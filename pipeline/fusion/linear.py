@@ -45,13 +45,15 @@ class LinearFusion(nn.Module):
         return logits, weights
 
 
-def fit_linear(features: Features, rows: np.ndarray, targets: np.ndarray, c: float, seed: int) -> dict:
+def fit_linear(features: Features, rows: np.ndarray, targets: np.ndarray, c: float, seed: int,
+               norm: Standardizer | None = None) -> dict:
     """The linear member on training `rows` (targets: (len(rows), 6) rows, argmax taken), in the
-    member dict `train_fold` returns: model, its normaliser, no optimizer, no epochs."""
+    member dict `train_fold` returns: model, its normaliser, no optimizer, no epochs. `norm`: a
+    Standardizer already fitted on exactly these rows (a fusion member's), else one is fitted."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    norm = Standardizer(features, rows)
+    norm = norm or Standardizer(features, rows)
     inputs = norm(features, rows)
     x = torch.cat([inputs[s] for s in features.stores], dim=1).numpy()
     y = targets.argmax(1)

@@ -339,8 +339,9 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
             return fold
 
         members = _side_by_side(train_member, cfg.ensemble, side_by_side)
-        if cfg.linear_weight > 0:  # the linear member, blended in (pipeline/fusion/linear.py)
-            members.append(fit_linear(features, *rows_and_targets(tr), cfg.linear_c, cfg.seed + k))
+        if cfg.linear_weight > 0:  # the linear member (linear.py), standardised as the members were when on the same rows
+            norm = members[0]["norm"] if cfg.epoch_choice == "fixed" or cfg.refit else None
+            members.append(fit_linear(features, *rows_and_targets(tr), cfg.linear_c, cfg.seed + k, norm))
         result.checkpoints += [fold_checkpoint(m, cfg, features, k, prior, "linear" if m.get("linear") else i,
                                                _blend_weight(m, cfg)) for i, m in enumerate(members)]
         oof[va], weights[lab_rows[va]] = _average(members, features, lab_rows[va], cfg)
@@ -350,8 +351,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
             weights[pred_rows] += w / len(folds)
         result.fold_scores.append(_weighted_f1(gold[va], oof[va].argmax(1)))
         result.histories.append(members[0]["history"])
-        result.selected_epochs.append([m["epoch"] for m in members[:cfg.ensemble]] if cfg.ensemble > 1
-                                      else members[0]["epoch"])
+        result.selected_epochs.append([m["epoch"] for m in members[:cfg.ensemble]] if cfg.ensemble > 1 else members[0]["epoch"])
         result.seconds_per_fold.append(time.perf_counter() - start)
         if cfg.epoch_choice == "fixed":
             say("fold %d: %d epochs (train.epochs, fixed), outer fold weighted F1 %.4f (%.1fs)",
@@ -383,7 +383,7 @@ def _blend_weight(member: dict, cfg: TrainConfig) -> float:
     split evenly between the fusion members."""
     if member.get("linear"):
         return cfg.linear_weight
-    return (1.0 - cfg.linear_weight if cfg.linear_weight > 0 else 1.0) / cfg.ensemble
+    return (1.0 - cfg.linear_weight) / cfg.ensemble
 
 
 def _average(members: list[dict], features: Features, rows: np.ndarray,
