@@ -90,7 +90,8 @@ def test_repro_runs_ingest_to_predictions(repo: Path):
         repo / "data" / "subset" / "track_all_candidates.csv"))
     assert len(predictions) == 4 and {p["discrete"] for p in predictions} <= {
         "neutral", "angry", "happy", "sad", "worried", "surprise"}
-    assert len(list((repo / "models" / "fusion").glob("fold*.pt"))) == 3
+    assert sorted(p.name for p in (repo / "models" / "fusion").glob("fold*.pt")) == [  # + each fold's linear member
+        "fold0-linear.pt", "fold0.pt", "fold1-linear.pt", "fold1.pt", "fold2-linear.pt", "fold2.pt"]
     assert "ecmf (all)" in (repo / "reports" / "ablation.md").read_text()
     shown = _sh([str(BIN / "dvc"), "metrics", "show", "--json"], repo, stdout_only=True)
     assert "weighted_f1" in shown and "clips_per_second" not in shown and '"seconds' not in shown  # scores, no timings
