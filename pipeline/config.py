@@ -141,6 +141,8 @@ class TrainConfig:
     ensemble: int = 1  # models per outer fold, each with its own seed; their probabilities are averaged
     linear_weight: float = 0.0  # share of each fold's answer from its linear member (pipeline/fusion/linear.py); 0: none
     linear_c: float = 0.005  # that member's inverse L2 strength on the standardised stores (scikit-learn's C)
+    screen_stores: bool = False  # per training fold, mask stores that predict no better than the class frequencies
+                                 # (pipeline/fusion/screen.py)
     device: str = "cpu"
     threads: int = 2  # CPU threads: up to this many ensemble members train side by side, one thread each (the
                       # model is tiny: one thread per model is fastest); the result does not depend on it

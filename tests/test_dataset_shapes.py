@@ -49,7 +49,8 @@ def _params(root: Path, stores: list[str], folds: int = 3, **train) -> dict:
         "engine": {"device": "cpu", "batch_size": 4, "decode_workers": 1, "max_failed_fraction": 0.5},
         "extract": {s: STORES[s] for s in stores},
         "train": {"stores": stores, "folds": folds, "epochs": 3, "model": {"kind": "ecmf", "width": 16},
-                  "linear_weight": 0.5,  # the product default (params.yaml): every shape runs the linear member
+                  # the product defaults (params.yaml): every shape runs the linear member and store screening
+                  "linear_weight": 0.5, "screen_stores": True,
                   **train},
         "refine": {"stores": ["prosody"], "label_stores": [], "k": folds},
     }

@@ -493,3 +493,48 @@ def test_linear_weight_is_checked_at_the_start():
         small(linear_weight=1.0)
     with pytest.raises(ValueError, match="train.linear_c"):
         small(linear_c=0.0)
+
+
+def test_screening_masks_the_stores_that_predict_nothing_on_the_training_fold():
+    """`train.screen_stores`: per outer fold, a store whose inner cross-fitted regression does not
+    beat the class frequencies' log loss is masked; the informative one always stays."""
+    from pipeline.fusion import screen
+
+    clips, features, y = synthetic()
+    rows = np.arange(150)
+    result = screen.screen(features, rows, y[rows], [None] * 150, c=0.05, seed=0)
+    assert result.kept == ["good"] and not result.why
+    assert result.log_loss["good"] < result.prior_log_loss["good"] < result.log_loss["noise_a"]
+    assert "noise_a" in screen.describe(result) and "(out)" in screen.describe(result)
+    # a clip that has only screened-out stores keeps its own mask: the models still answer it
+    mask = np.array([[True, True, False], [False, True, True]])
+    np.testing.assert_array_equal(screen.screened_mask(mask, features.stores, ["good"]),
+                                  [[True, False, False], [False, True, True]])
+    # a large training fold is screened on a seeded sample, with the same answer here
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(screen, "SCREEN_MAX_CLIPS", 90)
+        assert screen.screen(features, rows, y[rows], [None] * 150, c=0.05, seed=0).kept == ["good"]
+    # too few speakers to split the training fold: every store stays, and the reason is given
+    two = screen.screen(features, rows, y[rows], ["a", "b"] * 75, c=0.05, seed=0)
+    assert two.kept == features.stores and "cannot be split" in two.why
+
+
+def test_screened_folds_train_without_the_noise_and_predict_masks_the_same(tmp_path):
+    from pipeline.fusion.checkpoint import load_folds
+    from pipeline.fusion.predict import _ensemble
+
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    result = cross_validate(clips, features, small(epochs=3, ensemble=2, linear_weight=0.5, screen_stores=True))
+    assert result.kept_stores == [["good"]] * 3
+    assert {tuple(c["kept_stores"]) for c in result.checkpoints} == {("good",)}
+    # the masked stores get no modality weight and their linear coefficients stay zero
+    assert (result.weights[:, 1:] == 0).all() and (result.weights[:, 0] == 1).all()
+    linear = [c for c in result.checkpoints if c["head"] == "linear"][0]
+    assert linear["model"]["linears.noise_a.weight"].abs().max() == 0
+    for ckpt in result.checkpoints:
+        torch.save(ckpt, tmp_path / f"fold{ckpt['fold']}-{ckpt['member']}.pt")
+    out = _ensemble(clips, features, load_folds(tmp_path), {})
+    got = np.array([[r["probabilities"][e] for e in EMOTIONS] for r in out])[result.unlabelled]
+    np.testing.assert_allclose(got, result.unlabelled_probs, atol=1e-4)
+    unscreened = cross_validate(clips, features, small(epochs=3, ensemble=2, linear_weight=0.5))
+    assert unscreened.kept_stores == [features.stores] * 3 and not np.allclose(unscreened.oof_probs, result.oof_probs, atol=1e-3)

@@ -17,6 +17,9 @@ epochs, batch 32), so a fold trains on 2,400 clips. Rows:
 - `+ width 64`;
 - `+ the linear member`: train.linear_weight 0.5, the default (a logistic regression fitted
   per fold beside the two members, pipeline/fusion/linear.py);
+- `+ store screening`: train.screen_stores, the default (per fold, three inner logistic
+  regressions per store, pipeline/fusion/screen.py; every synthetic store carries signal, so
+  all stay and the row is the screening's cost alone);
 - `concat`: the concatenation baseline with the defaults, for scale.
 Writes reports/bench/train_speed.{json,md}.
 """
@@ -95,21 +98,22 @@ def synthetic(dims: dict[str, int], n: int, seed: int = 0) -> tuple[list[Clip], 
 
 def run(clips: int, store_sets: list[str]) -> list[dict]:
     base = TrainConfig(stores=["x"], epochs=20, ensemble=2)  # the default trainer (params.yaml)
-    variants = [
-        ("reference: torch encoder layer + dropout, width 128, one thread", "ecmf", 128, 1, True, 0.0),
-        ("written-out layer + FastDropout, width 128, one thread", "ecmf", 128, 1, False, 0.0),
-        ("+ members side by side (train.threads 2), width 128", "ecmf", 128, 2, False, 0.0),
-        ("+ width 64", "ecmf", 64, 2, False, 0.0),
-        ("+ the linear member (train.linear_weight 0.5): the default", "ecmf", 64, 2, False, 0.5),
-        ("concat, defaults", "concat", 64, 2, False, 0.5),
+    variants = [  # label, kind, width, threads, torch layer, linear weight, store screening
+        ("reference: torch encoder layer + dropout, width 128, one thread", "ecmf", 128, 1, True, 0.0, False),
+        ("written-out layer + FastDropout, width 128, one thread", "ecmf", 128, 1, False, 0.0, False),
+        ("+ members side by side (train.threads 2), width 128", "ecmf", 128, 2, False, 0.0, False),
+        ("+ width 64", "ecmf", 64, 2, False, 0.0, False),
+        ("+ the linear member (train.linear_weight 0.5)", "ecmf", 64, 2, False, 0.5, False),
+        ("+ store screening (train.screen_stores): the default", "ecmf", 64, 2, False, 0.5, True),
+        ("concat, defaults", "concat", 64, 2, False, 0.5, True),
     ]
     rows = []
     for name in store_sets:
         dims = STORE_SETS[name]
         clip_list, features = synthetic(dims, clips)
         reference = None
-        for label, kind, width, threads, torch_layer, linear in variants:
-            cfg = replace(base, stores=list(dims), threads=threads, linear_weight=linear,
+        for label, kind, width, threads, torch_layer, linear, screening in variants:
+            cfg = replace(base, stores=list(dims), threads=threads, linear_weight=linear, screen_stores=screening,
                           model=replace(base.model, kind=kind, width=width))
             with _torch_layer() if torch_layer else contextlib.nullcontext():
                 result = train_module.cross_validate(clip_list, features, cfg, quiet=True, fold_lines=False)

@@ -15,9 +15,10 @@ from pipeline.fusion.features import Features
 
 
 def fold_checkpoint(fold: dict, cfg: TrainConfig, features: Features, k: int, prior: np.ndarray,
-                    member: int | str = 0, blend_weight: float = 1.0) -> dict:
+                    member: int | str = 0, blend_weight: float = 1.0, kept_stores: list[str] | None = None) -> dict:
     """Outer fold `k`'s ensemble member `member` (a number, or "linear" for the linear member), as
-    train_fold or fit_linear returned it; `blend_weight`: its share of the fold's answer."""
+    train_fold or fit_linear returned it; `blend_weight`: its share of the fold's answer;
+    `kept_stores`: the stores the fold's screening kept (train.screen_stores; None: all)."""
     return {
         "member": member,
         "head": "linear" if fold.get("linear") else "fusion",  # predict rebuilds LinearFusion or the fusion kind
@@ -29,6 +30,7 @@ def fold_checkpoint(fold: dict, cfg: TrainConfig, features: Features, k: int, pr
         "best_metric": fold["val_f1"] if cfg.epoch_choice == "inner_split" else None,  # fixed: nothing chosen
         "fold": k,
         "stores": features.stores,
+        "kept_stores": list(features.stores if kept_stores is None else kept_stores),  # the others are masked
         "dims": {s: int(features.inputs[s].shape[1]) for s in features.stores},
         "speaker_norm": features.speaker_normalized,  # predict normalises new clips per speaker the same way
         "prior": torch.from_numpy(prior.copy()),  # the answer for a clip with no usable modality

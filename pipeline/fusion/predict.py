@@ -26,6 +26,7 @@ from pipeline.errors import MerError, TrainError
 from pipeline.llm.enrich import enrich_from_params, enriched_manifest, read_enriched
 from pipeline.extract.engine import resolve_device, run_extraction, write_disabled
 from pipeline.fusion.checkpoint import load_folds
+from pipeline.fusion import screen
 from pipeline.fusion.linear import LinearFusion
 from pipeline.fusion.models import build_fusion
 from pipeline.data.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
@@ -118,8 +119,9 @@ def _ensemble(clips: list[Clip], features, folds: list[dict], failures: dict) ->
                              f"{ckpt['config']['model']['kind']} model ({str(err).splitlines()[0]}); "
                              "retrain (`dvc repro train`)") from None
         norm = Standardizer.from_stats(ckpt["normalizer"])
+        seen = screen.apply(features, ckpt.get("kept_stores", features.stores))  # the fold's screening (screen.py)
         if len(rows):
-            p, w = predict(model, norm(features, rows), torch.from_numpy(features.mask[rows]))
+            p, w = predict(model, norm(seen, rows), torch.from_numpy(seen.mask[rows]))
             probs[rows] += shares[i] * p
             if i in gates:
                 weights[rows] += w / len(gates)

@@ -55,6 +55,8 @@ def cv_metrics(clips: list[Clip], result: CVResult) -> dict:
     metrics["speaker_groups"] = result.speaker_groups or None  # named | voice clusters (pseudo-speakers)
     metrics["model_kind"] = result.model_kind  # `single` where one store carried features (nothing to fuse)
     metrics["stores_without_clips"] = list(result.dropped)
+    # per outer fold, the stores its models read (train.screen_stores masks the others: screen.py)
+    metrics["kept_stores_per_fold"] = [list(k) for k in result.kept_stores]
     candidates = candidates_of(clips)
     by_prior = int(sum(bool(result.no_modality[i]) for i in candidates)) if result.no_modality is not None else 0
     metrics["candidates"] = {"total": len(candidates), "predicted_by_model": len(candidates) - by_prior,

@@ -2,24 +2,19 @@
 
 Honest scores. Each outer fold is scored by a model that never saw it and was not chosen
 on it. With `epoch_choice: fixed` (the default) every model trains `train.epochs` epochs on
-its whole training fold; the outer fold is scored after each epoch only for the curves,
-and the last epoch stays. With `inner_split` the epoch is selected on an inner split of the
-outer fold's training clips (one stratified, group-aware split holding out about 1/folds
-of them), then (`refit`) retrained for that many epochs on the whole training fold. Fixed
-is the default because one inner split of a few speakers is a noisy judge (README
-"Fusion": measured). The reported weighted F1 is the outer folds' out-of-fold one.
-When the manifest has no `group` (speaker), folds cannot be speaker-independent: the log
-and `metrics.json` (`speaker_independent: false`) say so.
+its whole training fold (the outer fold is scored per epoch only for the curves). With
+`inner_split` the epoch is chosen on an inner split of the training fold (stratified,
+group-aware, about 1/folds), then (`refit`) retrained that long on the whole fold; one
+inner split of a few speakers is a noisy judge (README "Fusion": measured). The reported
+weighted F1 is the outer folds' out-of-fold one. Without a `group` (speaker) column the
+folds are not speaker-independent: the log and `metrics.json` say so.
 
-What enters training. A store where no clip has the modality (the `frames` store of an
-audio-only dataset) carries nothing: it is left out, with one warning. A labelled clip
-with no usable modality (every store lacks it, or its values are not finite) never enters
-a fold: it is named in the log and counted (`excluded_no_modality`). Unlabelled and
-candidate clips with no usable modality get the training prior, flagged as such.
-Labelled clips get out-of-fold predictions; the others the average of the fold models.
-Refined labels and pseudo-labels, when given, are used in training rows only:
-validation is always scored against the original gold labels. A non-finite loss stops
-training with one line naming the fold and epoch.
+What enters training. A store no clip has is left out, with one warning; one that
+predicts nothing on a training fold is masked there (`train.screen_stores`, screen.py). A
+labelled clip with no usable modality never enters a fold (named, counted in
+`excluded_no_modality`); an unlabelled one gets the training prior, flagged. Refined labels
+and pseudo-labels train only: validation is always scored against the gold labels. A
+non-finite loss stops training with one line naming the fold and epoch.
 """
 
 from __future__ import annotations
@@ -40,6 +35,7 @@ from pipeline.config import TrainConfig
 from pipeline.errors import TrainError
 from pipeline.fusion.checkpoint import fold_checkpoint
 from pipeline.fusion.linear import fit_linear
+from pipeline.fusion import screen
 from pipeline.fusion.models import build_fusion, set_dropout_generator
 from pipeline.fusion.targets import describe, target_changes, training_targets, trains
 from pipeline.labels import EMOTIONS, EMOTION_INDEX
@@ -199,6 +195,7 @@ class CVResult:
     speaker_groups: str = ""  # by what: "named" (the dataset's groups) | "voice clusters"
     folds_grouped_by: str = ""  # "named" (the manifest's groups) | "voice clusters" | "" (by clip)
     label_changes: list[dict] = field(default_factory=list)  # per fold, with refined / pseudo labels: targets.target_changes
+    kept_stores: list[list[str]] = field(default_factory=list)  # per fold: the stores its models read (screen.py)
 
 
 def _folds(labels: list[str], groups: list[str | None], k: int, seed: int, what: str, warn: bool = True) -> list:
@@ -326,14 +323,19 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
             inner_tr, inner_va = _inner_split([labels[j] for j in tr], [groups[j] for j in tr], cfg, cfg.seed + k, k)
             pick = tr[inner_va]
 
+        part = tr[trains(targets[tr])]  # train.screen_stores: stores that carry nothing here are masked (screen.py)
+        kept = screen.screen_fold(features, lab_rows[part], targets[part].argmax(1), [groups[j] for j in part], cfg, k, say)
+        result.kept_stores.append(kept)
+        seen = screen.apply(features, kept)
+
         def train_member(member: int) -> dict:  # same data, own seed: the average is steadier than any one
             seed = cfg.seed + k + 1000 * member
             if cfg.epoch_choice == "fixed":  # the scored fold is watched for the curves, never chosen on
-                return train_fold(features, *rows_and_targets(tr), lab_rows[va], gold[va], cfg, seed, k, choose=False)
-            fold = train_fold(features, *rows_and_targets(tr[inner_tr]), lab_rows[pick], gold[pick], cfg, seed, k)
+                return train_fold(seen, *rows_and_targets(tr), lab_rows[va], gold[va], cfg, seed, k, choose=False)
+            fold = train_fold(seen, *rows_and_targets(tr[inner_tr]), lab_rows[pick], gold[pick], cfg, seed, k)
             if cfg.refit:  # the chosen epoch count, retrained on the whole training fold (nothing is chosen on it)
                 chosen = fold
-                fold = train_fold(features, *rows_and_targets(tr), np.zeros(0, int), np.zeros(0, int),
+                fold = train_fold(seen, *rows_and_targets(tr), np.zeros(0, int), np.zeros(0, int),
                                   replace(cfg, epochs=chosen["epoch"] + 1), seed, k)
                 fold.update(history=chosen["history"], epoch=chosen["epoch"], val_f1=chosen["val_f1"])
             return fold
@@ -341,12 +343,12 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
         members = _side_by_side(train_member, cfg.ensemble, side_by_side)
         if cfg.linear_weight > 0:  # the linear member (linear.py), standardised as the members were when on the same rows
             norm = members[0]["norm"] if cfg.epoch_choice == "fixed" or cfg.refit else None
-            members.append(fit_linear(features, *rows_and_targets(tr), cfg.linear_c, cfg.seed + k, norm))
+            members.append(fit_linear(seen, *rows_and_targets(tr), cfg.linear_c, cfg.seed + k, norm))
         result.checkpoints += [fold_checkpoint(m, cfg, features, k, prior, "linear" if m.get("linear") else i,
-                                               _blend_weight(m, cfg)) for i, m in enumerate(members)]
-        oof[va], weights[lab_rows[va]] = _average(members, features, lab_rows[va], cfg)
+                                               _blend_weight(m, cfg), kept) for i, m in enumerate(members)]
+        oof[va], weights[lab_rows[va]] = _average(members, seen, lab_rows[va], cfg)
         if len(pred_rows):
-            probs, w = _average(members, features, pred_rows, cfg)
+            probs, w = _average(members, seen, pred_rows, cfg)
             unl_probs[unl_usable] += probs / len(folds)
             weights[pred_rows] += w / len(folds)
         result.fold_scores.append(_weighted_f1(gold[va], oof[va].argmax(1)))
@@ -368,10 +370,8 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
 
 
 def _side_by_side(train_member: Callable[[int], dict], count: int, workers: int) -> list[dict]:
-    """`train_member(0..count-1)` on `workers` threads, in member order. Torch releases the GIL
-    inside its ops, so two members on two cores take 0.55-0.7 of the time of one after the other
-    (README "Fusion": measured); each member has its own seeds and dropout stream
-    (set_dropout_generator), so the result does not depend on `workers`."""
+    """`train_member(0..count-1)` on `workers` threads, in member order: torch releases the GIL in its
+    ops (0.55-0.7 of the time, README "Fusion"); own seeds and dropout streams, so `workers` changes nothing."""
     if workers <= 1:  # workers = min(train.threads, count)
         return [train_member(i) for i in range(count)]
     with ThreadPoolExecutor(workers, thread_name_prefix="fusion-member") as pool:

@@ -117,6 +117,10 @@ def main(argv: list[str] | None = None) -> None:
             notes.append("per fold on average {left_out:.0f} of {total:.0f} labelled training clips left out, "
                          "{relabelled:.0f} relabelled, {softened:.0f} softened, {pseudo_labelled:.0f} "
                          "pseudo-labelled".format(total=mean["training_clips"] + mean["left_out"], **mean))
+    if screened := sorted({s for kept in metrics["kept_stores_per_fold"] for s in metrics["stores"] if s not in kept}):
+        folds = metrics["kept_stores_per_fold"]
+        notes.append("screened out (carried nothing on the training fold): " + ", ".join(
+            f"{s} in {sum(s not in kept for kept in folds)} of {len(folds)} folds" for s in screened))
     notes.append(f"{cands['total']} candidates predicted, {cands['prior_no_modality']} of them by the prior "
                  "(no usable modality)")
     print(f"weighted F1 {metrics['weighted_f1']:.4f} (folds {metrics['folds']['weighted_f1_mean']:.4f} "
