@@ -514,6 +514,10 @@ def test_screening_masks_the_stores_that_predict_nothing_on_the_training_fold():
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(screen, "SCREEN_MAX_CLIPS", 90)
         assert screen.screen(features, rows, y[rows], [None] * 150, c=0.05, seed=0).kept == ["good"]
+    # labels no store predicts: the lowest log loss stays, and the line says that none passed
+    shuffled = np.random.default_rng(2).permutation(y[rows])
+    noise = screen.screen(features, rows, shuffled, [None] * 150, c=0.05, seed=0)
+    assert noise.none_passed and len(noise.kept) == 1 and "no store predicts" in screen.describe(noise)
     # too few speakers to split the training fold: every store stays, and the reason is given
     two = screen.screen(features, rows, y[rows], ["a", "b"] * 75, c=0.05, seed=0)
     assert two.kept == features.stores and "cannot be split" in two.why

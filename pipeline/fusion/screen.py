@@ -27,6 +27,7 @@ kept stores (`kept_stores`) and `mer predict` masks the same way.
 
 from __future__ import annotations
 
+import logging
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -37,6 +38,7 @@ from pipeline.config import TrainConfig
 from pipeline.data.splits import fold_indices
 from pipeline.fusion.features import Features
 
+log = logging.getLogger(__name__)
 
 SCREEN_FOLDS = 3  # inner folds: three fits per store per outer fold
 SCREEN_MAX_CLIPS = 1000  # training folds larger than this are screened on a seeded sample of this many clips
@@ -51,6 +53,7 @@ class Screening:
     log_loss: dict[str, float]  # store -> inner out-of-fold log loss (nan: not tested)
     prior_log_loss: dict[str, float]  # store -> the class frequencies' log loss on the same clips
     why: str = ""  # when nothing was tested: the reason
+    none_passed: bool = False  # no store beat the class frequencies: the lowest log loss stayed
 
 
 def screen(features: Features, rows: np.ndarray, labels: np.ndarray, groups: list[str | None],
@@ -85,7 +88,7 @@ def screen(features: Features, rows: np.ndarray, labels: np.ndarray, groups: lis
         return Screening(stores, {}, {}, "no store had clips in every inner fold")
     kept = [s for s in stores if s not in losses or s in passed]
     if not kept:
-        kept = [min(losses, key=losses.get)]
+        return Screening([min(losses, key=losses.get)], losses, prior_losses, none_passed=True)
     return Screening(kept, losses, prior_losses)
 
 
@@ -122,7 +125,7 @@ def screen_fold(features: Features, rows: np.ndarray, labels: np.ndarray, groups
     if not cfg.screen_stores:
         return list(features.stores)
     result = screen(features, rows, labels, groups, cfg.linear_c, cfg.seed + fold)
-    say("fold %d store screening: %s", fold, describe(result))
+    (log.warning if result.none_passed else say)("fold %d store screening: %s", fold, describe(result))
     return result.kept
 
 
@@ -149,4 +152,8 @@ def describe(result: Screening) -> str:
     parts = [f"{s} {result.log_loss[s]:.3f}" + ("" if s in result.kept else " (out)")
              for s in result.log_loss]
     prior = np.mean(list(result.prior_log_loss.values()))
+    if result.none_passed:
+        return (f"no store predicts its held-out training clips better than the class frequencies ({prior:.3f}; "
+                f"labels this noisy or this few clips?), so the lowest, {result.kept[0]}, is kept; inner log loss "
+                + ", ".join(f"{s} {v:.3f}" for s, v in result.log_loss.items()))
     return f"kept {', '.join(result.kept)}; inner log loss {', '.join(parts)} against the class frequencies' {prior:.3f}"
