@@ -50,7 +50,7 @@ MIN_GAIN_SE = 1.0
 @dataclass
 class Screening:
     kept: list[str]
-    log_loss: dict[str, float]  # store -> inner out-of-fold log loss (nan: not tested)
+    log_loss: dict[str, float]  # store -> inner out-of-fold log loss (a store no inner fold could test: absent)
     prior_log_loss: dict[str, float]  # store -> the class frequencies' log loss on the same clips
     why: str = ""  # when nothing was tested: the reason
     none_passed: bool = False  # no store beat the class frequencies: the lowest log loss stayed
