@@ -36,7 +36,7 @@ import numpy as np
 
 from pipeline.config import TrainConfig
 from pipeline.data.splits import fold_indices
-from pipeline.fusion.features import Features
+from pipeline.fusion.features import Features, Standardizer
 
 log = logging.getLogger(__name__)
 
@@ -74,13 +74,9 @@ def screen(features: Features, rows: np.ndarray, labels: np.ndarray, groups: lis
     except ValueError as err:
         return Screening(stores, {}, {}, f"the training fold cannot be split ({err})")
 
-    results = [_cross_fitted_loss(features.inputs[store][rows], features.mask[rows, j], labels, inner, c, seed)
-               for j, store in enumerate(stores)]
+    results = _cross_fitted_losses(features, rows, labels, inner, c, seed)
     losses, prior_losses, passed = {}, {}, []
-    for store, result in zip(stores, results):
-        if result is None:
-            continue
-        loss, gain = result
+    for store, (loss, gain) in results.items():
         losses[store], prior_losses[store] = float(loss.mean()), float((loss + gain).mean())
         if gain.mean() > MIN_GAIN_SE * gain.std() / np.sqrt(len(gain)):
             passed.append(store)
@@ -92,30 +88,35 @@ def screen(features: Features, rows: np.ndarray, labels: np.ndarray, groups: lis
     return Screening(kept, losses, prior_losses)
 
 
-def _cross_fitted_loss(x: np.ndarray, present: np.ndarray, labels: np.ndarray, inner: list, c: float,
-                       seed: int) -> tuple[np.ndarray, np.ndarray] | None:
-    """Per held-out clip of the store: the regression's log loss and its gain over the class
-    frequencies' (None: no inner fold could be tested)."""
+def _cross_fitted_losses(features: Features, rows: np.ndarray, labels: np.ndarray, inner: list, c: float,
+                         seed: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Per store, per held-out clip that has it: the regression's log loss and its gain over the
+    class frequencies'. Each inner fold's stores are standardised as the trainer does (the
+    Standardizer, fitted on the inner training part's present rows). A store no inner fold could
+    test is absent."""
     from sklearn.exceptions import ConvergenceWarning
     from sklearn.linear_model import LogisticRegression
 
-    losses, gains = [], []
+    parts: dict[str, list[tuple[np.ndarray, np.ndarray]]] = {s: [] for s in features.stores}
     for tr, va in inner:
-        tr, va = tr[present[tr]], va[present[va]]
-        if not len(va) or len(np.unique(labels[tr])) < 2:
-            continue
-        mean, std = x[tr].mean(axis=0), x[tr].std(axis=0) + 1e-6
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", category=ConvergenceWarning)
-            model = LogisticRegression(C=c, max_iter=300, random_state=seed).fit((x[tr] - mean) / std, labels[tr])
-        probs = model.predict_proba((x[va] - mean) / std)
-        col = {k: i for i, k in enumerate(model.classes_)}
-        hit = np.array([probs[i, col[y]] if y in col else 0.0 for i, y in enumerate(labels[va])])
-        freq = np.bincount(labels[tr], minlength=int(labels.max()) + 1) / len(tr)
-        loss = -np.log(np.clip(hit, 1e-6, 1))
-        losses.append(loss)
-        gains.append(-np.log(np.clip(freq[labels[va]], 1e-6, 1)) - loss)
-    return (np.concatenate(losses), np.concatenate(gains)) if losses else None
+        norm = Standardizer(features, rows[tr])
+        x_tr, x_va = norm(features, rows[tr]), norm(features, rows[va])
+        for j, store in enumerate(features.stores):
+            fit, held = features.mask[rows[tr], j], features.mask[rows[va], j]
+            y_fit, y_held = labels[tr][fit], labels[va][held]
+            if not len(y_held) or len(np.unique(y_fit)) < 2:
+                continue
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", category=ConvergenceWarning)
+                model = LogisticRegression(C=c, max_iter=300, random_state=seed).fit(x_tr[store][fit].numpy(), y_fit)
+            probs = model.predict_proba(x_va[store][held].numpy())
+            col = {k: i for i, k in enumerate(model.classes_)}
+            hit = np.array([probs[i, col[y]] if y in col else 0.0 for i, y in enumerate(y_held)])
+            freq = np.bincount(y_fit, minlength=int(labels.max()) + 1) / len(y_fit)
+            loss = -np.log(np.clip(hit, 1e-6, 1))
+            parts[store].append((loss, -np.log(np.clip(freq[y_held], 1e-6, 1)) - loss))
+    return {s: (np.concatenate([loss for loss, _ in p]), np.concatenate([gain for _, gain in p]))
+            for s, p in parts.items() if p}
 
 
 def screen_fold(features: Features, rows: np.ndarray, labels: np.ndarray, groups: list[str | None],
