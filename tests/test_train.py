@@ -377,6 +377,32 @@ def test_attention_layer_computes_what_torch_encoder_layer_does():
     torch.testing.assert_close(got[mask], expected[mask], atol=1e-5, rtol=1e-5)
 
 
+def test_a_checkpoint_with_the_earlier_affine_input_norm_loads_and_gives_its_outputs():
+    """The projection's LayerNorm has no affine now; a state dict that has one (scale g,
+    shift b: the earlier projector) loads, folded into the Linear, and the projection gives
+    what LayerNorm(g, b) -> Linear -> GELU gave."""
+    torch.manual_seed(0)
+    dims = {"audio": 7, "text": 3}
+    model = build_fusion(dims, FusionConfig(kind="ecmf", width=8, heads=2)).eval()
+    state = model.state_dict()
+    assert not any(k.startswith("project.proj.audio.0.") for k in state)  # no affine of its own
+    x = {s: torch.randn(5, d) for s, d in dims.items()}
+    expected = {}
+    for s, d in dims.items():
+        earlier = torch.nn.Sequential(torch.nn.LayerNorm(d), torch.nn.Linear(d, 8), torch.nn.GELU())
+        torch.nn.init.uniform_(earlier[0].weight, 0.5, 1.5)
+        torch.nn.init.normal_(earlier[0].bias)
+        for k, v in earlier.state_dict().items():
+            state[f"project.proj.{s}.{k}"] = v.clone()
+        with torch.no_grad():
+            expected[s] = earlier(x[s])
+    model.load_state_dict(state)  # strict: the earlier keys are consumed, none left over
+    with torch.no_grad():
+        got = model.project(x)
+    for j, s in enumerate(dims):
+        torch.testing.assert_close(got[:, j], expected[s], atol=1e-5, rtol=1e-5)
+
+
 def test_members_side_by_side_give_what_one_after_another_gives(monkeypatch):
     """train.threads 2 trains an outer fold's two members at once, each in its own thread; every
     number is the one a single thread gives."""
@@ -423,6 +449,9 @@ def test_train_speed_bench_times_the_torch_layer_reference_and_the_default(monke
     assert any(isinstance(m, torch.nn.TransformerEncoderLayer) for m in modules)
     assert not any(type(m).__name__ == "FastDropout" for m in modules)
     assert train_speed.train_module.build_fusion is build_fusion  # restored after the reference row
+    assert isinstance(built[0].project, train_speed._EarlierProjector)  # the reference: the earlier projector
+    assert train_speed.models_module._Projector.__name__ == "_Projector"  # restored after the earlier rows
+    assert rows[-2]["row"].endswith("the default") and len(rows) == 8
     assert "| tiny (20) | 60 |" in train_speed.to_markdown(rows)
 
 

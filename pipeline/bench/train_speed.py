@@ -20,6 +20,8 @@ epochs, batch 32), so a fold trains on 2,400 clips. Rows:
 - `+ store screening`: train.screen_stores, the default (per fold, three inner logistic
   regressions per store, pipeline/fusion/screen.py; every synthetic store carries signal, so
   all stay and the row is the screening's cost alone);
+- `+ input LayerNorm without affine`: the default model (models.py `_Projector`); the rows
+  above train the earlier projector, whose input LayerNorm had a scale and shift;
 - `concat`: the concatenation baseline with the defaults, for scale.
 Writes reports/bench/train_speed.{json,md}.
 """
@@ -39,6 +41,7 @@ from torch import nn
 from pipeline.config import FusionConfig, TrainConfig
 from pipeline.fusion import train as train_module
 from pipeline.fusion.features import Features
+from pipeline.fusion import models as models_module
 from pipeline.fusion.models import ECMFFusion, FastDropout, build_fusion
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip
@@ -74,6 +77,31 @@ class _PaddingMaskLayer(nn.Module):
         return self.encoder(x, src_key_padding_mask=~mask)
 
 
+class _EarlierProjector(nn.Module):
+    """The input projection before `_Projector`'s LayerNorm lost its affine."""
+
+    def __init__(self, dims: dict[str, int], width: int, dropout: float):
+        super().__init__()
+        self.names = list(dims)
+        self.proj = nn.ModuleDict({
+            n: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width), nn.GELU(), FastDropout(dropout))
+            for n, d in dims.items()})
+
+    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([self.proj[n](inputs[n]) for n in self.names], dim=1)
+
+
+@contextlib.contextmanager
+def _earlier_projector() -> Iterator[None]:
+    """The fusion models built while this is open have the earlier projector."""
+    current = models_module._Projector
+    models_module._Projector = _EarlierProjector
+    try:
+        yield
+    finally:
+        models_module._Projector = current
+
+
 @contextlib.contextmanager
 def _torch_layer() -> Iterator[None]:
     """The trainer builds the reference ECMF while this is open."""
@@ -98,24 +126,27 @@ def synthetic(dims: dict[str, int], n: int, seed: int = 0) -> tuple[list[Clip], 
 
 def run(clips: int, store_sets: list[str]) -> list[dict]:
     base = TrainConfig(stores=["x"], epochs=20, ensemble=2)  # the default trainer (params.yaml)
-    variants = [  # label, kind, width, threads, torch layer, linear weight, store screening
-        ("reference: torch encoder layer + dropout, width 128, one thread", "ecmf", 128, 1, True, 0.0, False),
-        ("written-out layer + FastDropout, width 128, one thread", "ecmf", 128, 1, False, 0.0, False),
-        ("+ members side by side (train.threads 2), width 128", "ecmf", 128, 2, False, 0.0, False),
-        ("+ width 64", "ecmf", 64, 2, False, 0.0, False),
-        ("+ the linear member (train.linear_weight 0.5)", "ecmf", 64, 2, False, 0.5, False),
-        ("+ store screening (train.screen_stores): the default", "ecmf", 64, 2, False, 0.5, True),
-        ("concat, defaults", "concat", 64, 2, False, 0.5, True),
+    variants = [  # label, kind, width, threads, torch layer, linear weight, store screening, earlier projector
+        ("reference: torch encoder layer + dropout, width 128, one thread", "ecmf", 128, 1, True, 0.0, False, True),
+        ("written-out layer + FastDropout, width 128, one thread", "ecmf", 128, 1, False, 0.0, False, True),
+        ("+ members side by side (train.threads 2), width 128", "ecmf", 128, 2, False, 0.0, False, True),
+        ("+ width 64", "ecmf", 64, 2, False, 0.0, False, True),
+        ("+ the linear member (train.linear_weight 0.5)", "ecmf", 64, 2, False, 0.5, False, True),
+        ("+ store screening (train.screen_stores)", "ecmf", 64, 2, False, 0.5, True, True),
+        ("+ input LayerNorm without affine: the default",
+         "ecmf", 64, 2, False, 0.5, True, False),
+        ("concat, defaults", "concat", 64, 2, False, 0.5, True, False),
     ]
     rows = []
     for name in store_sets:
         dims = STORE_SETS[name]
         clip_list, features = synthetic(dims, clips)
         reference = None
-        for label, kind, width, threads, torch_layer, linear, screening in variants:
+        for label, kind, width, threads, torch_layer, linear, screening, earlier in variants:
             cfg = replace(base, stores=list(dims), threads=threads, linear_weight=linear, screen_stores=screening,
                           model=replace(base.model, kind=kind, width=width))
-            with _torch_layer() if torch_layer else contextlib.nullcontext():
+            with (_torch_layer() if torch_layer else contextlib.nullcontext(),
+                  _earlier_projector() if earlier else contextlib.nullcontext()):
                 result = train_module.cross_validate(clip_list, features, cfg, quiet=True, fold_lines=False)
             seconds = float(np.mean(result.seconds_per_fold))
             reference = reference or seconds

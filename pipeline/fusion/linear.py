@@ -17,6 +17,7 @@ here (the trainer filters them). No class weighting: it is what was measured.
 from __future__ import annotations
 
 import warnings
+from typing import Any
 
 import numpy as np
 import torch
@@ -45,6 +46,18 @@ class LinearFusion(nn.Module):
         return logits, weights
 
 
+def one_blas_thread() -> Any:
+    """Context: NumPy's BLAS on one thread, for the regressions fitted here and in screen.py.
+
+    Their products are small ((clips, width) x (width, 6)): on 2 cores with torch loaded, a
+    scikit-learn lbfgs fit took 2-7x as long on OpenBLAS's two threads as on one (280 x 2,048:
+    0.16-0.23 s against 0.03 s; 2,400 x 5,545: 0.53 s against 0.27-0.30 s; the same iterations;
+    README "Fusion": training speed). threadpoolctl comes with scikit-learn."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
+
 def fit_linear(features: Features, rows: np.ndarray, targets: np.ndarray, c: float, seed: int,
                norm: Standardizer | None = None) -> dict:
     """The linear member on training `rows` (targets: (len(rows), 6) rows, argmax taken), in the
@@ -65,7 +78,7 @@ def fit_linear(features: Features, rows: np.ndarray, targets: np.ndarray, c: flo
     if len(classes) == 1:  # one class in the fold: it is always the answer
         bias[classes[0]] = 0.0
     else:
-        with warnings.catch_warnings():  # lbfgs may stop at max_iter on a wide store; the fit is still usable
+        with warnings.catch_warnings(), one_blas_thread():  # lbfgs may stop at max_iter on a wide store: still usable
             warnings.filterwarnings("ignore", category=ConvergenceWarning)
             lr = LogisticRegression(C=c, max_iter=1000, random_state=seed).fit(x, y)
         if len(classes) == 2:  # scikit-learn's binary form: one row for the second class

@@ -102,17 +102,36 @@ class _AttentionLayer(nn.Module):
 
 
 class _Projector(nn.Module):
-    """Per-modality input projection: LayerNorm, Linear to the common width, GELU, dropout."""
+    """Per-modality input projection: LayerNorm, Linear to the common width, GELU, dropout.
+
+    The LayerNorm has no affine of its own: the Linear after it absorbs a per-dimension scale
+    and shift exactly (W diag(g) and W b + c), and without those parameters autograd needs no
+    gradient with respect to the (B, D) inputs, a (B, 64) x (64, D) product per store and step.
+    An ECMF step on the five video stores took 0.86x the time, with the same scores (README
+    "Fusion": training speed). A checkpoint written with the earlier affine LayerNorm loads:
+    its scale and shift are folded into the Linear (`_fold_affine`), which gives its outputs."""
 
     def __init__(self, dims: dict[str, int], width: int, dropout: float):
         super().__init__()
         self.names = list(dims)
         self.proj = nn.ModuleDict({
-            n: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width), nn.GELU(), FastDropout(dropout))
+            n: nn.Sequential(nn.LayerNorm(d, elementwise_affine=False), nn.Linear(d, width), nn.GELU(),
+                             FastDropout(dropout))
             for n, d in dims.items()})
+        self.register_load_state_dict_pre_hook(self._fold_affine)
 
     def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
         return torch.stack([self.proj[n](inputs[n]) for n in self.names], dim=1)  # (B, M, W)
+
+    def _fold_affine(self, _module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
+        """Load hook: an earlier checkpoint's LayerNorm scale g and shift b become the Linear's
+        W diag(g) and W b + c."""
+        for n in self.names:
+            scale, shift = state_dict.pop(f"{prefix}proj.{n}.0.weight", None), state_dict.pop(f"{prefix}proj.{n}.0.bias", None)
+            if scale is not None and shift is not None:
+                weight, bias = state_dict[f"{prefix}proj.{n}.1.weight"], state_dict[f"{prefix}proj.{n}.1.bias"]
+                state_dict[f"{prefix}proj.{n}.1.weight"] = weight * scale
+                state_dict[f"{prefix}proj.{n}.1.bias"] = bias + weight @ shift
 
 
 @register_fusion("ecmf")
