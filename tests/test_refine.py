@@ -422,3 +422,20 @@ def test_refine_bench_marks_the_params_defaults_and_the_share_recovered():
     assert recovered(0.5, 0.6, 0.7) == pytest.approx(0.5)
     assert recovered(0.6, 0.55, 0.7) == pytest.approx(-0.5)  # refinement can cost
     assert recovered(0.7, 0.69, 0.7) is None  # the noise cost nothing: no share to speak of
+
+
+def test_one_blas_thread_limits_blas_inside_and_restores_it():
+    """The regressions run on one BLAS thread (measured 2-7x faster on 2 cores); the rest of the
+    process keeps its own count."""
+    from threadpoolctl import threadpool_info
+
+    from pipeline.refine.weak import one_blas_thread
+
+    def blas_threads() -> list[int]:
+        return [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
+
+    before = blas_threads()
+    assert before  # numpy's BLAS is loaded
+    with one_blas_thread():
+        assert set(blas_threads()) == {1}
+    assert blas_threads() == before

@@ -17,13 +17,13 @@ here (the trainer filters them). No class weighting: it is what was measured.
 from __future__ import annotations
 
 import warnings
-from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline.fusion.features import Features, Standardizer
+from pipeline.refine.weak import one_blas_thread
 
 ABSENT_CLASS_BIAS = -30.0  # a class the training fold never shows: probability ~1e-13, never NaN
 
@@ -44,18 +44,6 @@ class LinearFusion(nn.Module):
             logits = logits + self.linears[store](inputs[store]) * mask[:, j:j + 1]
         weights = mask.float() / mask.float().sum(dim=1, keepdim=True).clamp(min=1)
         return logits, weights
-
-
-def one_blas_thread() -> Any:
-    """Context: NumPy's BLAS on one thread, for the regressions fitted here and in screen.py.
-
-    Their products are small ((clips, width) x (width, 6)): on 2 cores with torch loaded, a
-    scikit-learn lbfgs fit took 2-7x as long on OpenBLAS's two threads as on one (280 x 2,048:
-    0.16-0.23 s against 0.03 s; 2,400 x 5,545: 0.53 s against 0.27-0.30 s; the same iterations;
-    README "Fusion": training speed). threadpoolctl comes with scikit-learn."""
-    from threadpoolctl import threadpool_limits
-
-    return threadpool_limits(1, user_api="blas")
 
 
 def fit_linear(features: Features, rows: np.ndarray, targets: np.ndarray, c: float, seed: int,

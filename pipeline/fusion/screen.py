@@ -37,7 +37,7 @@ import numpy as np
 from pipeline.config import TrainConfig
 from pipeline.data.splits import fold_indices
 from pipeline.fusion.features import Features, Standardizer
-from pipeline.fusion.linear import one_blas_thread
+from pipeline.refine.weak import one_blas_thread
 
 log = logging.getLogger(__name__)
 
@@ -62,7 +62,7 @@ def screen(features: Features, rows: np.ndarray, labels: np.ndarray, groups: lis
     """Which of `features.stores` carry signal on the training `rows` (`labels`: class indices,
     `groups`: their speakers or None), by the module docstring's test. One store after another:
     two at once on two threads took longer (1.44 s against 1.30 s, five video stores, 1,000 clips).
-    NumPy's BLAS runs on one thread meanwhile (linear.one_blas_thread): 0.3 s per outer fold on
+    NumPy's BLAS runs on one thread meanwhile (weak.one_blas_thread): 0.3 s per outer fold on
     RAVDESS's three stores instead of 3.0 s, the same stores kept."""
     stores = list(features.stores)
     if len(stores) < 2:

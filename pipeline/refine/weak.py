@@ -114,6 +114,20 @@ def make_weak(name: str, classes: Sequence[str], seed: int, logreg_cfg: LogRegCo
     raise ValueError(f"unknown weak classifier {name!r}; known: {', '.join(WEAK_CLASSIFIERS)}")
 
 
+def one_blas_thread() -> Any:
+    """Context: NumPy's BLAS on one thread, for the small scikit-learn regressions (the linear
+    member, store screening, the refine stage's weak logistic regressions).
+
+    Their products are small ((clips, width) x (width, 6)): on 2 cores with torch loaded, a
+    scikit-learn lbfgs fit took 2-7x as long on OpenBLAS's two threads as on one (280 x 2,048:
+    0.16-0.23 s against 0.03 s; 2,400 x 5,545: 0.53 s against 0.27-0.30 s; the same iterations;
+    README "Fusion": training speed). The refine stage's 5-fold logistic regressions: RAVDESS
+    Whisper 3.3 s -> 0.4 s, MELD text 7.1 s -> 1.6 s. threadpoolctl comes with scikit-learn."""
+    from threadpoolctl import threadpool_limits
+
+    return threadpool_limits(1, user_api="blas")
+
+
 def cross_fit(model: CompleteClassifier, X: np.ndarray, mask: np.ndarray, gold: np.ndarray,
               groups: Sequence[str | None], k: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Out-of-fold class probabilities for every clip the store has (`mask`).
@@ -134,11 +148,12 @@ def cross_fit(model: CompleteClassifier, X: np.ndarray, mask: np.ndarray, gold: 
     except ValueError as err:
         raise FoldError(str(err)) from err
     probs = np.zeros((len(gold), len(classes)), dtype=np.float64)
-    for train, val in folds:
-        fitted = clone(model).fit(X[labelled[train]], classes[gold[labelled[train]]])
-        probs[labelled[val]] = fitted.predict_proba(X[labelled[val]])
-        if len(unlabelled):
-            probs[unlabelled] += fitted.predict_proba(X[unlabelled]) / len(folds)
+    with one_blas_thread():  # small products: OpenBLAS's threads cost more than they give (one_blas_thread)
+        for train, val in folds:
+            fitted = clone(model).fit(X[labelled[train]], classes[gold[labelled[train]]])
+            probs[labelled[val]] = fitted.predict_proba(X[labelled[val]])
+            if len(unlabelled):
+                probs[unlabelled] += fitted.predict_proba(X[unlabelled]) / len(folds)
     return probs, mask.copy()
 
 
