@@ -403,6 +403,20 @@ def test_a_checkpoint_with_the_earlier_affine_input_norm_loads_and_gives_its_out
         torch.testing.assert_close(got[:, j], expected[s], atol=1e-5, rtol=1e-5)
 
 
+def test_an_earlier_input_norm_with_a_scale_and_no_shift_loads_too():
+    """LayerNorm(bias=False) writes a scale only: it is folded in, not dropped."""
+    torch.manual_seed(0)
+    model = build_fusion({"audio": 7, "text": 3}, FusionConfig(kind="ecmf", width=8, heads=2)).eval()
+    state = model.state_dict()
+    earlier = torch.nn.Sequential(torch.nn.LayerNorm(7, bias=False), torch.nn.Linear(7, 8), torch.nn.GELU())
+    torch.nn.init.uniform_(earlier[0].weight, 0.5, 1.5)
+    state.update({f"project.proj.audio.{k}": v.clone() for k, v in earlier.state_dict().items()})
+    model.load_state_dict(state)
+    x = {"audio": torch.randn(5, 7), "text": torch.randn(5, 3)}
+    with torch.no_grad():
+        torch.testing.assert_close(model.project(x)[:, 0], earlier(x["audio"]), atol=1e-5, rtol=1e-5)
+
+
 def test_members_side_by_side_give_what_one_after_another_gives(monkeypatch):
     """train.threads 2 trains an outer fold's two members at once, each in its own thread; every
     number is the one a single thread gives."""

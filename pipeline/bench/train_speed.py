@@ -39,9 +39,9 @@ import torch
 from torch import nn
 
 from pipeline.config import FusionConfig, TrainConfig
+from pipeline.fusion import models as models_module
 from pipeline.fusion import train as train_module
 from pipeline.fusion.features import Features
-from pipeline.fusion import models as models_module
 from pipeline.fusion.models import ECMFFusion, FastDropout, build_fusion
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip
@@ -77,18 +77,14 @@ class _PaddingMaskLayer(nn.Module):
         return self.encoder(x, src_key_padding_mask=~mask)
 
 
-class _EarlierProjector(nn.Module):
-    """The input projection before `_Projector`'s LayerNorm lost its affine."""
+class _EarlierProjector(models_module._Projector):
+    """The input projection before `_Projector`'s LayerNorm lost its affine: the same, with a
+    scale and shift on each input LayerNorm."""
 
     def __init__(self, dims: dict[str, int], width: int, dropout: float):
-        super().__init__()
-        self.names = list(dims)
-        self.proj = nn.ModuleDict({
-            n: nn.Sequential(nn.LayerNorm(d), nn.Linear(d, width), nn.GELU(), FastDropout(dropout))
-            for n, d in dims.items()})
-
-    def forward(self, inputs: dict[str, torch.Tensor]) -> torch.Tensor:
-        return torch.stack([self.proj[n](inputs[n]) for n in self.names], dim=1)
+        super().__init__(dims, width, dropout)
+        for layers in self.proj.values():
+            layers[0] = nn.LayerNorm(layers[0].normalized_shape)
 
 
 @contextlib.contextmanager

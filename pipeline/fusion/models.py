@@ -124,14 +124,15 @@ class _Projector(nn.Module):
         return torch.stack([self.proj[n](inputs[n]) for n in self.names], dim=1)  # (B, M, W)
 
     def _fold_affine(self, _module: nn.Module, state_dict: dict, prefix: str, *_) -> None:
-        """Load hook: an earlier checkpoint's LayerNorm scale g and shift b become the Linear's
-        W diag(g) and W b + c."""
+        """Load hook: an earlier checkpoint's LayerNorm scale g and shift b (either may be
+        absent: LayerNorm(bias=False)) become the Linear's W diag(g) and W b + c."""
         for n in self.names:
             scale, shift = state_dict.pop(f"{prefix}proj.{n}.0.weight", None), state_dict.pop(f"{prefix}proj.{n}.0.bias", None)
-            if scale is not None and shift is not None:
-                weight, bias = state_dict[f"{prefix}proj.{n}.1.weight"], state_dict[f"{prefix}proj.{n}.1.bias"]
-                state_dict[f"{prefix}proj.{n}.1.weight"] = weight * scale
-                state_dict[f"{prefix}proj.{n}.1.bias"] = bias + weight @ shift
+            weight_key, bias_key = f"{prefix}proj.{n}.1.weight", f"{prefix}proj.{n}.1.bias"
+            if shift is not None:  # before the scale: b is applied after LayerNorm's scale, so W (unscaled) maps it
+                state_dict[bias_key] = state_dict[bias_key] + state_dict[weight_key] @ shift
+            if scale is not None:
+                state_dict[weight_key] = state_dict[weight_key] * scale
 
 
 @register_fusion("ecmf")

@@ -122,7 +122,9 @@ def one_blas_thread() -> Any:
     scikit-learn lbfgs fit took 2-7x as long on OpenBLAS's two threads as on one (280 x 2,048:
     0.16-0.23 s against 0.03 s; 2,400 x 5,545: 0.53 s against 0.27-0.30 s; the same iterations;
     README "Fusion": training speed). The refine stage's 5-fold logistic regressions: RAVDESS
-    Whisper 3.3 s -> 0.4 s, MELD text 7.1 s -> 1.6 s. threadpoolctl comes with scikit-learn."""
+    Whisper 3.3 s -> 0.4 s, MELD text 7.1 s -> 1.6 s. threadpoolctl comes with scikit-learn.
+    It lives here because the train stage already depends on pipeline/refine; in devices.py a
+    change would re-run every extract stage of a user's DVC graph."""
     from threadpoolctl import threadpool_limits
 
     return threadpool_limits(1, user_api="blas")
@@ -148,7 +150,7 @@ def cross_fit(model: CompleteClassifier, X: np.ndarray, mask: np.ndarray, gold: 
     except ValueError as err:
         raise FoldError(str(err)) from err
     probs = np.zeros((len(gold), len(classes)), dtype=np.float64)
-    with one_blas_thread():  # small products: OpenBLAS's threads cost more than they give (one_blas_thread)
+    with one_blas_thread():  # small products: OpenBLAS's threads cost more than they give
         for train, val in folds:
             fitted = clone(model).fit(X[labelled[train]], classes[gold[labelled[train]]])
             probs[labelled[val]] = fitted.predict_proba(X[labelled[val]])
