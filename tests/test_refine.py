@@ -439,3 +439,19 @@ def test_one_blas_thread_limits_blas_inside_and_restores_it():
     with one_blas_thread():
         assert set(blas_threads()) == {1}
     assert blas_threads() == before
+
+
+def test_lightgbm_threads_change_no_probability():
+    """params.yaml runs LightGBM on 2 threads (2.0x on 2 cores): with col-wise histograms each
+    feature's sums stay on one thread, so the out-of-fold probabilities are the same to the bit."""
+    rng = np.random.default_rng(0)
+    n = 150
+    gold = _random_labels(n)
+    X = rng.normal(size=(n, 40)) + np.eye(6)[gold] @ rng.normal(size=(6, 40))
+    groups, mask = [f"g{i // 5}" for i in range(n)], np.ones(n, bool)
+    probs = [cross_fit(make_weak("lightgbm", EMOTIONS, 0, lightgbm_cfg=LightGBMConfig(n_estimators=30, n_jobs=jobs)),
+                       X, mask, gold, groups, 5, 0)[0] for jobs in (1, 2)]
+    assert probs[0].std() > 0.01  # the trees learned something
+    assert np.array_equal(probs[0], probs[1])
+    with open(Path(__file__).parents[1] / "params.yaml", encoding="utf-8") as f:
+        assert yaml.safe_load(f)["refine"]["lightgbm"]["n_jobs"] == 2
