@@ -455,3 +455,13 @@ def test_lightgbm_threads_change_no_probability():
     assert np.array_equal(probs[0], probs[1])
     with open(Path(__file__).parents[1] / "params.yaml", encoding="utf-8") as f:
         assert yaml.safe_load(f)["refine"]["lightgbm"]["n_jobs"] == 2
+
+
+def test_lightgbm_never_gets_more_threads_than_cores(monkeypatch):
+    """More OpenMP threads than cores is many times slower (they wait by spinning)."""
+    import os
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert lightgbm(LightGBMConfig(n_jobs=2), 0).get_params()["n_jobs"] == 1
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert lightgbm(LightGBMConfig(n_jobs=2), 0).get_params()["n_jobs"] == 2
