@@ -25,6 +25,7 @@ EMOTION_NAMES = ("neutral", "angry", "happy", "sad", "worried", "surprise")  # =
 RUNNERS = ("local", "ray")
 CLASS_BALANCE = ("weights", "sampler", "none")
 EPOCH_CHOICE = ("fixed", "inner_split")
+SELF_TRAINING_TEACHERS = ("linear", "fold")  # train.self_training_teacher
 SPEAKER_NORM = ("auto", "on", "off")
 REFINE_METHODS = ("weighted_vote", "dawid_skene", "cleanlab")
 REFINE_MODES = ("hard", "soft", "drop")
@@ -143,6 +144,10 @@ class TrainConfig:
     linear_c: float = 0.005  # that member's inverse L2 strength on the standardised stores (scikit-learn's C)
     screen_stores: bool = False  # per training fold, mask stores that predict no better than the class frequencies
                                  # (pipeline/fusion/screen.py)
+    self_training: bool = False  # per outer fold, a teacher's confident answers on the clips it predicts (its
+    self_training_threshold: float = 0.7  # scored clips, labels unread, and the candidates) train as pseudo-labels
+    self_training_teacher: str = "linear"  # linear: a logistic regression answers | fold: the fold's models do
+    self_training_min_clips: int = 200  # a fold with fewer labelled training clips does not self-train
     device: str = "cpu"
     threads: int = 2  # CPU threads: up to this many ensemble members train side by side, one thread each (the
                       # model is tiny: one thread per model is fastest); the result does not depend on it
@@ -159,6 +164,10 @@ class TrainConfig:
             _at_least("ensemble", self.ensemble, 1),
             ("linear_weight", self.linear_weight, 0.0 <= self.linear_weight < 1.0, "a number in [0, 1)"),
             ("linear_c", self.linear_c, self.linear_c > 0, "a number above 0"),
+            ("self_training_threshold", self.self_training_threshold, 0.0 < self.self_training_threshold <= 1.0,
+             "a number in (0, 1]"),
+            _one_of("self_training_teacher", self.self_training_teacher, SELF_TRAINING_TEACHERS),
+            _at_least("self_training_min_clips", self.self_training_min_clips, 0),
             _at_least("batch_size", self.batch_size, 1),
             ("lr", self.lr, self.lr > 0, "a number above 0"),
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, "0 or more"),

@@ -1,3 +1,5 @@
+from dataclasses import replace
+
 import numpy as np
 import pytest
 import torch
@@ -163,7 +165,7 @@ def test_refine_in_folds_gives_each_fold_targets_made_without_its_labels(monkeyp
     monkeypatch.setattr(train_mod, "train_fold", spy)
     result = cross_validate(clips, features, small(epochs=1, use_refined=True, use_pseudo=True),
                             fold_refiner=refiner)
-    folds = train_mod._folds([clips[i].label for i in range(72)], [None] * 72, 3, 0, "t")
+    folds = train_mod.training_folds([clips[i].label for i in range(72)], [None] * 72, 3, 0, "t")
     assert asked == [{clips[i].name for i in va} for _, va in folds]
     for fold, rows, targets in trained:
         assert rows == set(folds[fold][0].tolist()) - {0} | {80}  # the fold's training clips, the drop left out
@@ -263,7 +265,7 @@ def test_an_ensemble_averages_its_members_per_fold(monkeypatch):
     from pipeline.fusion.train import Standardizer, predict
 
     # the members' own predictions, averaged, are the reported out-of-fold probabilities of fold 0
-    folds = train_mod._folds([clips[i].label for i in range(72)], [None] * 72, 3, 0, "t")
+    folds = train_mod.training_folds([clips[i].label for i in range(72)], [None] * 72, 3, 0, "t")
     va = np.array(folds[0][1])
     probs = []
     for ckpt in (c for c in result.checkpoints if c["fold"] == 0):
@@ -465,7 +467,7 @@ def test_train_speed_bench_times_the_torch_layer_reference_and_the_default(monke
     assert train_speed.train_module.build_fusion is build_fusion  # restored after the reference row
     assert isinstance(built[0].project, train_speed._EarlierProjector)  # the reference: the earlier projector
     assert train_speed.models_module._Projector.__name__ == "_Projector"  # restored after the earlier rows
-    assert rows[-2]["row"].endswith("the default") and len(rows) == 8
+    assert rows[-2]["row"].endswith("the default") and len(rows) == 9
     assert "| tiny (20) | 60 |" in train_speed.to_markdown(rows)
 
 
@@ -585,3 +587,33 @@ def test_screened_folds_train_without_the_noise_and_predict_masks_the_same(tmp_p
     np.testing.assert_allclose(got, result.unlabelled_probs, atol=1e-4)
     unscreened = cross_validate(clips, features, small(epochs=3, ensemble=2, linear_weight=0.5))
     assert unscreened.kept_stores == [features.stores] * 3 and not np.allclose(unscreened.oof_probs, result.oof_probs, atol=1e-3)
+
+
+@pytest.mark.parametrize("teacher", ["linear", "fold"])
+def test_self_training_never_reads_the_labels_of_the_clips_it_scores(monkeypatch, teacher):
+    """train.self_training: round 2 of a fold trains on its own confident answers for the clips it
+    scores and the candidates. Scrambling the gold labels of one fold's scored clips must leave that
+    fold's answers as they were (its labels are read only to score it), and the pseudo-labelled
+    rows are counted per fold."""
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    fixed = [(np.flatnonzero(np.arange(72) % 3 != f), np.flatnonzero(np.arange(72) % 3 == f)) for f in range(3)]
+    monkeypatch.setattr(train_mod, "training_folds", lambda *a, **k: fixed)  # folds that labels do not move
+    cfg = small(epochs=6, self_training=True, self_training_threshold=0.5, self_training_teacher=teacher, linear_c=1.0,
+                self_training_min_clips=48)
+    result = cross_validate(clips, features, cfg)
+    scored = fixed[0][1]
+    rng = np.random.default_rng(1)
+    scrambled = [Clip(**{**c.__dict__, "label": EMOTIONS[(EMOTIONS.index(c.label) + rng.integers(1, 6)) % 6]})
+                 if i in set(scored.tolist()) else c for i, c in enumerate(clips)]
+    again = cross_validate(scrambled, features, cfg)
+    np.testing.assert_array_equal(result.oof_probs[scored], again.oof_probs[scored])
+    assert not np.array_equal(result.oof_probs[fixed[1][1]], again.oof_probs[fixed[1][1]])  # the others trained on them
+    pool = 24 + 18  # a fold's scored clips + the unlabelled ones
+    assert len(result.self_trained) == 3 and all(0 < n <= pool for n in result.self_trained)
+    plain = cross_validate(clips, features, small(epochs=6, linear_c=1.0))
+    assert plain.self_trained == [] and not np.array_equal(plain.oof_probs, result.oof_probs)
+    strict = cross_validate(clips, features, replace(cfg, self_training_threshold=0.99))
+    assert sum(strict.self_trained) < sum(result.self_trained)
+    few = cross_validate(clips, features, replace(cfg, self_training_min_clips=49))  # 48 training clips a fold
+    assert few.self_trained == [0, 0, 0]
+    np.testing.assert_array_equal(few.oof_probs, plain.oof_probs)  # no pseudo row: exactly the plain trainer

@@ -22,6 +22,9 @@ epochs, batch 32), so a fold trains on 2,400 clips. Rows:
   all stay and the row is the screening's cost alone);
 - `+ input LayerNorm without affine`: the default model (models.py `_Projector`); the rows
   above train the earlier projector, whose input LayerNorm had a scale and shift;
+- `+ self-training`: train.self_training, the default (each fold trains a second time with its
+  confident answers on the clips it scores as pseudo-labels; every synthetic clip is labelled,
+  so the pool is the scored fold's 600 clips; a corpus with candidates adds them);
 - `concat`: the concatenation baseline with the defaults, for scale.
 Writes reports/bench/train_speed.{json,md}.
 """
@@ -122,25 +125,26 @@ def synthetic(dims: dict[str, int], n: int, seed: int = 0) -> tuple[list[Clip], 
 
 def run(clips: int, store_sets: list[str]) -> list[dict]:
     base = TrainConfig(stores=["x"], epochs=20, ensemble=2)  # the default trainer (params.yaml)
-    variants = [  # label, kind, width, threads, torch layer, linear weight, store screening, earlier projector
-        ("reference: torch encoder layer + dropout, width 128, one thread", "ecmf", 128, 1, True, 0.0, False, True),
-        ("written-out layer + FastDropout, width 128, one thread", "ecmf", 128, 1, False, 0.0, False, True),
-        ("+ members side by side (train.threads 2), width 128", "ecmf", 128, 2, False, 0.0, False, True),
-        ("+ width 64", "ecmf", 64, 2, False, 0.0, False, True),
-        ("+ the linear member (train.linear_weight 0.5)", "ecmf", 64, 2, False, 0.5, False, True),
-        ("+ store screening (train.screen_stores)", "ecmf", 64, 2, False, 0.5, True, True),
-        ("+ input LayerNorm without affine: the default",
-         "ecmf", 64, 2, False, 0.5, True, False),
-        ("concat, defaults", "concat", 64, 2, False, 0.5, True, False),
+    # label, kind, width, threads, torch layer, linear weight, store screening, earlier projector, self-training
+    variants = [
+        ("reference: torch encoder layer + dropout, width 128, one thread", "ecmf", 128, 1, True, 0.0, False, True, False),
+        ("written-out layer + FastDropout, width 128, one thread", "ecmf", 128, 1, False, 0.0, False, True, False),
+        ("+ members side by side (train.threads 2), width 128", "ecmf", 128, 2, False, 0.0, False, True, False),
+        ("+ width 64", "ecmf", 64, 2, False, 0.0, False, True, False),
+        ("+ the linear member (train.linear_weight 0.5)", "ecmf", 64, 2, False, 0.5, False, True, False),
+        ("+ store screening (train.screen_stores)", "ecmf", 64, 2, False, 0.5, True, True, False),
+        ("+ input LayerNorm without affine", "ecmf", 64, 2, False, 0.5, True, False, False),
+        ("+ self-training (train.self_training): the default", "ecmf", 64, 2, False, 0.5, True, False, True),
+        ("concat, defaults", "concat", 64, 2, False, 0.5, True, False, True),
     ]
     rows = []
     for name in store_sets:
         dims = STORE_SETS[name]
         clip_list, features = synthetic(dims, clips)
         reference = None
-        for label, kind, width, threads, torch_layer, linear, screening, earlier in variants:
+        for label, kind, width, threads, torch_layer, linear, screening, earlier, self_training in variants:
             cfg = replace(base, stores=list(dims), threads=threads, linear_weight=linear, screen_stores=screening,
-                          model=replace(base.model, kind=kind, width=width))
+                          self_training=self_training, model=replace(base.model, kind=kind, width=width))
             with (_torch_layer() if torch_layer else contextlib.nullcontext(),
                   _earlier_projector() if earlier else contextlib.nullcontext()):
                 result = train_module.cross_validate(clip_list, features, cfg, quiet=True, fold_lines=False)

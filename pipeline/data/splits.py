@@ -11,6 +11,7 @@ dataset), the folds are drawn without it (KFold / GroupKFold, shuffled) and a wa
 from __future__ import annotations
 
 import logging
+import warnings
 from collections import Counter
 
 import numpy as np
@@ -47,3 +48,41 @@ def fold_indices(labels: list[str], groups: list[str | None], k: int = 5,
         return list(KFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y))))
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     return [(tr, va) for tr, va in splitter.split(np.zeros(len(y)), y)]
+
+
+def training_folds(labels: list[str], groups: list[str | None], k: int, seed: int, what: str,
+                   warn: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The fusion trainer's folds (fold_indices); folds that cannot be made stop with one line
+    naming params key `train.folds`, prefixed by `what`."""
+    from pipeline.errors import TrainError
+
+    try:
+        with warnings.catch_warnings():  # small classes are reported once, by warn_small_classes
+            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+            return fold_indices(labels, groups, k=k, seed=seed, warn=warn)
+    except ValueError as err:
+        raise TrainError(f"{what}: {err}; lower params key 'train.folds' (now {k}) or label clips of more "
+                         "speakers") from None
+
+
+def inner_split(labels: list[str], groups: list[str | None], folds: int, seed: int,
+                fold: int) -> tuple[np.ndarray, np.ndarray]:
+    """(inner train, inner validation) positions within one outer training fold: about 1/`folds` held out."""
+    from pipeline.errors import TrainError
+
+    k = min(folds, len(set(group_ids(groups))), len(labels))
+    if k < 2:
+        raise TrainError(f"fold {fold}: {len(labels)} training clips cannot be split to choose the epoch; "
+                         "lower params key 'train.folds' or label more clips")
+    return training_folds(labels, groups, k, seed, f"fold {fold}, inner split", warn=False)[0]
+
+
+def warn_small_classes(labels: list[str], k: int, warn=log.warning) -> None:
+    """Name once the classes with fewer labelled clips than folds (some folds score them on no clip)."""
+    from pipeline.labels import EMOTIONS
+
+    counts = {e: labels.count(e) for e in EMOTIONS}
+    small = {e: n for e, n in counts.items() if 0 < n < k}
+    if small:
+        warn("class(es) %s have fewer labelled clips than params key 'train.folds' (%d): some folds score them "
+             "on no clip, and their F1 is noisy", ", ".join(f"{e} ({n})" for e, n in small.items()), k)

@@ -34,6 +34,13 @@ def training_targets(clips: list[Clip], labelled: list[int], unlabelled: list[in
     return targets, pseudo_rows, np.stack([pseudo[clips[i].name] for i in pseudo_rows]) if pseudo_rows else None
 
 
+def confident_targets(probs: np.ndarray, rows: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+    """Self-training's pseudo-labels (`train.self_training`): the `rows` whose top class probability
+    reaches `threshold`, each with that class one-hot as its target."""
+    sure = probs.max(axis=1) >= threshold
+    return rows[sure], np.eye(len(EMOTIONS), dtype=np.float32)[probs[sure].argmax(axis=1)]
+
+
 def trains(targets: np.ndarray) -> np.ndarray:
     """(N,) bool: the rows that train. An all-zero target is refine.mode drop's mark for a clip
     left out of training (it is still scored against its gold label)."""

@@ -13,8 +13,11 @@ What enters training. A store no clip has is left out, with one warning; one tha
 predicts nothing on a training fold is masked there (`train.screen_stores`, screen.py). A
 labelled clip with no usable modality never enters a fold (named, counted in
 `excluded_no_modality`); an unlabelled one gets the training prior, flagged. Refined labels
-and pseudo-labels train only: validation is always scored against the gold labels. A
-non-finite loss stops training with one line naming the fold and epoch.
+and pseudo-labels train only: validation is always scored against the gold labels. With
+`train.self_training` each fold's models train on its teacher's confident answers for the
+clips the fold predicts, never on their labels, so the CV figure stays honest for a setting
+where the clips to predict are at hand (MER's candidates). A non-finite loss stops training
+with one line naming the fold and epoch.
 """
 
 from __future__ import annotations
@@ -22,7 +25,6 @@ from __future__ import annotations
 import logging
 import threading
 import time
-import warnings
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
@@ -37,9 +39,9 @@ from pipeline.fusion.checkpoint import fold_checkpoint
 from pipeline.fusion.linear import fit_linear
 from pipeline.fusion import screen
 from pipeline.fusion.models import build_fusion, set_dropout_generator
-from pipeline.fusion.targets import describe, target_changes, training_targets, trains
+from pipeline.fusion.targets import confident_targets, describe, target_changes, training_targets, trains
 from pipeline.labels import EMOTIONS, EMOTION_INDEX
-from pipeline.data.splits import fold_indices, group_ids
+from pipeline.data.splits import inner_split, training_folds, warn_small_classes
 from pipeline.devices import resolve_device
 from pipeline.fusion.features import Features, Standardizer, load_features, select  # noqa: F401 - re-exported
 from pipeline.manifest import Clip
@@ -196,34 +198,7 @@ class CVResult:
     folds_grouped_by: str = ""  # "named" (the manifest's groups) | "voice clusters" | "" (by clip)
     label_changes: list[dict] = field(default_factory=list)  # per fold, with refined / pseudo labels: targets.target_changes
     kept_stores: list[list[str]] = field(default_factory=list)  # per fold: the stores its models read (screen.py)
-
-
-def _folds(labels: list[str], groups: list[str | None], k: int, seed: int, what: str, warn: bool = True) -> list:
-    try:
-        with warnings.catch_warnings():  # small classes are reported once, by _warn_small_classes
-            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-            return fold_indices(labels, groups, k=k, seed=seed, warn=warn)
-    except ValueError as err:
-        raise TrainError(f"{what}: {err}; lower params key 'train.folds' (now {k}) or label clips of more "
-                         "speakers") from None
-
-
-def _inner_split(labels: list[str], groups: list[str | None], cfg: TrainConfig, seed: int,
-                 fold: int) -> tuple[np.ndarray, np.ndarray]:
-    """(inner train, inner validation) positions within one outer training fold: about 1/folds held out."""
-    k = min(cfg.folds, len(set(group_ids(groups))), len(labels))
-    if k < 2:
-        raise TrainError(f"fold {fold}: {len(labels)} training clips cannot be split to choose the epoch; "
-                         "lower params key 'train.folds' or label more clips")
-    return _folds(labels, groups, k, seed, f"fold {fold}, inner split", warn=False)[0]
-
-
-def _warn_small_classes(labels: list[str], k: int, warn=log.warning) -> None:
-    counts = {e: labels.count(e) for e in EMOTIONS}
-    small = {e: n for e, n in counts.items() if 0 < n < k}
-    if small:
-        warn("class(es) %s have fewer labelled clips than params key 'train.folds' (%d): some folds score them "
-             "on no clip, and their F1 is noisy", ", ".join(f"{e} ({n})" for e, n in small.items()), k)
+    self_trained: list[int] = field(default_factory=list)  # per fold: clips its round 2 trained on as pseudo-labels
 
 
 def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
@@ -280,7 +255,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     elif not speaker_independent:
         warn("the manifest has no `group` (speaker): folds are not speaker-independent, so the CV score "
              "is optimistic for unseen speakers; add a group column to the label file")
-    _warn_small_classes(labels, cfg.folds, warn)
+    warn_small_classes(labels, cfg.folds, warn)
     gold = np.array([EMOTION_INDEX[x] for x in labels])
     prior = np.bincount(gold, minlength=len(EMOTIONS)).astype(np.float32) / len(gold)
     nested = fold_refiner is not None and cfg.refine_in_folds and (cfg.use_refined or cfg.use_pseudo)
@@ -289,7 +264,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
         warn("train.use_refined / use_pseudo: the refine stage made these labels from every labelled clip, "
              "the scored folds' too, so this CV score is optimistic; train.refine_in_folds: true refines "
              "inside each training fold instead")
-    folds = _folds(labels, groups, cfg.folds, cfg.seed, f"train: {len(labels)} labelled clips")
+    folds = training_folds(labels, groups, cfg.folds, cfg.seed, f"train: {len(labels)} labelled clips")
     oof = np.zeros((len(labelled), len(EMOTIONS)), np.float32)
     weights = np.zeros((len(clips), len(features.stores)), np.float32)
     unl_probs = np.zeros((len(unlabelled), len(EMOTIONS)), np.float32)
@@ -314,13 +289,15 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
             say("fold %d trains on %s", k, describe(result.label_changes[-1]))
         start = time.perf_counter()  # training only: a refinement is shared by the ablation's variants
 
+        own_rows, own_targets = np.zeros(0, int), np.zeros((0, len(EMOTIONS)), np.float32)  # train.self_training
+
         def rows_and_targets(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # labelled part + pseudo rows
             part = part[trains(targets[part])]  # refine.mode drop's clips never train
-            rows = np.concatenate([lab_rows[part], np.array(pseudo_rows, dtype=int)])
-            return rows, targets[part] if pseudo_targets is None else np.concatenate([targets[part], pseudo_targets])
+            rows = np.concatenate([lab_rows[part], np.array(pseudo_rows, dtype=int), own_rows])
+            return rows, np.concatenate([targets[part], *([] if pseudo_targets is None else [pseudo_targets]), own_targets])
 
         if cfg.epoch_choice == "inner_split":  # one inner split per fold, shared by its members
-            inner_tr, inner_va = _inner_split([labels[j] for j in tr], [groups[j] for j in tr], cfg, cfg.seed + k, k)
+            inner_tr, inner_va = inner_split([labels[j] for j in tr], [groups[j] for j in tr], cfg.folds, cfg.seed + k, k)
             pick = tr[inner_va]
 
         part = tr[trains(targets[tr])]  # train.screen_stores: stores that carry nothing here are masked (screen.py)
@@ -340,10 +317,30 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
                 fold.update(history=chosen["history"], epoch=chosen["epoch"], val_f1=chosen["val_f1"])
             return fold
 
-        members = _side_by_side(train_member, cfg.ensemble, side_by_side)
-        if cfg.linear_weight > 0:  # the linear member (linear.py), standardised as the members were when on the same rows
-            norm = members[0]["norm"] if cfg.epoch_choice == "fixed" or cfg.refit else None
-            members.append(fit_linear(seen, *rows_and_targets(tr), cfg.linear_c, cfg.seed + k, norm))
+        def fit_members() -> list[dict]:  # the fusion members side by side, then the linear member (linear.py)
+            members = _side_by_side(train_member, cfg.ensemble, side_by_side)
+            if cfg.linear_weight > 0:  # standardised as the members were when on the same rows
+                norm = members[0]["norm"] if cfg.epoch_choice == "fixed" or cfg.refit else None
+                members.append(fit_linear(seen, *rows_and_targets(tr), cfg.linear_c, cfg.seed + k, norm))
+            return members
+
+        few = cfg.self_training and len(part) < cfg.self_training_min_clips  # measured to hurt there (README)
+        if few:
+            result.self_trained.append(0)
+            say("fold %d: no self-training: %d labelled training clips, under train.self_training_min_clips (%d)",
+                k, len(part), cfg.self_training_min_clips)
+        if cfg.self_training and not few:  # a teacher answers the clips this fold predicts (its scored clips,
+            # labels unread, and the candidates); its confident answers join the training rows (targets.py)
+            pool = np.concatenate([lab_rows[va], pred_rows])
+            if cfg.self_training_teacher == "linear":  # a logistic regression: 0.55x the time of the fold's models
+                teacher = fit_linear(seen, *rows_and_targets(tr), cfg.linear_c, cfg.seed + k)
+                answers = predict(teacher["model"], teacher["norm"](seen, pool), torch.from_numpy(seen.mask[pool]))[0]
+            else:
+                answers = _average(fit_members(), seen, pool, cfg)[0]
+            own_rows, own_targets = confident_targets(answers, pool, cfg.self_training_threshold)
+            result.self_trained.append(len(own_rows))
+            say("fold %d: self-training on %d of its %d scored and unlabelled clips", k, len(own_rows), len(pool))
+        members = fit_members()
         result.checkpoints += [fold_checkpoint(m, cfg, features, k, prior, "linear" if m.get("linear") else i,
                                                _blend_weight(m, cfg), kept) for i, m in enumerate(members)]
         oof[va], weights[lab_rows[va]] = _average(members, seen, lab_rows[va], cfg)
