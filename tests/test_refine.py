@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import numpy as np
@@ -441,7 +442,7 @@ def test_one_blas_thread_limits_blas_inside_and_restores_it():
     assert blas_threads() == before
 
 
-def test_lightgbm_threads_change_no_probability():
+def test_lightgbm_threads_change_no_probability(monkeypatch):
     """params.yaml runs LightGBM on 2 threads (2.0x on 2 cores): with col-wise histograms each
     feature's sums stay on one thread, so the out-of-fold probabilities are the same to the bit."""
     rng = np.random.default_rng(0)
@@ -449,6 +450,7 @@ def test_lightgbm_threads_change_no_probability():
     gold = _random_labels(n)
     X = rng.normal(size=(n, 40)) + np.eye(6)[gold] @ rng.normal(size=(6, 40))
     groups, mask = [f"g{i // 5}" for i in range(n)], np.ones(n, bool)
+    monkeypatch.setattr("pipeline.refine.weak._cores", lambda: 2)  # two threads really run, even on one core
     probs = [cross_fit(make_weak("lightgbm", EMOTIONS, 0, lightgbm_cfg=LightGBMConfig(n_estimators=30, n_jobs=jobs)),
                        X, mask, gold, groups, 5, 0)[0] for jobs in (1, 2)]
     assert probs[0].std() > 0.01  # the trees learned something
@@ -459,9 +461,10 @@ def test_lightgbm_threads_change_no_probability():
 
 def test_lightgbm_never_gets_more_threads_than_cores(monkeypatch):
     """More OpenMP threads than cores is many times slower (they wait by spinning)."""
-    import os
+    from pipeline.refine import weak
 
-    monkeypatch.setattr(os, "cpu_count", lambda: 1)
+    assert 1 <= weak._cores() <= (os.cpu_count() or 1)
+    monkeypatch.setattr(weak, "_cores", lambda: 1)
     assert lightgbm(LightGBMConfig(n_jobs=2), 0).get_params()["n_jobs"] == 1
-    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    monkeypatch.setattr(weak, "_cores", lambda: 16)
     assert lightgbm(LightGBMConfig(n_jobs=2), 0).get_params()["n_jobs"] == 2

@@ -600,8 +600,17 @@ def test_self_training_never_reads_the_labels_of_the_clips_it_scores(monkeypatch
     monkeypatch.setattr(train_mod, "training_folds", lambda *a, **k: fixed)  # folds that labels do not move
     cfg = small(epochs=6, self_training=True, self_training_threshold=0.5, self_training_teacher=teacher, linear_c=1.0,
                 self_training_min_clips=48)
+    trained, original = [], train_mod.train_fold
+
+    def spy(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw):
+        trained[fold:] = [set(train_rows.tolist())]  # the fold's last model: the one that scores it
+        return original(features, train_rows, train_targets, val_rows, val_gold, cfg, seed, fold, **kw)
+
+    monkeypatch.setattr(train_mod, "train_fold", spy)
     result = cross_validate(clips, features, cfg)
     scored = fixed[0][1]
+    for (tr, va), rows in zip(fixed, trained):  # each fold trains on pseudo-labels of its own scored clips and
+        assert rows & set(va.tolist()) and rows & set(range(72, 90)) and set(tr.tolist()) <= rows  # candidates
     rng = np.random.default_rng(1)
     scrambled = [Clip(**{**c.__dict__, "label": EMOTIONS[(EMOTIONS.index(c.label) + rng.integers(1, 6)) % 6]})
                  if i in set(scored.tolist()) else c for i, c in enumerate(clips)]
@@ -615,5 +624,5 @@ def test_self_training_never_reads_the_labels_of_the_clips_it_scores(monkeypatch
     strict = cross_validate(clips, features, replace(cfg, self_training_threshold=0.99))
     assert sum(strict.self_trained) < sum(result.self_trained)
     few = cross_validate(clips, features, replace(cfg, self_training_min_clips=49))  # 48 training clips a fold
-    assert few.self_trained == [0, 0, 0]
+    assert few.self_trained == [None, None, None]
     np.testing.assert_array_equal(few.oof_probs, plain.oof_probs)  # no pseudo row: exactly the plain trainer

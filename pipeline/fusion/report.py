@@ -57,7 +57,8 @@ def cv_metrics(clips: list[Clip], result: CVResult) -> dict:
     metrics["stores_without_clips"] = list(result.dropped)
     # per outer fold, the stores its models read (train.screen_stores masks the others: screen.py)
     metrics["kept_stores_per_fold"] = [list(k) for k in result.kept_stores]
-    metrics["self_trained_per_fold"] = list(result.self_trained)  # train.self_training: pseudo-labelled clips per fold
+    # train.self_training: pseudo-labelled clips per fold, null where the fold was too small to self-train
+    metrics["self_trained_per_fold"] = list(result.self_trained)
     candidates = candidates_of(clips)
     by_prior = int(sum(bool(result.no_modality[i]) for i in candidates)) if result.no_modality is not None else 0
     metrics["candidates"] = {"total": len(candidates), "predicted_by_model": len(candidates) - by_prior,

@@ -198,7 +198,8 @@ class CVResult:
     folds_grouped_by: str = ""  # "named" (the manifest's groups) | "voice clusters" | "" (by clip)
     label_changes: list[dict] = field(default_factory=list)  # per fold, with refined / pseudo labels: targets.target_changes
     kept_stores: list[list[str]] = field(default_factory=list)  # per fold: the stores its models read (screen.py)
-    self_trained: list[int] = field(default_factory=list)  # per fold: clips its round 2 trained on as pseudo-labels
+    self_trained: list[int | None] = field(default_factory=list)  # per fold (train.self_training): clips its models
+                                                                  # trained on as its teacher's pseudo-labels; None: skipped
 
 
 def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
@@ -326,7 +327,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
 
         few = cfg.self_training and len(part) < cfg.self_training_min_clips  # measured to hurt there (README)
         if few:
-            result.self_trained.append(0)
+            result.self_trained.append(None)
             say("fold %d: no self-training: %d labelled training clips, under train.self_training_min_clips (%d)",
                 k, len(part), cfg.self_training_min_clips)
         if cfg.self_training and not few:  # a teacher answers the clips this fold predicts (its scored clips,

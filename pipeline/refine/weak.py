@@ -94,8 +94,13 @@ def logreg(cfg: LogRegConfig, seed: int) -> Any:
                                                               random_state=seed))
 
 
+def _cores() -> int:
+    """The cores this process may run on (a container's or taskset's limit, where the OS says)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def lightgbm(cfg: LightGBMConfig, seed: int) -> Any:
-    """LightGBM trees, deterministic for a seed. At most one thread per core: OpenMP threads wait
+    """LightGBM trees, deterministic for a seed. At most one thread per usable core: OpenMP threads wait
     by spinning, so more threads than cores is many times slower; the probabilities do not depend
     on the count (col-wise histograms keep each feature's sums on one thread; tested)."""
     from lightgbm import LGBMClassifier
@@ -103,7 +108,7 @@ def lightgbm(cfg: LightGBMConfig, seed: int) -> Any:
     return LGBMClassifier(n_estimators=cfg.n_estimators, learning_rate=cfg.learning_rate,
                           num_leaves=cfg.num_leaves, min_child_samples=cfg.min_child_samples,
                           colsample_bytree=cfg.colsample_bytree, subsample_freq=0,
-                          n_jobs=min(cfg.n_jobs, os.cpu_count() or 1), random_state=seed, deterministic=True,
+                          n_jobs=min(cfg.n_jobs, _cores()), random_state=seed, deterministic=True,
                           force_col_wise=True, verbose=-1)
 
 

@@ -121,11 +121,11 @@ def main(argv: list[str] | None = None) -> None:
         folds = metrics["kept_stores_per_fold"]
         notes.append("screened out (carried nothing on the training fold): " + ", ".join(
             f"{s} in {sum(s not in kept for kept in folds)} of {len(folds)} folds" for s in screened))
-    if own := metrics["self_trained_per_fold"]:
-        notes.append(f"self-training: {sum(own) / len(own):.0f} pseudo-labelled clips per fold "
-                     f"(train.self_training_threshold {cfg.self_training_threshold})" if any(own) else
-                     "self-training in no fold (fewer labelled training clips than train.self_training_min_clips, "
-                     "or no confident answer)")
+    if own := metrics["self_trained_per_fold"]:  # None: the fold was too small to self-train
+        done = [n for n in own if n is not None]
+        notes.append(f"self-training in {len(done)} of {len(own)} folds, {sum(done) / len(done):.0f} pseudo-labelled "
+                     f"clips per fold (train.self_training_threshold {cfg.self_training_threshold})" if done else
+                     "self-training in no fold (fewer labelled training clips than train.self_training_min_clips)")
     notes.append(f"{cands['total']} candidates predicted, {cands['prior_no_modality']} of them by the prior "
                  "(no usable modality)")
     print(f"weighted F1 {metrics['weighted_f1']:.4f} (folds {metrics['folds']['weighted_f1_mean']:.4f} "
