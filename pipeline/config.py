@@ -7,14 +7,12 @@ typo in `params.yaml` fails before any work instead of being silently ignored.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import yaml
-
 
 from pipeline.devices import is_device
 from pipeline.errors import ConfigError  # noqa: F401 - re-exported: stages import it from here
@@ -25,7 +23,6 @@ EMOTION_NAMES = ("neutral", "angry", "happy", "sad", "worried", "surprise")  # =
 RUNNERS = ("local", "ray")
 CLASS_BALANCE = ("weights", "sampler", "none")
 EPOCH_CHOICE = ("fixed", "inner_split")
-SELF_TRAINING_TEACHERS = ("linear", "fold")  # train.self_training_teacher
 SPEAKER_NORM = ("auto", "on", "off")
 REFINE_METHODS = ("weighted_vote", "dawid_skene", "cleanlab")
 REFINE_MODES = ("hard", "soft", "drop")
@@ -164,9 +161,8 @@ class TrainConfig:
             _at_least("ensemble", self.ensemble, 1),
             ("linear_weight", self.linear_weight, 0.0 <= self.linear_weight < 1.0, "a number in [0, 1)"),
             ("linear_c", self.linear_c, self.linear_c > 0, "a number above 0"),
-            ("self_training_threshold", self.self_training_threshold, 0.0 < self.self_training_threshold <= 1.0,
-             "a number in (0, 1]"),
-            _one_of("self_training_teacher", self.self_training_teacher, SELF_TRAINING_TEACHERS),
+            _fraction("self_training_threshold", self.self_training_threshold),
+            _one_of("self_training_teacher", self.self_training_teacher, ("linear", "fold")),
             _at_least("self_training_min_clips", self.self_training_min_clips, 0),
             _at_least("batch_size", self.batch_size, 1),
             ("lr", self.lr, self.lr > 0, "a number above 0"),
@@ -241,11 +237,8 @@ class CleanlabConfig:
 
 @dataclass(frozen=True)
 class RefineConfig:
-    """The `refine:` section of params.yaml (pipeline/refine/vote.py).
-
-    These field defaults are the plain library behaviour (tests build on them); the shipped
-    params.yaml sets the measured best, `method: cleanlab` and `mode: drop` (README "Label refinement").
-    """
+    """The `refine:` section of params.yaml (pipeline/refine/vote.py). These defaults are the plain library
+    behaviour (tests build on them); params.yaml sets the measured best (README "Label refinement")."""
 
     stores: list[str] = field(default_factory=lambda: ["prosody"])  # features/<store>.h5, trained on
     classifiers: list[str] = field(default_factory=lambda: ["logreg", "lightgbm"])
@@ -300,13 +293,9 @@ ENRICH_TEMPLATES = {
 
 @dataclass(frozen=True)
 class EnrichConfig:
-    """params.yaml `llm:`, the enrichment stage's settings (pipeline/llm/enrich.py).
-
-    `enabled` defaults to true here (the library runs what it is given); the shipped params.yaml
-    sets it false, measured (README "LLM stages"). `enabled: false` turns every LLM stage off in one key (enrichment and the `llm_labels`
-    zero-shot store): no model loads, those stages write empty outputs, and train and refine
-    leave the LLM stores out of `train.stores` / `refine.label_stores` with one line saying so.
-    """
+    """params.yaml `llm:` (pipeline/llm/enrich.py). `enabled` is true here, false in the shipped params.yaml
+    (README "LLM stages"): false turns enrichment and the `llm_labels` store off, no model loads, those stages
+    write empty outputs, and train and refine leave the LLM stores out, with one line saying so."""
 
     enabled: bool = True
     backend: str = "transformers"  # transformers (model_path "" = shipped SmolLM2) | endpoint | llama_cpp
@@ -382,7 +371,7 @@ def train_config(params: Params) -> TrainConfig:
     """`train` with the stores it reads: the LLM stores are left out when `llm.enabled` is false."""
     stores, off = params.stores_read("train.stores")
     _left_out("train.stores", off)
-    return dataclasses.replace(params.train, stores=stores) if off else params.train
+    return replace(params.train, stores=stores) if off else params.train
 
 
 def refine_config(params: Params) -> RefineConfig:
@@ -390,7 +379,7 @@ def refine_config(params: Params) -> RefineConfig:
     (stores, off), (labels, labels_off) = params.stores_read("refine.stores"), params.stores_read("refine.label_stores")
     _left_out("refine.stores", off)
     _left_out("refine.label_stores", labels_off)
-    return dataclasses.replace(params.refine, stores=stores, label_stores=labels) if off or labels_off else params.refine
+    return replace(params.refine, stores=stores, label_stores=labels) if off or labels_off else params.refine
 
 
 def store_spec(params: Params, store: str, section: str = "extract") -> ExtractorSpec:
