@@ -16,6 +16,9 @@ from collections import Counter
 
 import numpy as np
 
+from pipeline.errors import TrainError
+from pipeline.labels import EMOTIONS
+
 log = logging.getLogger(__name__)
 
 
@@ -54,8 +57,6 @@ def training_folds(labels: list[str], groups: list[str | None], k: int, seed: in
                    warn: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
     """The fusion trainer's folds (fold_indices); folds that cannot be made stop with one line
     naming params key `train.folds`, prefixed by `what`."""
-    from pipeline.errors import TrainError
-
     try:
         with warnings.catch_warnings():  # small classes are reported once, by warn_small_classes
             warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
@@ -68,8 +69,6 @@ def training_folds(labels: list[str], groups: list[str | None], k: int, seed: in
 def inner_split(labels: list[str], groups: list[str | None], folds: int, seed: int,
                 fold: int) -> tuple[np.ndarray, np.ndarray]:
     """(inner train, inner validation) positions within one outer training fold: about 1/`folds` held out."""
-    from pipeline.errors import TrainError
-
     k = min(folds, len(set(group_ids(groups))), len(labels))
     if k < 2:
         raise TrainError(f"fold {fold}: {len(labels)} training clips cannot be split to choose the epoch; "
@@ -79,8 +78,6 @@ def inner_split(labels: list[str], groups: list[str | None], folds: int, seed: i
 
 def warn_small_classes(labels: list[str], k: int, warn=log.warning) -> None:
     """Name once the classes with fewer labelled clips than folds (some folds score them on no clip)."""
-    from pipeline.labels import EMOTIONS
-
     counts = {e: labels.count(e) for e in EMOTIONS}
     small = {e: n for e, n in counts.items() if 0 < n < k}
     if small:

@@ -325,13 +325,12 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
                 members.append(fit_linear(seen, *rows_and_targets(tr), cfg.linear_c, cfg.seed + k, norm))
             return members
 
-        few = cfg.self_training and len(part) < cfg.self_training_min_clips  # measured to hurt there (README)
-        if few:
+        if cfg.self_training and len(part) < cfg.self_training_min_clips:  # measured to hurt there (README)
             result.self_trained.append(None)
             say("fold %d: no self-training: %d labelled training clips, under train.self_training_min_clips (%d)",
                 k, len(part), cfg.self_training_min_clips)
-        if cfg.self_training and not few:  # a teacher answers the clips this fold predicts (its scored clips,
-            # labels unread, and the candidates); its confident answers join the training rows (targets.py)
+        elif cfg.self_training:  # a teacher answers the clips this fold predicts (its scored clips, labels
+            # unread, and the candidates); its confident answers join the training rows (targets.py)
             pool = np.concatenate([lab_rows[va], pred_rows])
             if cfg.self_training_teacher == "linear":  # a logistic regression: 0.55x the time of the fold's models
                 teacher = fit_linear(seen, *rows_and_targets(tr), cfg.linear_c, cfg.seed + k)
