@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from pipeline.config import FusionConfig, TrainConfig
-from pipeline.fusion.models import build_fusion
+from pipeline.fusion.models import build_fusion, inputs_normalized_once
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip
 from pipeline.fusion import train as train_mod
@@ -405,6 +405,36 @@ def test_a_checkpoint_with_the_earlier_affine_input_norm_loads_and_gives_its_out
         torch.testing.assert_close(got[:, j], expected[s], atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["ecmf", "mer_baseline", "concat", "single"])
+def test_the_input_norm_applied_once_gives_the_same_outputs_to_the_bit(kind):
+    """train_fold applies the input LayerNorm to whole stores once (inputs_normalized_once) and
+    the model skips it meanwhile: every batch gives exactly what the model gives on the raw
+    batch, and afterwards the model normalises its inputs itself again."""
+    torch.manual_seed(0)
+    dims = {"text": 5} if kind == "single" else {"audio": 7, "text": 5}  # the trainer gives `single` its store only
+    model = build_fusion(dims, FusionConfig(kind=kind, single="text", width=8, heads=2)).eval()
+    x = {s: torch.randn(37, d) * 3 + 1 for s, d in dims.items()}
+    mask = torch.rand(37, len(dims)) > 0.3
+    mask[:, -1] = True
+    with torch.no_grad():
+        expected = [model({s: v[b:b + 8] for s, v in x.items()}, mask[b:b + 8]) for b in range(0, 37, 8)]
+        with inputs_normalized_once(model, x) as (normalized,):
+            assert not torch.equal(normalized["text"], x["text"])
+            got = [model({s: v[b:b + 8] for s, v in normalized.items()}, mask[b:b + 8]) for b in range(0, 37, 8)]
+        again = model({s: v[:8] for s, v in x.items()}, mask[:8])
+    for (logits, weights), (want_logits, want_weights) in zip(got, expected):
+        assert torch.equal(logits, want_logits) and torch.equal(weights, want_weights)
+    assert torch.equal(again[0], expected[0][0])
+
+
+def test_a_model_whose_input_norm_has_parameters_gets_its_inputs_as_they_are():
+    model = build_fusion({"audio": 7}, FusionConfig(kind="concat", width=8))
+    model.project.proj["audio"][0] = torch.nn.LayerNorm(7)  # the earlier projector (bench-train's reference rows)
+    x = {"audio": torch.randn(4, 7)}
+    with inputs_normalized_once(model, x) as (same,):
+        assert same is x and not model.project.inputs_normalized
+
+
 def test_an_earlier_input_norm_with_a_scale_and_no_shift_loads_too():
     """LayerNorm(bias=False) writes a scale only: it is folded in, not dropped."""
     torch.manual_seed(0)
@@ -467,7 +497,8 @@ def test_train_speed_bench_times_the_torch_layer_reference_and_the_default(monke
     assert train_speed.train_module.build_fusion is build_fusion  # restored after the reference row
     assert isinstance(built[0].project, train_speed._EarlierProjector)  # the reference: the earlier projector
     assert train_speed.models_module._Projector.__name__ == "_Projector"  # restored after the earlier rows
-    assert rows[-2]["row"].endswith("the default") and len(rows) == 9
+    assert train_speed.train_module.inputs_normalized_once is inputs_normalized_once  # restored after the rows before
+    assert rows[-2]["row"].endswith("the default") and len(rows) == 10
     assert "| tiny (20) | 60 |" in train_speed.to_markdown(rows)
 
 

@@ -9,7 +9,8 @@ cost is the real one and no extraction runs first:
   stores on a MER-style video corpus);
 - `subtitles + LLM`: text 768 + text_enriched 768 (a subtitle corpus with `llm.enabled`).
 Each row is a full group 5-fold cross_validate with the default trainer (2 members of 20
-epochs, batch 32), so a fold trains on 2,400 clips. Rows:
+epochs, batch 32), so a fold trains on 2,400 clips; every row watches the scored fold's curve
+with the first member only, as the trainer does. Rows, each adding one change to the row above:
 - `reference`: ECMF on torch's nn.TransformerEncoderLayer with nn.Dropout, width 128, the
   members one after the other on one thread (the trainer before this benchmark);
 - `written-out layer`: the same model with ECMF's own layer and FastDropout (models.py);
@@ -22,9 +23,11 @@ epochs, batch 32), so a fold trains on 2,400 clips. Rows:
   all stay and the row is the screening's cost alone);
 - `+ input LayerNorm without affine`: the default model (models.py `_Projector`); the rows
   above train the earlier projector, whose input LayerNorm had a scale and shift;
-- `+ self-training`: train.self_training, the default (each fold trains a second time with its
-  confident answers on the clips it scores as pseudo-labels; every synthetic clip is labelled,
-  so the pool is the scored fold's 600 clips; a corpus with candidates adds them);
+- `+ self-training`: train.self_training, the default (a logistic-regression teacher per fold;
+  its confident answers on the clips the fold scores join the training rows; every synthetic
+  clip is labelled, so the pool is the scored fold's 600 clips; a corpus with candidates adds them);
+- `+ input LayerNorm once per clip`: the trainer as it is (models.py `inputs_normalized_once`);
+  the rows above apply it per batch, as the trainer did before;
 - `concat`: the concatenation baseline with the defaults, for scale.
 Writes reports/bench/train_speed.{json,md}.
 """
@@ -123,30 +126,49 @@ def synthetic(dims: dict[str, int], n: int, seed: int = 0) -> tuple[list[Clip], 
     return clips, Features([c.name for c in clips], inputs, np.ones((n, len(dims)), bool), list(dims))
 
 
+@contextlib.contextmanager
+def _input_norm_per_batch() -> Iterator[None]:
+    """The trainer applies the input LayerNorm per batch, as before `inputs_normalized_once`."""
+    train_module.inputs_normalized_once = lambda _model, *inputs: contextlib.nullcontext(inputs)
+    try:
+        yield
+    finally:
+        train_module.inputs_normalized_once = models_module.inputs_normalized_once
+
+
+# Each row changes the row before it: TrainConfig fields, `width` and `kind` of the model, and
+# the three patches of the trainer as it was (`torch_layer`, `earlier_projector`, `norm_per_batch`).
+BEFORE = {"threads": 1, "width": 128, "linear_weight": 0.0, "screen_stores": False, "self_training": False,
+          "torch_layer": True, "earlier_projector": True, "norm_per_batch": True}
+VARIANTS = [
+    ("reference: torch encoder layer + dropout, width 128, one thread", {}),
+    ("written-out layer + FastDropout, width 128, one thread", {"torch_layer": False}),
+    ("+ members side by side (train.threads 2), width 128", {"threads": 2}),
+    ("+ width 64", {"width": 64}),
+    ("+ the linear member (train.linear_weight 0.5)", {"linear_weight": 0.5}),
+    ("+ store screening (train.screen_stores)", {"screen_stores": True}),
+    ("+ input LayerNorm without affine", {"earlier_projector": False}),
+    ("+ self-training (train.self_training)", {"self_training": True}),
+    ("+ input LayerNorm once per clip, not per batch: the default", {"norm_per_batch": False}),
+    ("concat, defaults", {"kind": "concat"}),
+]
+
+
 def run(clips: int, store_sets: list[str]) -> list[dict]:
     base = TrainConfig(stores=["x"], epochs=20, ensemble=2)  # the default trainer (params.yaml)
-    # label, kind, width, threads, torch layer, linear weight, store screening, earlier projector, self-training
-    variants = [
-        ("reference: torch encoder layer + dropout, width 128, one thread", "ecmf", 128, 1, True, 0.0, False, True, False),
-        ("written-out layer + FastDropout, width 128, one thread", "ecmf", 128, 1, False, 0.0, False, True, False),
-        ("+ members side by side (train.threads 2), width 128", "ecmf", 128, 2, False, 0.0, False, True, False),
-        ("+ width 64", "ecmf", 64, 2, False, 0.0, False, True, False),
-        ("+ the linear member (train.linear_weight 0.5)", "ecmf", 64, 2, False, 0.5, False, True, False),
-        ("+ store screening (train.screen_stores)", "ecmf", 64, 2, False, 0.5, True, True, False),
-        ("+ input LayerNorm without affine", "ecmf", 64, 2, False, 0.5, True, False, False),
-        ("+ self-training (train.self_training): the default", "ecmf", 64, 2, False, 0.5, True, False, True),
-        ("concat, defaults", "concat", 64, 2, False, 0.5, True, False, True),
-    ]
     rows = []
     for name in store_sets:
         dims = STORE_SETS[name]
         clip_list, features = synthetic(dims, clips)
-        reference = None
-        for label, kind, width, threads, torch_layer, linear, screening, earlier, self_training in variants:
-            cfg = replace(base, stores=list(dims), threads=threads, linear_weight=linear, screen_stores=screening,
-                          self_training=self_training, model=replace(base.model, kind=kind, width=width))
-            with (_torch_layer() if torch_layer else contextlib.nullcontext(),
-                  _earlier_projector() if earlier else contextlib.nullcontext()):
+        reference, setting = None, {**BEFORE, "kind": "ecmf"}
+        for label, change in VARIANTS:
+            setting.update(change)
+            cfg = replace(base, stores=list(dims), threads=setting["threads"], linear_weight=setting["linear_weight"],
+                          screen_stores=setting["screen_stores"], self_training=setting["self_training"],
+                          model=replace(base.model, kind=setting["kind"], width=setting["width"]))
+            with (_torch_layer() if setting["torch_layer"] else contextlib.nullcontext(),
+                  _earlier_projector() if setting["earlier_projector"] else contextlib.nullcontext(),
+                  _input_norm_per_batch() if setting["norm_per_batch"] else contextlib.nullcontext()):
                 result = train_module.cross_validate(clip_list, features, cfg, quiet=True, fold_lines=False)
             seconds = float(np.mean(result.seconds_per_fold))
             reference = reference or seconds

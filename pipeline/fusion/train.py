@@ -38,7 +38,7 @@ from pipeline.errors import TrainError
 from pipeline.fusion.checkpoint import fold_checkpoint
 from pipeline.fusion.linear import fit_linear
 from pipeline.fusion import screen
-from pipeline.fusion.models import build_fusion, set_dropout_generator
+from pipeline.fusion.models import build_fusion, inputs_normalized_once, set_dropout_generator
 from pipeline.fusion.targets import confident_targets, describe, target_changes, training_targets, trains
 from pipeline.labels import EMOTIONS, EMOTION_INDEX
 from pipeline.data.splits import inner_split, training_folds, warn_small_classes
@@ -91,35 +91,36 @@ def train_fold(features: Features, train_rows: np.ndarray, train_targets: np.nda
     generator = torch.Generator().manual_seed(seed)
     best = {"val_f1": -1.0, "epoch": -1, "state": None}
     history = []
-    for epoch in range(cfg.epochs):
-        model.train()
-        order = _epoch_order(train_targets, class_weight, cfg.class_balance, generator)
-        total = 0.0
-        for start in range(0, len(order), cfg.batch_size):
-            idx = order[start:start + cfg.batch_size]
-            mask = _drop_modalities(m_train[idx], cfg.model.modality_dropout, generator).to(device)
-            logits, _ = model({k: v[idx.to(device)] for k, v in x_train.items()}, mask)
-            loss = _soft_cross_entropy(logits, y_train[idx.to(device)], loss_weight)
-            if not torch.isfinite(loss):
-                raise TrainError(
-                    f"fold {fold}, epoch {epoch}: the training loss is {float(loss)}; likely cause: "
-                    f"params key 'train.lr' ({cfg.lr}) too high for these features, or a store with extreme "
-                    "values (check `mer store-info`); lower train.lr or re-extract that store")
-            optimizer.zero_grad()
-            loss.backward()
-            optimizer.step()
-            total += float(loss.detach()) * len(idx)
-        if not len(val_rows):  # a refit for a fixed number of epochs: nothing to watch, the last one stays
-            best = {"val_f1": -1.0, "epoch": epoch, "state": None}
-            continue
-        val_probs, _ = predict(model, x_val, m_val)
-        val_f1 = _weighted_f1(val_gold, val_probs.argmax(1))
-        history.append({"epoch": epoch, "train_loss": total / len(order), "val_weighted_f1": val_f1})
-        if not choose:  # watched only: the last epoch stays
-            best = {"val_f1": val_f1, "epoch": epoch, "state": None}
-        elif val_f1 > best["val_f1"]:
-            best = {"val_f1": val_f1, "epoch": epoch,
-                    "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
+    with inputs_normalized_once(model, x_train, x_val) as (x_train, x_val):
+        for epoch in range(cfg.epochs):
+            model.train()
+            order = _epoch_order(train_targets, class_weight, cfg.class_balance, generator)
+            total = 0.0
+            for start in range(0, len(order), cfg.batch_size):
+                idx = order[start:start + cfg.batch_size]
+                mask = _drop_modalities(m_train[idx], cfg.model.modality_dropout, generator).to(device)
+                logits, _ = model({k: v[idx.to(device)] for k, v in x_train.items()}, mask)
+                loss = _soft_cross_entropy(logits, y_train[idx.to(device)], loss_weight)
+                if not torch.isfinite(loss):
+                    raise TrainError(
+                        f"fold {fold}, epoch {epoch}: the training loss is {float(loss)}; likely cause: "
+                        f"params key 'train.lr' ({cfg.lr}) too high for these features, or a store with extreme "
+                        "values (check `mer store-info`); lower train.lr or re-extract that store")
+                optimizer.zero_grad()
+                loss.backward()
+                optimizer.step()
+                total += float(loss.detach()) * len(mask)
+            if not len(val_rows):  # a refit for a fixed number of epochs: nothing to watch, the last one stays
+                best = {"val_f1": -1.0, "epoch": epoch, "state": None}
+                continue
+            val_probs, _ = predict(model, x_val, m_val)
+            val_f1 = _weighted_f1(val_gold, val_probs.argmax(1))
+            history.append({"epoch": epoch, "train_loss": total / len(order), "val_weighted_f1": val_f1})
+            if not choose:  # watched only: the last epoch stays
+                best = {"val_f1": val_f1, "epoch": epoch, "state": None}
+            elif val_f1 > best["val_f1"]:
+                best = {"val_f1": val_f1, "epoch": epoch,
+                        "state": {k: v.detach().clone() for k, v in model.state_dict().items()}}
     if best["state"] is not None:
         model.load_state_dict(best["state"])
     return {"model": model.cpu(), "optimizer": optimizer, "norm": norm, "history": history, **best}
@@ -198,8 +199,7 @@ class CVResult:
     folds_grouped_by: str = ""  # "named" (the manifest's groups) | "voice clusters" | "" (by clip)
     label_changes: list[dict] = field(default_factory=list)  # per fold, with refined / pseudo labels: targets.target_changes
     kept_stores: list[list[str]] = field(default_factory=list)  # per fold: the stores its models read (screen.py)
-    self_trained: list[int | None] = field(default_factory=list)  # per fold (train.self_training): clips its models
-                                                                  # trained on as its teacher's pseudo-labels; None: skipped
+    self_trained: list[int | None] = field(default_factory=list)  # per fold: teacher's pseudo-labels trained; None: skipped
 
 
 def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
@@ -309,7 +309,8 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
         def train_member(member: int) -> dict:  # same data, own seed: the average is steadier than any one
             seed = cfg.seed + k + 1000 * member
             if cfg.epoch_choice == "fixed":  # the scored fold is watched for the curves, never chosen on
-                return train_fold(seen, *rows_and_targets(tr), lab_rows[va], gold[va], cfg, seed, k, choose=False)
+                watched = va if member == 0 else va[:0]  # the curves are the first member's (`histories`)
+                return train_fold(seen, *rows_and_targets(tr), lab_rows[watched], gold[watched], cfg, seed, k, choose=False)
             fold = train_fold(seen, *rows_and_targets(tr[inner_tr]), lab_rows[pick], gold[pick], cfg, seed, k)
             if cfg.refit:  # the chosen epoch count, retrained on the whole training fold (nothing is chosen on it)
                 chosen = fold
