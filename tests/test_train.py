@@ -657,3 +657,37 @@ def test_self_training_never_reads_the_labels_of_the_clips_it_scores(monkeypatch
     few = cross_validate(clips, features, replace(cfg, self_training_min_clips=49))  # 48 training clips a fold
     assert few.self_trained == [None, None, None]
     np.testing.assert_array_equal(few.oof_probs, plain.oof_probs)  # no pseudo row: exactly the plain trainer
+
+
+@pytest.mark.parametrize("teacher", ["linear", "fold"])
+def test_the_linear_teacher_is_the_folds_linear_member(monkeypatch, teacher):
+    """With the linear teacher the fold's linear member is fitted once, first, on the labelled
+    training rows only, and answers the pool; the fusion members then train on those rows plus its
+    confident answers. The fold teacher instead trains the whole fold twice, the linear member too,
+    and its second fit sees the pseudo-labels."""
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    fixed = [(np.flatnonzero(np.arange(72) % 3 != f), np.flatnonzero(np.arange(72) % 3 == f)) for f in range(3)]
+    monkeypatch.setattr(train_mod, "training_folds", lambda *a, **k: fixed)
+    fits, members, original_fit, original_train = [], [], train_mod.fit_linear, train_mod.train_fold
+
+    def fit_spy(features, rows, *args, **kw):
+        fits.append(set(rows.tolist()))
+        return original_fit(features, rows, *args, **kw)
+
+    def train_spy(features, train_rows, *args, **kw):
+        members.append(set(train_rows.tolist()))
+        return original_train(features, train_rows, *args, **kw)
+
+    monkeypatch.setattr(train_mod, "fit_linear", fit_spy)
+    monkeypatch.setattr(train_mod, "train_fold", train_spy)
+    cfg = small(epochs=4, self_training=True, self_training_threshold=0.5, self_training_teacher=teacher,
+                linear_c=1.0, linear_weight=0.5, self_training_min_clips=48)
+    result = cross_validate(clips, features, cfg)
+    assert all(n > 0 for n in result.self_trained)
+    labelled = [set(tr.tolist()) for tr, _ in fixed]
+    if teacher == "linear":
+        assert fits == labelled  # one fit a fold, no pseudo row in it
+        assert all(m > l for m, l in zip(members, labelled))  # the fusion member trains on its confident answers
+    else:
+        assert fits[0::2] == labelled and all(f > l for f, l in zip(fits[1::2], labelled))
+    assert [c["head"] for c in result.checkpoints].count("linear") == 3

@@ -14,9 +14,10 @@ predicts nothing on a training fold is masked there (`train.screen_stores`, scre
 labelled clip with no usable modality never enters a fold (named, counted in
 `excluded_no_modality`); an unlabelled one gets the training prior, flagged. Refined labels
 and pseudo-labels train only: validation is always scored against the gold labels. With
-`train.self_training` each fold's models train on its teacher's confident answers for the
-clips the fold predicts, never on their labels, so the CV figure stays honest for a setting
-where the clips to predict are at hand (MER's candidates). A non-finite loss stops training
+`train.self_training` each fold's fusion members train on its teacher's confident answers
+for the clips the fold predicts, never on their labels, so the CV figure stays honest for a
+setting where the clips to predict are at hand (MER's candidates); the default teacher is the
+fold's linear member, fitted first on the labelled rows. A non-finite loss stops training
 with one line naming the fold and epoch.
 """
 
@@ -290,7 +291,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
             say("fold %d trains on %s", k, describe(result.label_changes[-1]))
         start = time.perf_counter()  # training only: a refinement is shared by the ablation's variants
 
-        own_rows, own_targets = np.zeros(0, int), np.zeros((0, len(EMOTIONS)), np.float32)  # train.self_training
+        own_rows, own_targets, teacher = np.zeros(0, int), np.zeros((0, len(EMOTIONS)), np.float32), None  # self-training
 
         def rows_and_targets(part: np.ndarray) -> tuple[np.ndarray, np.ndarray]:  # labelled part + pseudo rows
             part = part[trains(targets[part])]  # refine.mode drop's clips never train
@@ -321,9 +322,9 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
 
         def fit_members() -> list[dict]:  # the fusion members side by side, then the linear member (linear.py)
             members = _side_by_side(train_member, cfg.ensemble, side_by_side)
-            if cfg.linear_weight > 0:  # standardised as the members were when on the same rows
+            if cfg.linear_weight > 0:  # standardised as the members were when on the same rows; the linear teacher is it
                 norm = members[0]["norm"] if cfg.epoch_choice == "fixed" or cfg.refit else None
-                members.append(fit_linear(seen, *rows_and_targets(tr), cfg.linear_c, cfg.seed + k, norm))
+                members.append(teacher or fit_linear(seen, *rows_and_targets(tr), cfg.linear_c, cfg.seed + k, norm))
             return members
 
         if cfg.self_training and len(part) < cfg.self_training_min_clips:  # measured to hurt there (README)
@@ -331,9 +332,9 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
             say("fold %d: no self-training: %d labelled training clips, under train.self_training_min_clips (%d)",
                 k, len(part), cfg.self_training_min_clips)
         elif cfg.self_training:  # a teacher answers the clips this fold predicts (its scored clips, labels
-            # unread, and the candidates); its confident answers join the training rows (targets.py)
+            # unread, and the candidates); its confident answers join the fusion members' training rows (targets.py)
             pool = np.concatenate([lab_rows[va], pred_rows])
-            if cfg.self_training_teacher == "linear":  # a logistic regression: 0.55x the time of the fold's models
+            if cfg.self_training_teacher == "linear":  # the fold's linear member, fitted first on the labelled rows only
                 teacher = fit_linear(seen, *rows_and_targets(tr), cfg.linear_c, cfg.seed + k)
                 answers = predict(teacher["model"], teacher["norm"](seen, pool), torch.from_numpy(seen.mask[pool]))[0]
             else:
