@@ -110,7 +110,7 @@ def train_fold(features: Features, train_rows: np.ndarray, train_targets: np.nda
                 optimizer.zero_grad()
                 loss.backward()
                 optimizer.step()
-                total += float(loss.detach()) * len(mask)
+                total += float(loss.detach()) * len(idx)
             if not len(val_rows):  # a refit for a fixed number of epochs: nothing to watch, the last one stays
                 best = {"val_f1": -1.0, "epoch": epoch, "state": None}
                 continue
