@@ -143,8 +143,9 @@ class TrainConfig:
                                  # (pipeline/fusion/screen.py)
     self_training: bool = False  # per outer fold, a teacher's confident answers on the clips it predicts (its
     self_training_threshold: float = 0.7  # scored clips, labels unread, and the candidates) train as pseudo-labels
-    self_training_teacher: str = "linear"  # linear: a logistic regression answers | fold: the fold's models do
+    self_training_teacher: str = "linear"  # linear: the fold's linear member, fitted first on its labelled clips | fold: its models
     self_training_min_clips: int = 200  # a fold with fewer labelled training clips does not self-train
+    self_training_max_ratio: float = 1.0  # pseudo-labels per labelled training clip at most, the surest first; 0: no cap
     device: str = "cpu"
     threads: int = 2  # CPU threads: up to this many ensemble members train side by side, one thread each (the
                       # model is tiny: one thread per model is fastest); the result does not depend on it
@@ -164,6 +165,7 @@ class TrainConfig:
             _fraction("self_training_threshold", self.self_training_threshold),
             _one_of("self_training_teacher", self.self_training_teacher, ("linear", "fold")),
             _at_least("self_training_min_clips", self.self_training_min_clips, 0),
+            ("self_training_max_ratio", self.self_training_max_ratio, self.self_training_max_ratio >= 0, "0 (no cap) or more"),
             _at_least("batch_size", self.batch_size, 1),
             ("lr", self.lr, self.lr > 0, "a number above 0"),
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, "0 or more"),

@@ -6,6 +6,8 @@ key, never a silent fallback to the CPU. torch is imported only when a GPU must 
 
 from __future__ import annotations
 
+import os
+
 from pipeline.errors import ConfigError, DeviceMissing
 
 DEVICES = ("auto", "cpu", "cuda")  # or cuda:N
@@ -21,6 +23,12 @@ def check_device(requested: str, key: str = "engine.device") -> str:
     if not is_device(requested):
         raise ConfigError(f"params key '{key}' is {requested!r}; allowed: auto | cpu | cuda | cuda:N")
     return requested
+
+
+def usable_cpus() -> int:
+    """The CPUs this process may run on: a container's or taskset's limit where the OS tells it
+    (`os.sched_getaffinity`), else the machine's count."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def cuda_available() -> bool:

@@ -494,10 +494,10 @@ def test_train_speed_bench_times_the_torch_layer_reference_and_the_default(monke
     modules = list(built[0].modules())
     assert any(isinstance(m, torch.nn.TransformerEncoderLayer) for m in modules)
     assert not any(type(m).__name__ == "FastDropout" for m in modules)
-    assert train_speed.train_module.build_fusion is build_fusion  # restored after the reference row
+    assert train_speed.member_module.build_fusion is build_fusion  # restored after the reference row
     assert isinstance(built[0].project, train_speed._EarlierProjector)  # the reference: the earlier projector
     assert train_speed.models_module._Projector.__name__ == "_Projector"  # restored after the earlier rows
-    assert train_speed.train_module.inputs_normalized_once is inputs_normalized_once  # restored after the rows before
+    assert train_speed.member_module.inputs_normalized_once is inputs_normalized_once  # restored after the rows before
     assert rows[-2]["row"].endswith("the default") and len(rows) == 10
     assert "| tiny (20) | 60 |" in train_speed.to_markdown(rows)
 
@@ -691,3 +691,32 @@ def test_the_linear_teacher_is_the_folds_linear_member(monkeypatch, teacher):
     else:
         assert fits[0::2] == labelled and all(f > l for f, l in zip(fits[1::2], labelled))
     assert [c["head"] for c in result.checkpoints].count("linear") == 3
+
+
+def test_self_training_keeps_at_most_max_ratio_pseudo_labels_the_surest_first(monkeypatch, caplog):
+    """train.self_training_max_ratio caps a fold's pseudo-labels at that many per labelled training
+    clip: the surest answers are kept (ties in pool order), and the log says the cap bound."""
+    from pipeline.fusion.targets import confident_targets
+
+    probs = np.full((5, 6), 0.0, np.float32)
+    probs[np.arange(5), [1, 2, 3, 4, 5]] = [0.9, 0.75, 0.95, 0.6, 0.75]
+    rows = np.array([10, 11, 12, 13, 14])
+    assert confident_targets(probs, rows, 0.7)[0].tolist() == [10, 11, 12, 14]
+    kept, targets = confident_targets(probs, rows, 0.7, 3)
+    assert kept.tolist() == [10, 11, 12] and targets.argmax(1).tolist() == [1, 2, 3]  # 0.95, 0.9, the first 0.75
+    assert confident_targets(probs, rows, 0.7, 2)[0].tolist() == [10, 12]
+    with pytest.raises(ValueError, match="train.self_training_max_ratio"):
+        small(self_training_max_ratio=-1.0)
+
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    fixed = [(np.flatnonzero(np.arange(72) % 3 != f), np.flatnonzero(np.arange(72) % 3 == f)) for f in range(3)]
+    monkeypatch.setattr(train_mod, "training_folds", lambda *a, **k: fixed)
+    cfg = small(epochs=2, self_training=True, self_training_threshold=0.5, linear_c=1.0, linear_weight=0.5,
+                self_training_min_clips=48, self_training_max_ratio=0)
+    uncapped = cross_validate(clips, features, cfg)
+    assert all(n > 12 for n in uncapped.self_trained)  # 48 labelled training clips, a pool of 42
+    with caplog.at_level("INFO"):
+        capped = cross_validate(clips, features, replace(cfg, self_training_max_ratio=0.25))
+    assert capped.self_trained == [12, 12, 12]  # int(0.25 x 48)
+    assert "train.self_training_max_ratio 0.25 x 48 labelled" in caplog.text
+    assert cross_validate(clips, features, replace(cfg, self_training_max_ratio=1.0)).self_trained == uncapped.self_trained

@@ -178,7 +178,7 @@ def test_a_store_no_clip_has_is_valid_and_read_as_missing(tmp_path, capsys):
 
 
 def test_a_non_finite_loss_stops_with_the_fold_and_epoch(monkeypatch):
-    from pipeline.fusion import train as train_mod
+    from pipeline.fusion import member
     from pipeline.config import FusionConfig, TrainConfig
     from pipeline.fusion.train import Features, cross_validate
 
@@ -186,7 +186,7 @@ def test_a_non_finite_loss_stops_with_the_fold_and_epoch(monkeypatch):
     clips = [Clip(name=f"c{i}", english="x", label=["sad", "happy"][i % 2], split="labelled") for i in range(24)]
     features = Features([c.name for c in clips], {"a": rng.standard_normal((24, 4)).astype(np.float32)},
                         np.ones((24, 1), bool), ["a"])
-    monkeypatch.setattr(train_mod, "_soft_cross_entropy", lambda *a: train_mod.torch.tensor(float("nan")))
+    monkeypatch.setattr(member, "_soft_cross_entropy", lambda *a: member.torch.tensor(float("nan")))
     cfg = TrainConfig(stores=["a"], model=FusionConfig(width=8), folds=2, epochs=2)
     with pytest.raises(TrainError, match=r"fold 0, epoch 0: the training loss is nan.*train\.lr"):
         cross_validate(clips, features, cfg)

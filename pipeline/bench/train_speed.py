@@ -46,6 +46,7 @@ from torch import nn
 
 from pipeline.config import FusionConfig, TrainConfig
 from pipeline.fusion import models as models_module
+from pipeline.fusion import member as member_module
 from pipeline.fusion import train as train_module
 from pipeline.fusion.features import Features
 from pipeline.fusion.models import ECMFFusion, FastDropout, build_fusion
@@ -110,11 +111,11 @@ def _torch_layer() -> Iterator[None]:
     def build(dims: dict[str, int], cfg: FusionConfig, n_classes: int = 6) -> nn.Module:
         return _TorchLayerECMF(dims, cfg, n_classes) if cfg.kind == "ecmf" else build_fusion(dims, cfg, n_classes)
 
-    train_module.build_fusion = build
+    member_module.build_fusion = build
     try:
         yield
     finally:
-        train_module.build_fusion = build_fusion
+        member_module.build_fusion = build_fusion
 
 
 def synthetic(dims: dict[str, int], n: int, seed: int = 0) -> tuple[list[Clip], Features]:
@@ -129,11 +130,11 @@ def synthetic(dims: dict[str, int], n: int, seed: int = 0) -> tuple[list[Clip], 
 @contextlib.contextmanager
 def _input_norm_per_batch() -> Iterator[None]:
     """The trainer applies the input LayerNorm per batch, as before `inputs_normalized_once`."""
-    train_module.inputs_normalized_once = lambda _model, *inputs: contextlib.nullcontext(inputs)
+    member_module.inputs_normalized_once = lambda _model, *inputs: contextlib.nullcontext(inputs)
     try:
         yield
     finally:
-        train_module.inputs_normalized_once = models_module.inputs_normalized_once
+        member_module.inputs_normalized_once = models_module.inputs_normalized_once
 
 
 # Each row changes the row before it: TrainConfig fields, `width` and `kind` of the model, and

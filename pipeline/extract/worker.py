@@ -10,7 +10,6 @@ use these two, so stores, failure records and resume are the same whichever runs
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -20,7 +19,7 @@ from typing import Any, Iterator
 
 from pipeline.config import EngineConfig
 from pipeline.data import media
-from pipeline.devices import check_device, resolve_device  # noqa: F401 - re-exported
+from pipeline.devices import check_device, resolve_device, usable_cpus  # noqa: F401 - re-exported
 from pipeline.data.media import MediaError, NoAudioError, NoVideoError
 from pipeline.extractors.base import Extractor, NotApplicable
 from pipeline.manifest import Clip
@@ -71,10 +70,10 @@ def _timed_prepare(extractor: Extractor, clip: Clip) -> tuple[Any, float, float]
 
 def decoder_threads(engine: EngineConfig, cpus: float | None = None) -> int:
     """FFmpeg threads per decoding clip: `engine.decoder_threads`, or `cpus` shared among the
-    decode workers (this machine's CPUs when None)."""
+    decode workers (the CPUs this process may use when None: devices.usable_cpus)."""
     if engine.decoder_threads:
         return engine.decoder_threads
-    return max(1, int(cpus or os.cpu_count() or 1) // max(1, engine.decode_workers))
+    return max(1, int(cpus or usable_cpus()) // max(1, engine.decode_workers))
 
 
 def _prefetch(extractor: Extractor, clips: list[Clip], workers: int, depth: int,

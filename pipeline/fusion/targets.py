@@ -34,10 +34,16 @@ def training_targets(clips: list[Clip], labelled: list[int], unlabelled: list[in
     return targets, pseudo_rows, np.stack([pseudo[clips[i].name] for i in pseudo_rows]) if pseudo_rows else None
 
 
-def confident_targets(probs: np.ndarray, rows: np.ndarray, threshold: float) -> tuple[np.ndarray, np.ndarray]:
+def confident_targets(probs: np.ndarray, rows: np.ndarray, threshold: float,
+                      max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Self-training's pseudo-labels (`train.self_training`): the `rows` whose top class probability
-    reaches `threshold`, each with that class one-hot as its target."""
-    sure = probs.max(axis=1) >= threshold
+    reaches `threshold`, each with that class one-hot as its target; with `max_rows`, only that
+    many of them, the surest first (ties in `rows` order), so a corpus with many candidates per
+    labelled clip does not multiply a fold's training time (`train.self_training_max_ratio`)."""
+    top = probs.max(axis=1)
+    sure = np.flatnonzero(top >= threshold)
+    if max_rows is not None and len(sure) > max_rows:
+        sure = np.sort(sure[np.argsort(-top[sure], kind="stable")[:max_rows]])
     return rows[sure], np.eye(len(EMOTIONS), dtype=np.float32)[probs[sure].argmax(axis=1)]
 
 

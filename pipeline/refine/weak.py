@@ -10,7 +10,6 @@ and `dawid_skene` combine the sources. pipeline/refine/vote.py wires them to sto
 
 from __future__ import annotations
 
-import os
 import warnings
 
 from typing import Any, Sequence
@@ -21,6 +20,7 @@ from sklearn.utils.multiclass import check_classification_targets
 from sklearn.utils.validation import check_is_fitted, validate_data
 
 from pipeline.config import WEAK_CLASSIFIERS, DawidSkeneConfig, LightGBMConfig, LogRegConfig  # noqa: F401 - re-exported
+from pipeline.devices import usable_cpus
 from pipeline.errors import MerError
 
 
@@ -96,7 +96,7 @@ def logreg(cfg: LogRegConfig, seed: int) -> Any:
 
 def _cores() -> int:
     """The cores this process may run on (a container's or taskset's limit, where the OS says)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return usable_cpus()
 
 
 def lightgbm(cfg: LightGBMConfig, seed: int) -> Any:
