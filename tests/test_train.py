@@ -695,7 +695,8 @@ def test_the_linear_teacher_is_the_folds_linear_member(monkeypatch, teacher):
 
 def test_self_training_keeps_at_most_max_ratio_pseudo_labels_the_surest_first(monkeypatch, caplog):
     """train.self_training_max_ratio caps a fold's pseudo-labels at that many per labelled training
-    clip: the surest answers are kept (ties in pool order), and the log says the cap bound."""
+    clip: each class keeps its share of the confident answers, its surest first (ties in pool
+    order), and the log says the cap bound."""
     from pipeline.fusion.targets import confident_targets
 
     probs = np.full((5, 6), 0.0, np.float32)
@@ -705,6 +706,9 @@ def test_self_training_keeps_at_most_max_ratio_pseudo_labels_the_surest_first(mo
     kept, targets = confident_targets(probs, rows, 0.7, 3)
     assert kept.tolist() == [10, 11, 12] and targets.argmax(1).tolist() == [1, 2, 3]  # 0.95, 0.9, the first 0.75
     assert confident_targets(probs, rows, 0.7, 2)[0].tolist() == [10, 12]
+    skewed = np.eye(6, dtype=np.float32)[[0, 0, 0, 0, 1, 1]] * np.array([[.99], [.98], [.97], [.96], [.8], [.75]])
+    kept, targets = confident_targets(skewed, np.arange(6), 0.7, 3)
+    assert kept.tolist() == [0, 1, 4] and targets.argmax(1).tolist() == [0, 0, 1]  # each class keeps its share
     with pytest.raises(ValueError, match="train.self_training_max_ratio"):
         small(self_training_max_ratio=-1.0)
 
