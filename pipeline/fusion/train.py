@@ -222,8 +222,8 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
             result.self_trained.append(len(own_rows))
             sure = int((answers.max(axis=1) >= cfg.self_training_threshold).sum())
             say("fold %d: self-training on %d of its %d scored and unlabelled clips%s", k, len(own_rows), len(pool),
-                f" (the surest of {sure} confident: train.self_training_max_ratio {cfg.self_training_max_ratio:g} "
-                f"x {len(part)} labelled)" if sure > len(own_rows) else "")
+                f" ({sure} confident, each class cut to its surest share: train.self_training_max_ratio "
+                f"{cfg.self_training_max_ratio:g} x {len(part)} labelled)" if sure > len(own_rows) else "")
         members = fit_members()
         result.checkpoints += [fold_checkpoint(m, cfg, features, k, prior, "linear" if m.get("linear") else i,
                                                _blend_weight(m, cfg), kept) for i, m in enumerate(members)]
