@@ -145,7 +145,7 @@ class TrainConfig:
     self_training_threshold: float = 0.7  # scored clips, labels unread, and the candidates) train as pseudo-labels
     self_training_teacher: str = "linear"  # linear: the fold's linear member, fitted first on its labelled clips | fold: its models
     self_training_min_clips: int = 200  # a fold with fewer labelled training clips does not self-train
-    self_training_max_ratio: float = 1.0  # pseudo-labels per labelled training clip at most, the surest first; 0: no cap
+    self_training_max_ratio: float = 1.0  # pseudo-labels per labelled training clip at most, each class its share; 0: no cap
     device: str = "cpu"
     threads: int = 2  # CPU threads: up to this many ensemble members train side by side, one thread each (the
                       # model is tiny: one thread per model is fastest); the result does not depend on it
