@@ -703,11 +703,12 @@ def test_self_training_keeps_at_most_max_ratio_pseudo_labels_the_surest_first(mo
     probs[np.arange(5), [1, 2, 3, 4, 5]] = [0.9, 0.75, 0.95, 0.6, 0.75]
     rows = np.array([10, 11, 12, 13, 14])
     assert confident_targets(probs, rows, 0.7)[0].tolist() == [10, 11, 12, 14]
-    kept, targets = confident_targets(probs, rows, 0.7, 3)
+    kept, targets, confident = confident_targets(probs, rows, 0.7, 3)
     assert kept.tolist() == [10, 11, 12] and targets.argmax(1).tolist() == [1, 2, 3]  # 0.95, 0.9, the first 0.75
+    assert confident == 4  # reached the threshold; 3 kept
     assert confident_targets(probs, rows, 0.7, 2)[0].tolist() == [10, 12]
     skewed = np.eye(6, dtype=np.float32)[[0, 0, 0, 0, 1, 1]] * np.array([[.99], [.98], [.97], [.96], [.8], [.75]])
-    kept, targets = confident_targets(skewed, np.arange(6), 0.7, 3)
+    kept, targets, _ = confident_targets(skewed, np.arange(6), 0.7, 3)
     assert kept.tolist() == [0, 1, 4] and targets.argmax(1).tolist() == [0, 0, 1]  # each class keeps its share
     with pytest.raises(ValueError, match="train.self_training_max_ratio"):
         small(self_training_max_ratio=-1.0)

@@ -35,23 +35,25 @@ def training_targets(clips: list[Clip], labelled: list[int], unlabelled: list[in
 
 
 def confident_targets(probs: np.ndarray, rows: np.ndarray, threshold: float,
-                      max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+                      max_rows: int | None = None) -> tuple[np.ndarray, np.ndarray, int]:
     """Self-training's pseudo-labels (`train.self_training`): the `rows` whose top class probability
-    reaches `threshold`, each with that class one-hot as its target. With `max_rows`, only that
+    reaches `threshold`, each with that class one-hot as its target, and how many reached it
+    (more than were kept when the cap binds). With `max_rows`, only that
     many (`train.self_training_max_ratio`), so that a corpus with many candidates per labelled
     clip does not multiply a fold's training time; each class keeps its share of the confident
     rows, its surest first, so the cut does not tilt the pseudo-labels towards the class the
     teacher is surest of (README "Fusion": self-training, measured)."""
     top, cls = probs.max(axis=1), probs.argmax(axis=1)
     sure = np.flatnonzero(top >= threshold)
-    if max_rows is not None and len(sure) > max_rows:
+    confident = len(sure)
+    if max_rows is not None and confident > max_rows:
         share = np.zeros(len(probs))  # within its class: (rank + 1) / class size, the surest first
         for c in np.unique(cls[sure]):
             members = sure[cls[sure] == c]
             ranked = members[np.argsort(-top[members], kind="stable")]
             share[ranked] = np.arange(1, len(ranked) + 1) / len(ranked)
         sure = np.sort(sure[np.lexsort((sure, -top[sure], share[sure]))[:max_rows]])
-    return rows[sure], np.eye(len(EMOTIONS), dtype=np.float32)[cls[sure]]
+    return rows[sure], np.eye(len(EMOTIONS), dtype=np.float32)[cls[sure]], confident
 
 
 def trains(targets: np.ndarray) -> np.ndarray:

@@ -218,9 +218,8 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
             else:
                 answers = _average(fit_members(), seen, pool, cfg)[0]
             cap = int(cfg.self_training_max_ratio * len(part)) if cfg.self_training_max_ratio else None
-            own_rows, own_targets = confident_targets(answers, pool, cfg.self_training_threshold, cap)
+            own_rows, own_targets, sure = confident_targets(answers, pool, cfg.self_training_threshold, cap)
             result.self_trained.append(len(own_rows))
-            sure = int((answers.max(axis=1) >= cfg.self_training_threshold).sum())
             say("fold %d: self-training on %d of its %d scored and unlabelled clips%s", k, len(own_rows), len(pool),
                 f" ({sure} confident, each class cut to its surest share: train.self_training_max_ratio "
                 f"{cfg.self_training_max_ratio:g} x {len(part)} labelled)" if sure > len(own_rows) else "")
