@@ -200,3 +200,29 @@ def test_ray_runner_without_ray_says_how_to_install(toy_manifest, tmp_path, monk
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` now fails as if not installed
     with pytest.raises(ConfigError, match=r"ray is not installed: pip install -e '\.\[ray\]'"):
         run_extraction("toy", ExtractorSpec("toy", {}), RAY, toy_manifest[0], tmp_path / "t.h5", progress=False)
+
+
+class _RecordingRay:
+    """Stands in for the `ray` module where only `connect`'s call to ray.init is under test."""
+
+    def __init__(self):
+        self.calls = []
+
+    def is_initialized(self):
+        return False
+
+    def init(self, **kwargs):
+        self.calls.append(kwargs)
+
+
+def test_a_local_cluster_gets_the_cpus_this_process_may_use(monkeypatch):
+    from pipeline.extract import ray as ray_engine
+
+    monkeypatch.setattr(ray_engine, "usable_cpus", lambda: 3)  # e.g. a container limited to 3 of 64 cores
+    monkeypatch.setattr(os, "cpu_count", lambda: 64)
+    fake = _RecordingRay()
+    assert ray_engine.connect(fake, replace(RAY, ray_address=None, ray_workers=2, ray_cpus_per_worker=1))
+    assert fake.calls[-1]["num_cpus"] == 3 and fake.calls[-1]["address"] == "local"
+    # asking for more workers than that still gets them their CPUs
+    ray_engine.connect(fake, replace(RAY, ray_address=None, ray_workers=4, ray_cpus_per_worker=1.5))
+    assert fake.calls[-1]["num_cpus"] == 6

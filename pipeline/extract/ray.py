@@ -59,6 +59,7 @@ from typing import Any
 from tqdm import tqdm
 
 from pipeline.config import ConfigError, EngineConfig, as_dict
+from pipeline.devices import usable_cpus
 from pipeline.errors import ModelMissingError
 from pipeline.extract.worker import (ClipResult, ClipWorker, ExtractSummary, RunWriter, decoder_threads,
                                      failure_record, resolve_device)
@@ -311,7 +312,9 @@ def connect(ray: Any, engine: EngineConfig) -> bool:
     if engine.ray_address is not None:
         ray.init(address=engine.ray_address, **common)
         return True
-    cpus = max(os.cpu_count() or 1, math.ceil(engine.ray_workers * engine.ray_cpus_per_worker))
+    # the CPUs this process may use (a container's limit), not the machine's: Ray's scheduler
+    # would otherwise start more actors than there are cores to run them
+    cpus = max(usable_cpus(), math.ceil(engine.ray_workers * engine.ray_cpus_per_worker))
     # The driver's import path, so actors import what it does (extractors registered outside
     # the package, e.g. by tests); installed packages are found either way.
     path = os.pathsep.join(p for p in [*sys.path, os.environ.get("PYTHONPATH", "")] if p)
