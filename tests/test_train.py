@@ -1,15 +1,18 @@
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from pipeline.config import FusionConfig, TrainConfig
+from pipeline.config import FusionConfig, TrainConfig, load_params
 from pipeline.fusion.models import build_fusion, inputs_normalized_once
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip
 from pipeline.fusion import train as train_mod
 from pipeline.fusion.train import Features, cross_validate
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def synthetic(n=180, n_labelled=150, seed=0):
@@ -498,8 +501,28 @@ def test_train_speed_bench_times_the_torch_layer_reference_and_the_default(monke
     assert isinstance(built[0].project, train_speed._EarlierProjector)  # the reference: the earlier projector
     assert train_speed.models_module._Projector.__name__ == "_Projector"  # restored after the earlier rows
     assert train_speed.member_module.inputs_normalized_once is inputs_normalized_once  # restored after the rows before
-    assert rows[-2]["row"].endswith("the default") and len(rows) == 10
+    assert rows[-2]["row"].endswith("the default") and len(rows) == 11
     assert "| tiny (20) | 60 |" in train_speed.to_markdown(rows)
+    # the default row trains what params.yaml gives
+    params = load_params(REPO / "params.yaml").train
+    default = train_speed.BEFORE | {k: v for _, change in train_speed.VARIANTS[:-1] for k, v in change.items()}
+    assert (default["batch_size"], default["lr"], default["epochs"], default["width"]) == \
+        (params.batch_size, params.lr, params.epochs, params.model.width)
+
+
+def test_train_speed_bench_runs_only_the_rows_asked_for_and_the_reference(monkeypatch):
+    from pipeline.bench import train_speed
+
+    monkeypatch.setitem(train_speed.STORE_SETS, "tiny", {"a": 12, "b": 8})
+    seen = []
+    real = train_speed.train_module.cross_validate
+    monkeypatch.setattr(train_speed.train_module, "cross_validate",
+                        lambda clips, features, cfg, **kw: seen.append(cfg) or real(clips, features, cfg, **kw))
+    rows = train_speed.run(60, ["tiny"], only=[9])
+    assert [r["row"] for r in rows] == [train_speed.VARIANTS[0][0], train_speed.VARIANTS[9][0]]
+    # row 9 still carries every change above it: members side by side, width 64, the new batch
+    assert (seen[1].threads, seen[1].model.width, seen[1].batch_size, seen[1].epochs) == (2, 64, 64, 16)
+    assert (seen[0].threads, seen[0].model.width, seen[0].batch_size, seen[0].epochs) == (1, 128, 32, 20)
 
 
 def test_target_changes_tells_left_out_relabelled_and_softened_apart():

@@ -8,8 +8,8 @@ cost is the real one and no extraction runs first:
 - `video`: frames 1,280 + faces 1,415 + prosody 34 + whisper 2,048 + text 768 (the default
   stores on a MER-style video corpus);
 - `subtitles + LLM`: text 768 + text_enriched 768 (a subtitle corpus with `llm.enabled`).
-Each row is a full group 5-fold cross_validate with the default trainer (2 members of 20
-epochs, batch 32), so a fold trains on 2,400 clips; every row watches the scored fold's curve
+Each row is a full group 5-fold cross_validate with the default trainer (2 members), so a
+fold trains on 2,400 clips; every row watches the scored fold's curve
 with the first member only, as the trainer does. Rows, each adding one change to the row above:
 - `reference`: ECMF on torch's nn.TransformerEncoderLayer with nn.Dropout, width 128, the
   members one after the other on one thread (the trainer before this benchmark);
@@ -26,10 +26,13 @@ with the first member only, as the trainer does. Rows, each adding one change to
 - `+ self-training`: train.self_training, the default (a logistic-regression teacher per fold;
   its confident answers on the clips the fold scores join the training rows; every synthetic
   clip is labelled, so the pool is the scored fold's 600 clips; a corpus with candidates adds them);
-- `+ input LayerNorm once per clip`: the trainer as it is (models.py `inputs_normalized_once`);
-  the rows above apply it per batch, as the trainer did before;
+- `+ input LayerNorm once per clip` (models.py `inputs_normalized_once`): the rows above apply
+  it per batch, as the trainer did before;
+- `+ batch 64, lr 0.0015, 16 epochs`: the default trainer (params.yaml); the rows above train
+  batches of 32 at lr 0.001 for 20 epochs;
 - `concat`: the concatenation baseline with the defaults, for scale.
-Writes reports/bench/train_speed.{json,md}.
+`--rows 0 8 9 10` times only those rows (each still with every change above it; the reference,
+row 0, is always run: the ratios need it). Writes reports/bench/train_speed.{json,md}.
 """
 
 from __future__ import annotations
@@ -140,7 +143,8 @@ def _input_norm_per_batch() -> Iterator[None]:
 # Each row changes the row before it: TrainConfig fields, `width` and `kind` of the model, and
 # the three patches of the trainer as it was (`torch_layer`, `earlier_projector`, `norm_per_batch`).
 BEFORE = {"threads": 1, "width": 128, "linear_weight": 0.0, "screen_stores": False, "self_training": False,
-          "torch_layer": True, "earlier_projector": True, "norm_per_batch": True}
+          "torch_layer": True, "earlier_projector": True, "norm_per_batch": True,
+          "batch_size": 32, "lr": 1e-3, "epochs": 20}
 VARIANTS = [
     ("reference: torch encoder layer + dropout, width 128, one thread", {}),
     ("written-out layer + FastDropout, width 128, one thread", {"torch_layer": False}),
@@ -150,22 +154,27 @@ VARIANTS = [
     ("+ store screening (train.screen_stores)", {"screen_stores": True}),
     ("+ input LayerNorm without affine", {"earlier_projector": False}),
     ("+ self-training (train.self_training)", {"self_training": True}),
-    ("+ input LayerNorm once per clip, not per batch: the default", {"norm_per_batch": False}),
+    ("+ input LayerNorm once per clip, not per batch", {"norm_per_batch": False}),
+    ("+ batch 64, lr 0.0015, 16 epochs: the default", {"batch_size": 64, "lr": 0.0015, "epochs": 16}),
     ("concat, defaults", {"kind": "concat"}),
 ]
 
 
-def run(clips: int, store_sets: list[str]) -> list[dict]:
-    base = TrainConfig(stores=["x"], epochs=20, ensemble=2)  # the default trainer (params.yaml)
+def run(clips: int, store_sets: list[str], only: list[int] | None = None) -> list[dict]:
+    """The VARIANTS rows (`only`: these indices and the reference) on each store set."""
+    base = TrainConfig(stores=["x"], ensemble=2)  # the default trainer (params.yaml) once VARIANTS are applied
     rows = []
     for name in store_sets:
         dims = STORE_SETS[name]
         clip_list, features = synthetic(dims, clips)
         reference, setting = None, {**BEFORE, "kind": "ecmf"}
-        for label, change in VARIANTS:
+        for index, (label, change) in enumerate(VARIANTS):
             setting.update(change)
+            if only is not None and index and index not in only:
+                continue
             cfg = replace(base, stores=list(dims), threads=setting["threads"], linear_weight=setting["linear_weight"],
                           screen_stores=setting["screen_stores"], self_training=setting["self_training"],
+                          batch_size=setting["batch_size"], lr=setting["lr"], epochs=setting["epochs"],
                           model=replace(base.model, kind=setting["kind"], width=setting["width"]))
             with (_torch_layer() if setting["torch_layer"] else contextlib.nullcontext(),
                   _earlier_projector() if setting["earlier_projector"] else contextlib.nullcontext(),
@@ -190,10 +199,12 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m pipeline.bench.train_speed", description=__doc__)
     parser.add_argument("--clips", type=int, default=3000)
     parser.add_argument("--stores", nargs="+", default=list(STORE_SETS), choices=list(STORE_SETS))
+    parser.add_argument("--rows", nargs="+", type=int, choices=range(len(VARIANTS)), metavar="N",
+                        help="only these rows of VARIANTS (and the reference); default: every row")
     parser.add_argument("--out", default="reports/bench/train_speed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    rows = run(args.clips, args.stores)
+    rows = run(args.clips, args.stores, args.rows)
     write_table(args.out, rows, to_markdown(rows))
 
 
