@@ -505,7 +505,7 @@ def test_train_speed_bench_times_the_torch_layer_reference_and_the_default(monke
     assert "| tiny (20) | 60 |" in train_speed.to_markdown(rows)
     # the default row trains what params.yaml gives
     params = load_params(REPO / "params.yaml").train
-    default = train_speed.BEFORE | {k: v for _, change in train_speed.VARIANTS[:-1] for k, v in change.items()}
+    default = list(train_speed.row_settings())[-2][1]
     assert (default["batch_size"], default["lr"], default["epochs"], default["width"]) == \
         (params.batch_size, params.lr, params.epochs, params.model.width)
 

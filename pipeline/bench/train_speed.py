@@ -160,6 +160,14 @@ VARIANTS = [
 ]
 
 
+def row_settings() -> Iterator[tuple[str, dict]]:
+    """Each VARIANTS row's label and its whole setting: BEFORE with every change up to that row."""
+    setting = {**BEFORE, "kind": "ecmf"}
+    for label, change in VARIANTS:
+        setting = {**setting, **change}
+        yield label, setting
+
+
 def run(clips: int, store_sets: list[str], only: list[int] | None = None) -> list[dict]:
     """The VARIANTS rows (`only`: these indices and the reference) on each store set."""
     base = TrainConfig(stores=["x"], ensemble=2)  # the default trainer (params.yaml) once VARIANTS are applied
@@ -167,9 +175,8 @@ def run(clips: int, store_sets: list[str], only: list[int] | None = None) -> lis
     for name in store_sets:
         dims = STORE_SETS[name]
         clip_list, features = synthetic(dims, clips)
-        reference, setting = None, {**BEFORE, "kind": "ecmf"}
-        for index, (label, change) in enumerate(VARIANTS):
-            setting.update(change)
+        reference = None
+        for index, (label, setting) in enumerate(row_settings()):
             if only is not None and index and index not in only:
                 continue
             cfg = replace(base, stores=list(dims), threads=setting["threads"], linear_weight=setting["linear_weight"],
