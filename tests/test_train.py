@@ -4,6 +4,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from pipeline.config import FusionConfig, TrainConfig, load_params
 from pipeline.fusion.models import build_fusion, inputs_normalized_once
@@ -489,7 +490,7 @@ def test_train_speed_bench_times_the_torch_layer_reference_and_the_default(monke
 
     monkeypatch.setattr(train_speed._TorchLayerECMF, "__init__", spy)
     monkeypatch.setitem(train_speed.STORE_SETS, "tiny", {"a": 12, "b": 8})
-    rows = train_speed.run(60, ["tiny"])
+    rows = train_speed.run(60, ["tiny"], params=REPO / "params.yaml")
     assert [r["row"].split(",")[0] for r in rows][:2] == ["reference: torch encoder layer + dropout",
                                                          "written-out layer + FastDropout"]
     assert rows[0]["ratio_to_reference"] == 1.0 and all(r["seconds_per_fold"] > 0 for r in rows)
@@ -510,7 +511,7 @@ def test_train_speed_bench_times_the_torch_layer_reference_and_the_default(monke
         (params.batch_size, params.lr, params.epochs, params.model.width)
 
 
-def test_train_speed_bench_runs_only_the_rows_asked_for_and_the_reference(monkeypatch):
+def test_train_speed_bench_runs_only_the_rows_asked_for_and_the_reference(monkeypatch, tmp_path):
     from pipeline.bench import train_speed
 
     monkeypatch.setitem(train_speed.STORE_SETS, "tiny", {"a": 12, "b": 8})
@@ -518,11 +519,20 @@ def test_train_speed_bench_runs_only_the_rows_asked_for_and_the_reference(monkey
     real = train_speed.train_module.cross_validate
     monkeypatch.setattr(train_speed.train_module, "cross_validate",
                         lambda clips, features, cfg, **kw: seen.append(cfg) or real(clips, features, cfg, **kw))
-    rows = train_speed.run(60, ["tiny"], only=[9])
+    rows = train_speed.run(60, ["tiny"], only=[9], params=REPO / "params.yaml")
     assert [r["row"] for r in rows] == [train_speed.VARIANTS[0][0], train_speed.VARIANTS[9][0]]
     # row 9 still carries every change above it: members side by side, width 64, the new batch
     assert (seen[1].threads, seen[1].model.width, seen[1].batch_size, seen[1].epochs) == (2, 64, 64, 16)
     assert (seen[0].threads, seen[0].model.width, seen[0].batch_size, seen[0].epochs) == (1, 128, 32, 20)
+    # ...and is params.yaml's train section field for field (thresholds, dropout, C...), stores aside
+    assert seen[1] == replace(load_params(REPO / "params.yaml").train, stores=["a", "b"])
+    # every row's other fields follow the params file it is given
+    seen.clear()
+    edited = yaml.safe_load((REPO / "params.yaml").read_text())
+    edited["train"]["self_training_threshold"] = 0.55
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(edited))
+    train_speed.run(60, ["tiny"], only=[9], params=tmp_path / "params.yaml")
+    assert [cfg.self_training_threshold for cfg in seen] == [0.55, 0.55]
 
 
 def test_target_changes_tells_left_out_relabelled_and_softened_apart():

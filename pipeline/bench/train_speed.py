@@ -8,9 +8,9 @@ cost is the real one and no extraction runs first:
 - `video`: frames 1,280 + faces 1,415 + prosody 34 + whisper 2,048 + text 768 (the default
   stores on a MER-style video corpus);
 - `subtitles + LLM`: text 768 + text_enriched 768 (a subtitle corpus with `llm.enabled`).
-Each row is a full group 5-fold cross_validate with the default trainer (2 members), so a
-fold trains on 2,400 clips; every row watches the scored fold's curve
-with the first member only, as the trainer does. Rows, each adding one change to the row above:
+Each row is a full group 5-fold cross_validate with params.yaml's train section (`--params`;
+2 members by default) and the row's changes, so a fold trains on 2,400 clips; every row
+watches the scored fold's curve with the first member only, as the trainer does. Rows, each adding one change to the row above:
 - `reference`: ECMF on torch's nn.TransformerEncoderLayer with nn.Dropout, width 128, the
   members one after the other on one thread (the trainer before this benchmark);
 - `written-out layer`: the same model with ECMF's own layer and FastDropout (models.py);
@@ -42,12 +42,13 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
-from pipeline.config import FusionConfig, TrainConfig
+from pipeline.config import FusionConfig, load_params, train_config
 from pipeline.fusion import models as models_module
 from pipeline.fusion import member as member_module
 from pipeline.fusion import train as train_module
@@ -168,9 +169,14 @@ def row_settings() -> Iterator[tuple[str, dict]]:
         yield label, setting
 
 
-def run(clips: int, store_sets: list[str], only: list[int] | None = None) -> list[dict]:
-    """The VARIANTS rows (`only`: these indices and the reference) on each store set."""
-    base = TrainConfig(stores=["x"], ensemble=2)  # the default trainer (params.yaml) once VARIANTS are applied
+def run(clips: int, store_sets: list[str], only: list[int] | None = None,
+        params: str | Path = "params.yaml") -> list[dict]:
+    """The VARIANTS rows (`only`: these indices and the reference) on each store set.
+
+    Every field a row does not set comes from `params`' train section, so the default row is the
+    trainer `dvc repro` runs: its ensemble, thresholds, dropout and regularisers, not the
+    dataclass defaults."""
+    base = train_config(load_params(params))
     rows = []
     for name in store_sets:
         dims = STORE_SETS[name]
@@ -208,10 +214,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--stores", nargs="+", default=list(STORE_SETS), choices=list(STORE_SETS))
     parser.add_argument("--rows", nargs="+", type=int, choices=range(len(VARIANTS)), metavar="N",
                         help="only these rows of VARIANTS (and the reference); default: every row")
+    parser.add_argument("--params", default="params.yaml", help="the train section every row starts from")
     parser.add_argument("--out", default="reports/bench/train_speed")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    rows = run(args.clips, args.stores, args.rows)
+    rows = run(args.clips, args.stores, args.rows, args.params)
     write_table(args.out, rows, to_markdown(rows))
 
 
