@@ -2,7 +2,7 @@
 
 `from_dict(cls, data, "train")` names the dotted params key in every error, so a typo in
 params.yaml fails before any work. `check_values` turns value rules (ranges, choices) into
-the same one-line ConfigError. pipeline/config.py holds the dataclasses; this, the machinery.
+the same one-line ConfigError. pipeline/config/ holds the dataclasses; this, the machinery.
 """
 
 from __future__ import annotations
