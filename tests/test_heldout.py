@@ -70,3 +70,50 @@ def test_store_rows_score_each_store_plain_and_speaker_normalised_and_the_zero_s
     assert rows["voice + LR, speaker-normalised (named)"]["weighted_f1"] > 0.9
     assert rows["voice + LR, speaker-normalised (named)"]["weighted_f1"] > rows["voice + LR"]["weighted_f1"] + 0.2
     assert all(r["candidates"] == 48 and r["coverage"] in (1.0, round(44 / 48, 4)) for r in rows.values())
+
+
+def test_real_bench_takes_its_stores_and_trainer_from_params(tmp_path, monkeypatch):
+    """`make bench`: the stores are params.yaml's (Whisper's middle blocks, not a copy of older
+    settings; MELD's text in English), each store gets a plain and a per-speaker-normalised LR
+    row, and the fusion rows train params' train section, the default kind first."""
+    from dataclasses import replace
+    from pathlib import Path
+
+    import numpy as np
+    from test_refine import _write_store
+
+    from pipeline.bench import real
+    from pipeline.config import load_params
+    from pipeline.fusion import train as train_module
+    from pipeline.labels import EMOTIONS
+    from pipeline.manifest import Clip
+
+    repo = Path(__file__).resolve().parents[1]
+    params = load_params(repo / "params.yaml")
+    ravdess, meld = real.corpora(params)
+    assert ravdess.stores == {"prosody": params.extract["prosody"], "whisper": params.extract["whisper"]}
+    assert meld.stores["text"].options == {**params.extract["text"].options, "language": "english"}
+
+    rng = np.random.default_rng(0)
+    spk, y = np.repeat(np.arange(5), 24), np.tile(np.arange(6), 20)
+    clips = [Clip(name=f"c{i:03d}", label=EMOTIONS[y[i]], group=f"spk{spk[i]}") for i in range(len(y))]
+    x = rng.standard_normal((6, 16))[y] + 6 * rng.standard_normal((5, 16))[spk] + 0.5 * rng.standard_normal((len(y), 16))
+    rows = real.store_rows(ravdess, "a", ravdess.stores["whisper"], x, clips)
+    assert [r["modality"] for r in rows] == ["a (whisper_encoder)", "a (whisper_encoder), normalised per speaker (named)"]
+    assert rows[1]["weighted_f1"] > rows[0]["weighted_f1"] + 0.2 and rows[1]["n"] == 120
+
+    for store, values in (("a", x), ("b", rng.standard_normal((len(y), 4)))):
+        _write_store(tmp_path / f"{store}.h5", store, {c.name: v for c, v in zip(clips, values)})
+    seen = []
+    real_cv = train_module.cross_validate
+    monkeypatch.setattr(train_module, "cross_validate", lambda c, f, cfg, **kw: seen.append((cfg, f)) or real_cv(c, f, cfg, **kw))
+    fast = replace(params, train=replace(params.train, epochs=2, self_training_min_clips=0))
+    rows = real.fusion_rows(ravdess, clips, ["a", "b"], tmp_path, fast)
+    assert [r["modality"] for r in rows] == ["fusion ecmf, the default (a + b)", "fusion mer_baseline (a + b)",
+                                             "fusion concat (a + b)"]
+    assert all(0 < r["weighted_f1"] <= 1 and r["n"] == 120 for r in rows)
+    assert rows[0]["weighted_f1"] > 0.8  # speaker-normalised, as params' speaker_norm auto does on named speakers
+    cfg, features = seen[0]
+    assert features.speaker_normalized and cfg == replace(fast.train, stores=["a", "b"])
+    rows = real.fusion_rows(meld, clips, ["b"], tmp_path, fast)  # one store: the default trains as single, alone
+    assert [r["modality"] for r in rows] == ["fusion ecmf, trains as single, the default (b)"]

@@ -1,10 +1,16 @@
 """`make bench`: the real-data benchmark on human-labelled corpora, through the project's own path.
 
 For each corpus found under `--shared` (RAVDESS speech, actors 01-12; MELD train+dev
-text) it converts to the MER2025 layout (`mer convert`), ingests, runs the offline
-default extractors that apply, and scores each store with a plain logistic regression
-under group-aware 5-fold cross-validation (actor for RAVDESS, dialogue for MELD). The
-fusion stage will add its own rows; until then this fills the table from the first day.
+text) it converts to the MER2025 layout (`mer convert`), ingests, runs the stores that
+apply with `--params`' extractor settings (params.yaml: `extract.prosody`, `extract.whisper`;
+`extract.text` with `language: english`, as MELD has no Chinese), and scores under group-aware
+5-fold cross-validation (actor for RAVDESS, dialogue for MELD):
+- each store with a logistic regression (standardised, C 0.5), plain and, where every clip
+  names a speaker of 20+ clips (RAVDESS), normalised per speaker first as the trainer does;
+- the fusion trainer with `--params`' train section on the corpus' stores: the default kind,
+  and on more than one store each other fusion kind with the same settings.
+Every clip is labelled here, so the trainer's self-training pool is each scored fold with its
+labels unread. Held out, in the MER protocol, is `make bench-heldout` (heldout.py).
 """
 
 from __future__ import annotations
@@ -12,13 +18,13 @@ from __future__ import annotations
 import argparse
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.data import convert
-from pipeline.config import EngineConfig, ExtractorSpec, IngestConfig
+from pipeline.config import EngineConfig, ExtractorSpec, IngestConfig, Params, load_params, store_spec
 from pipeline.extract.engine import run_extraction
 from pipeline.extractors.base import available
 from pipeline.data.ingest import ingest
@@ -39,15 +45,18 @@ class Corpus:
     stores: dict[str, ExtractorSpec]
 
 
-CORPORA = (
-    Corpus("ravdess", "ravdess", "5-fold, split by actor", {
-        "prosody": ExtractorSpec("numpy_prosody", {}),
-        "whisper": ExtractorSpec("whisper_encoder", {"compute_type": "int8"}),  # as params.yaml pins it
-    }),
-    Corpus("meld", "meld", "5-fold, split by dialogue", {
-        "text_e5": ExtractorSpec("text", {"backend": "e5", "language": "english"}),
-    }),
-)
+CORPUS_NAMES = ("ravdess", "meld")
+
+
+def corpora(params: Params) -> tuple[Corpus, ...]:
+    """RAVDESS with params' prosody and Whisper stores; MELD with its text store, English only."""
+    text = store_spec(params, "text")
+    return (
+        Corpus("ravdess", "ravdess", "5-fold, split by actor",
+               {"prosody": store_spec(params, "prosody"), "whisper": store_spec(params, "whisper")}),
+        Corpus("meld", "meld", "5-fold, split by dialogue",
+               {"text": replace(text, options={**text.options, "language": "english"})}),
+    )
 
 
 def build(corpus: Corpus, shared: Path, work: Path) -> Path:
@@ -78,7 +87,25 @@ def score(features: np.ndarray, clips: list[Clip], seed: int = 0) -> dict[str, f
             "accuracy": float(accuracy_score(labels, list(predicted))), "n": len(clips)}
 
 
-def run_corpus(corpus: Corpus, shared: Path, work: Path, engine: EngineConfig) -> list[dict]:
+def store_rows(corpus: Corpus, store: str, spec: ExtractorSpec, features: np.ndarray,
+               clips: list[Clip]) -> list[dict]:
+    """The store with a logistic regression, plain and, where the clips name speakers the way
+    `train.speaker_norm: auto` needs, normalised per speaker first (label-free: each speaker's
+    own mean and spread), which tells the normalisation's gain apart from the fusion's."""
+    from pipeline.fusion.features import Features, normalize_by_groupings, speaker_groupings
+
+    variants = [(f"{store} ({spec.extractor})", features)]
+    groupings, kind, _ = speaker_groupings(clips, "auto", None)
+    if groupings:
+        one = Features([c.name for c in clips], {store: features.astype(np.float32)},
+                       np.ones((len(clips), 1), bool), [store])
+        variants.append((f"{store} ({spec.extractor}), normalised per speaker ({kind})",
+                         normalize_by_groupings(one, groupings).inputs[store]))
+    return [{"dataset": corpus.name, "modality": name, "protocol": corpus.protocol, **score(values, clips)}
+            for name, values in variants]
+
+
+def run_corpus(corpus: Corpus, shared: Path, work: Path, engine: EngineConfig, params: Params) -> list[dict]:
     root = build(corpus, shared, work)
     clips = [c for c in ingest(IngestConfig(root=str(root))) if c.label]
     manifest = work / corpus.name / "manifest.jsonl"
@@ -96,29 +123,33 @@ def run_corpus(corpus: Corpus, shared: Path, work: Path, engine: EngineConfig) -
         with StoreReader(path) as reader:
             features, mask = reader.read("utterance", [c.name for c in clips])
         kept = [c for c, m in zip(clips, mask) if m]
-        result = score(features[mask], kept)
-        rows.append({"dataset": corpus.name, "modality": f"{store} ({spec.extractor})",
-                     "protocol": corpus.protocol, **result, "extract_seconds": round(seconds, 1)})
+        rows += [{**row, "extract_seconds": round(seconds, 1)}
+                 for row in store_rows(corpus, store, spec, features[mask], kept)]
         log.info("%s", rows[-1])
-    if len(paths) > 1:
-        rows += fusion_rows(corpus, clips, list(paths), work / corpus.name)
+    if paths:
+        rows += fusion_rows(corpus, clips, list(paths), work / corpus.name, params)
     return rows
 
 
-def fusion_rows(corpus: Corpus, clips: list[Clip], stores: list[str], feature_dir: Path) -> list[dict]:
-    """The fusion trainer on the corpus' stores: ECMF against the baseline fusions, same folds."""
-    from pipeline.config import FusionConfig, TrainConfig
+def fusion_rows(corpus: Corpus, clips: list[Clip], stores: list[str], feature_dir: Path,
+                params: Params) -> list[dict]:
+    """The trainer with params' train section on the corpus' stores, same folds: the default kind
+    first, then, on more than one store, each other fusion kind with the same settings."""
     from pipeline.fusion.report import classification_metrics
-    from pipeline.fusion.train import cross_validate, load_features
+    from pipeline.fusion.train import config_with, cross_validate, load_features
 
-    features = load_features(clips, stores, feature_dir)
+    cfg = params.train
+    features = load_features(clips, stores, feature_dir, speaker_norm=cfg.speaker_norm)
+    cfg = replace(cfg, stores=features.stores)
     gold = np.array([EMOTIONS.index(c.label) for c in clips])
+    others = [k for k in ("ecmf", "mer_baseline", "concat") if k != cfg.model.kind] if len(features.stores) > 1 else []
     rows = []
-    for kind in ("ecmf", "mer_baseline", "concat"):
-        cfg = TrainConfig(stores=stores, model=FusionConfig(kind=kind), folds=5, epochs=40)
-        result = cross_validate(clips, features, cfg)
+    for kind in [cfg.model.kind, *others]:
+        result = cross_validate(clips, features, config_with(cfg, kind=kind), quiet=True, fold_lines=False)
         metrics = classification_metrics(gold[result.labelled], result.oof_probs.argmax(1))
-        rows.append({"dataset": corpus.name, "modality": f"fusion {kind} ({' + '.join(stores)})",
+        trained = kind if result.model_kind == kind else f"{kind}, trains as {result.model_kind}"
+        default = ", the default" if kind == cfg.model.kind else ""
+        rows.append({"dataset": corpus.name, "modality": f"fusion {trained}{default} ({' + '.join(features.stores)})",
                      "protocol": corpus.protocol, "weighted_f1": metrics["weighted_f1"],
                      "accuracy": metrics["accuracy"], "n": len(result.labelled),
                      "train_seconds_per_fold": round(float(np.mean(result.seconds_per_fold)), 1)})
@@ -137,15 +168,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared", type=Path, default=Path("../shared/data"))
     parser.add_argument("--work", type=Path, default=Path("build/bench"))
     parser.add_argument("--out", type=Path, default=Path("reports/bench/real"))
+    parser.add_argument("--params", type=Path, default=Path("params.yaml"),
+                        help="the extractor settings and the train section the rows use")
     args = parser.parse_args(argv)
+    params = load_params(args.params)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     engine = EngineConfig(device="auto", batch_size=16, flush_every=256, max_failed_fraction=0.02)
     rows = []
-    for corpus in CORPORA:
+    for corpus in corpora(params):
         if not (args.shared / corpus.source).is_dir():
             print(f"skipped {corpus.name}: {args.shared / corpus.source} not found")
             continue
-        rows += run_corpus(corpus, args.shared, args.work, engine)
+        rows += run_corpus(corpus, args.shared, args.work, engine, params)
     write_table(args.out, rows, to_markdown(rows))
 
 

@@ -1,7 +1,8 @@
 """`make bench-refine`: does label refinement find known label noise on real corpora?
 
 Per corpus (RAVDESS speech by actor: prosody + Whisper stores; MELD text by dialogue:
-the e5 store, when the `text` extractor is registered), through the project's own path
+the e5 store, when the `text` extractor is registered; each with `--params`' extractor settings,
+bench.real.corpora), through the project's own path
 (bench.real's conversion, ingest, run_extraction). Outer group-aware stratified 5-fold:
 each outer fold holds ~20% of the groups out as an untouched test split; 10% and 20% of
 the remaining training labels are flipped (seeded): to another class at random, or
@@ -26,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bench.real import CORPORA, Corpus, build
+from pipeline.bench.real import CORPUS_NAMES, Corpus, build, corpora
 from pipeline.config import CLEANLAB_FILTERS, EngineConfig, IngestConfig, load_params, refine_config
 from pipeline.extract.engine import run_extraction
 from pipeline.extractors.base import available
@@ -241,7 +242,7 @@ def _num(value: float | None) -> str:
 def plan(args: argparse.Namespace) -> list[tuple[Corpus, list[str]]]:
     """Which corpora and stores run, with a message for each one skipped."""
     out = []
-    for corpus in CORPORA:
+    for corpus in corpora(load_params(args.params)):
         if corpus.name not in args.corpora:
             continue
         if not (args.shared / corpus.source).is_dir():
@@ -261,7 +262,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--shared", type=Path, default=Path("../shared/data"))
     parser.add_argument("--work", type=Path, default=Path("build/bench"))
     parser.add_argument("--out", type=Path, default=Path("reports/bench/refine"))
-    parser.add_argument("--corpora", nargs="+", default=[c.name for c in CORPORA])
+    parser.add_argument("--corpora", nargs="+", default=list(CORPUS_NAMES))
     parser.add_argument("--noise", type=float, nargs="+", default=[0.1, 0.2])
     parser.add_argument("--cc-noise", type=float, nargs="*", default=[0.2],
                         help="class-conditional noise rates (flips to the most confusable class)")
