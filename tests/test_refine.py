@@ -468,3 +468,23 @@ def test_lightgbm_never_gets_more_threads_than_cores(monkeypatch):
     assert lightgbm(LightGBMConfig(n_jobs=2), 0).get_params()["n_jobs"] == 1
     monkeypatch.setattr(weak, "_cores", lambda: 16)
     assert lightgbm(LightGBMConfig(n_jobs=2), 0).get_params()["n_jobs"] == 2
+
+
+def test_a_class_smaller_than_k_is_named_once_not_per_split(tmp_path: Path, caplog, recwarn):
+    """One labelled 'surprise' clip under refine.k 3: one line naming the class and the key, and
+    none of scikit-learn's per-split "least populated class" warnings (one per source and fold set)."""
+    from pipeline.refine.vote import collect_votes
+
+    root, clips = _tiny_project(tmp_path)
+    surprise = [c for c in clips if c.label == "surprise"]
+    clips = [c for c in clips if c not in surprise[1:]]
+    write_manifest(clips, root / "manifest.jsonl")
+    cfg = from_dict(RefineConfig, {"stores": ["feat"], "label_stores": [], "k": 3,
+                                   "lightgbm": {"n_estimators": 5, "min_child_samples": 1}}, "refine")
+    with caplog.at_level("WARNING"):
+        votes = collect_votes(clips, cfg, root / "features")
+    assert votes.sources == ["feat/logreg", "feat/lightgbm"]
+    named = [r.getMessage() for r in caplog.records if "fewer labelled clips" in r.getMessage()]
+    assert named == ["class(es) surprise (1) have fewer labelled clips than params key 'refine.k' (3): some folds "
+                     "score them on no clip, and their out-of-fold votes are noisy"]
+    assert not [w for w in recwarn if "least populated class" in str(w.message)]

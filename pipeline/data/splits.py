@@ -45,12 +45,18 @@ def fold_indices(labels: list[str], groups: list[str | None], k: int = 5,
             raise ValueError(f"{n_groups} groups cannot make {k} group-aware folds")
         if not stratify:
             return list(GroupKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, ids))
-        splitter = StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed)
-        return [(tr, va) for tr, va in splitter.split(np.zeros(len(y)), y, ids)]
+        return _quiet_split(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed), y, ids)
     if not stratify:
         return list(KFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y))))
-    splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
-    return [(tr, va) for tr, va in splitter.split(np.zeros(len(y)), y)]
+    return _quiet_split(StratifiedKFold(n_splits=k, shuffle=True, random_state=seed), y, None)
+
+
+def _quiet_split(splitter, y: np.ndarray, ids: np.ndarray | None) -> list[tuple[np.ndarray, np.ndarray]]:
+    """The stratified splits without scikit-learn's per-call "least populated class" warning:
+    each stage names its small classes once (warn_small_classes), not once per split it makes."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
+        return [(tr, va) for tr, va in splitter.split(np.zeros(len(y)), y, ids)]
 
 
 def training_folds(labels: list[str], groups: list[str | None], k: int, seed: int, what: str,
@@ -58,9 +64,7 @@ def training_folds(labels: list[str], groups: list[str | None], k: int, seed: in
     """The fusion trainer's folds (fold_indices); folds that cannot be made stop with one line
     naming params key `train.folds`, prefixed by `what`."""
     try:
-        with warnings.catch_warnings():  # small classes are reported once, by warn_small_classes
-            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-            return fold_indices(labels, groups, k=k, seed=seed, warn=warn)
+        return fold_indices(labels, groups, k=k, seed=seed, warn=warn)
     except ValueError as err:
         raise TrainError(f"{what}: {err}; lower params key 'train.folds' (now {k}) or label clips of more "
                          "speakers") from None
@@ -76,10 +80,11 @@ def inner_split(labels: list[str], groups: list[str | None], folds: int, seed: i
     return training_folds(labels, groups, k, seed, f"fold {fold}, inner split", warn=False)[0]
 
 
-def warn_small_classes(labels: list[str], k: int, warn=log.warning) -> None:
+def warn_small_classes(labels: list[str], k: int, warn=log.warning, key: str = "train.folds",
+                       effect: str = "their F1 is noisy") -> None:
     """Name once the classes with fewer labelled clips than folds (some folds score them on no clip)."""
     counts = {e: labels.count(e) for e in EMOTIONS}
     small = {e: n for e, n in counts.items() if 0 < n < k}
     if small:
-        warn("class(es) %s have fewer labelled clips than params key 'train.folds' (%d): some folds score them "
-             "on no clip, and their F1 is noisy", ", ".join(f"{e} ({n})" for e, n in small.items()), k)
+        warn("class(es) %s have fewer labelled clips than params key '%s' (%d): some folds score them on no clip, "
+             "and %s", ", ".join(f"{e} ({n})" for e, n in small.items()), key, k, effect)

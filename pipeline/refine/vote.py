@@ -47,6 +47,7 @@ from pipeline.labels import EMOTION_INDEX, EMOTIONS
 from pipeline.manifest import Clip
 from pipeline.store import StoreReader
 from pipeline.tables import write_json, write_jsonl
+from pipeline.data.splits import warn_small_classes
 from pipeline.refine.weak import (FoldError, cross_fit, dawid_skene, dawid_skene_crowdkit, make_weak,
                                   precision_weights, vote_precision, weighted_vote)
 
@@ -109,6 +110,9 @@ def collect_votes(clips: list[Clip], cfg: RefineConfig, features: Path) -> Votes
     label_paths = {s: _store_path(features, s, "label_stores") for s in cfg.label_stores}
     votes: list[tuple[str, str, np.ndarray, np.ndarray]] = []
     skipped: dict[str, str] = {}
+    if paths:  # once for every cross-fitted source, not once per fold split
+        warn_small_classes([c.label for c in clips if c.label], cfg.k, log.warning, "refine.k",
+                           "their out-of-fold votes are noisy")
     for store, path in paths.items():
         votes += _trained_sources(clips, cfg, store, path, skipped)
     for store, path in label_paths.items():
