@@ -7,7 +7,7 @@ round-trip exactly, and so the file stays readable with `pandas.read_json(lines=
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from pipeline.tables import write_jsonl
@@ -39,6 +39,13 @@ class Clip:
     @property
     def has_text(self) -> bool:
         return bool(self.chinese.strip() or self.english.strip())
+
+
+def media_only(clip: Clip) -> Clip:
+    """The clip without what annotators give (label, valence, split, candidate, group): what the
+    extractors read. The `extract` stages depend on a manifest of these, so a relabelled clip or
+    a new labels file reruns training, not hours of extraction."""
+    return replace(clip, label=None, valence=None, split="unlabelled", candidate=False, group=None)
 
 
 def write_manifest(clips: list[Clip], path: str | Path) -> None:

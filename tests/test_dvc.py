@@ -141,6 +141,33 @@ def test_a_wrong_setting_stops_before_dvc_touches_the_manifest(repo: Path):
     assert "Running stage 'ingest'" not in _sh([dvc, "repro"], repo)  # the same check passes again: nothing reruns
 
 
+@pytest.mark.slow
+def test_a_relabelled_clip_reruns_training_not_extraction(repo: Path):
+    """Labels are not features: the extract stages read data/media.jsonl, the clips without labels,
+    so fixing one label in the labels file reruns ingest, refine and train, and no extractor."""
+    dvc = str(BIN / "dvc")
+    labels = repo / "data" / "subset" / "track1_train_disdim.csv"
+    original, media = labels.read_text(encoding="utf-8"), (repo / "data" / "media.jsonl").read_bytes()
+    rows = _rows(labels)
+    rows[0]["discrete"] = "sad" if rows[0]["discrete"] != "sad" else "happy"
+    with labels.open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    try:
+        ran = _ran(_sh([dvc, "repro"], repo))
+        assert {"ingest", "refine", "train"} <= ran, ran
+        # (thumbs reruns: it depends on the dataset folder itself, and makes one JPEG per clip)
+        assert not {s for s in ran if s.startswith("extract@") or s in ("enrich", "llm_labels", "text_enriched")}, ran
+        assert (repo / "data" / "media.jsonl").read_bytes() == media
+        relabelled = [json.loads(line) for line in (repo / "data" / "manifest.jsonl").read_text().splitlines()]
+        assert next(c for c in relabelled if c["name"] == rows[0]["name"])["label"] == rows[0]["discrete"]
+        assert all(json.loads(line)["label"] is None for line in media.decode().splitlines())
+    finally:
+        labels.write_text(original, encoding="utf-8")
+    assert not {s for s in _ran(_sh([dvc, "repro"], repo)) if s.startswith("extract@")}
+
+
 @pytest.fixture(scope="module")
 def exp_repo(repo: Path, tmp_path_factory) -> Path:
     """A copy of the reproduced repo with everything committed, as `dvc exp run` needs."""

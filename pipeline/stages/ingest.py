@@ -1,4 +1,5 @@
-"""DVC stage `ingest`: dataset root (params `ingest.root`) -> manifest + summary metrics."""
+"""DVC stage `ingest`: dataset root (params `ingest.root`) -> manifest + summary metrics, and the
+label-free media manifest the extract stages read (`--media`)."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 from pipeline.config import load_params
 from pipeline.data.ingest import ingest, summarize
-from pipeline.manifest import write_manifest
+from pipeline.manifest import media_only, write_manifest
 from pipeline.stages import entry_point
 from pipeline.tables import write_json
 
@@ -17,10 +18,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="mer ingest", description=__doc__)
     parser.add_argument("manifest", type=Path, help="manifest to write (JSON lines)")
     parser.add_argument("summary", type=Path, nargs="?", help="metrics JSON to write")
+    parser.add_argument("--media", type=Path, help="the same clips without labels, groups or splits (JSON lines)")
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args(argv)
     clips = ingest(load_params(args.params).ingest)  # typed and range-checked; `mer check` does the rest
     write_manifest(clips, args.manifest)
+    if args.media:
+        write_manifest([media_only(c) for c in clips], args.media)
     if args.summary:
         write_json(args.summary, summarize(clips))
     summary = summarize(clips)
