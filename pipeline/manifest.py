@@ -26,6 +26,7 @@ class Clip:
     split: str = "unlabelled"  # labelled | unlabelled
     candidate: bool = False  # listed in track_all_candidates.csv (clips to predict)
     group: str | None = None  # speaker / actor / dialogue, for group-aware splits
+    media_bytes: int | None = None  # data/media.jsonl only: the sizes of its media files, summed (media_only)
 
     @property
     def has_video(self) -> bool:
@@ -44,8 +45,11 @@ class Clip:
 def media_only(clip: Clip) -> Clip:
     """The clip without what annotators give (label, valence, split, candidate, group): what the
     extractors read. The `extract` stages depend on a manifest of these, so a relabelled clip or
-    a new labels file reruns training, not hours of extraction."""
-    return replace(clip, label=None, valence=None, split="unlabelled", candidate=False, group=None)
+    a new labels file reruns training, not hours of extraction. `media_bytes`, its media files'
+    sizes summed, changes when a file is replaced under the same name (a corrupt clip fixed), so
+    that clip's stores are extracted again: the paths alone would not change."""
+    size = sum(Path(p).stat().st_size for p in (clip.video, clip.audio, clip.face_crops) if p and Path(p).is_file())
+    return replace(clip, label=None, valence=None, split="unlabelled", candidate=False, group=None, media_bytes=size)
 
 
 def write_manifest(clips: list[Clip], path: str | Path) -> None:

@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import pytest
 from conftest import build_dataset, write_csv
@@ -107,6 +108,36 @@ def test_stage_writes_manifest_and_metrics(dataset, tmp_path, capsys):
     ingest_main([str(tmp_path / "m.jsonl"), str(tmp_path / "s.json"), "--params", str(params)])
     assert len(read_manifest(tmp_path / "m.jsonl")) == 8
     assert json.loads((tmp_path / "s.json").read_text())["labels"]["angry"] == 1
+
+
+def test_stage_media_manifest_holds_no_labels_and_changes_with_a_replaced_clip(dataset, tmp_path):
+    """data/media.jsonl, what the extract stages depend on: the same clips in the same order with no
+    label, group or split, the same bytes after a relabel, and a new line for a clip whose file
+    was replaced under the same name (the paths alone would hide it)."""
+    params = tmp_path / "params.yaml"
+    params.write_text(f"ingest:\n  root: {dataset}\n", encoding="utf-8")
+
+    def run() -> tuple[list, bytes]:
+        ingest_main([str(tmp_path / "m.jsonl"), "--media", str(tmp_path / "media.jsonl"), "--params", str(params)])
+        return read_manifest(tmp_path / "m.jsonl"), (tmp_path / "media.jsonl").read_bytes()
+
+    clips, media = run()
+    bare = read_manifest(tmp_path / "media.jsonl")
+    assert [c.name for c in bare] == [c.name for c in clips] and [c.video for c in bare] == [c.video for c in clips]
+    assert all(c.label is None and c.group is None and not c.candidate and c.split == "unlabelled" for c in bare)
+    assert all(c.media_bytes > 0 and c.media_bytes == Path(c.video).stat().st_size for c in bare)
+    assert any(c.label for c in clips) and all(c.media_bytes is None for c in clips)
+
+    labels = dataset / "track1_train_disdim.csv"
+    labels.write_text(labels.read_text(encoding="utf-8").replace("angry", "sad"), encoding="utf-8")
+    relabelled, same = run()
+    assert same == media and [c.label for c in relabelled] != [c.label for c in clips]
+
+    video = Path(bare[0].video)
+    video.write_bytes(video.read_bytes() + b"\0" * 16)  # a replaced file, same name
+    _, changed = run()
+    old, new = media.decode().splitlines(), changed.decode().splitlines()
+    assert old[0] != new[0] and old[1:] == new[1:]
 
 
 def test_stage_error_is_one_line_and_exit_1(dataset, tmp_path, capsys):
