@@ -6,11 +6,14 @@ round-trip exactly, and so the file stays readable with `pandas.read_json(lines=
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 from pipeline.tables import write_jsonl
+
+MEDIA_DIGEST_BYTES = 1 << 16  # read from each end of a media file for media_only's digest
 
 
 @dataclass(frozen=True)
@@ -26,7 +29,7 @@ class Clip:
     split: str = "unlabelled"  # labelled | unlabelled
     candidate: bool = False  # listed in track_all_candidates.csv (clips to predict)
     group: str | None = None  # speaker / actor / dialogue, for group-aware splits
-    media_bytes: int | None = None  # data/media.jsonl only: the sizes of its media files, summed (media_only)
+    media_digest: str | None = None  # data/media.jsonl only: its media files' sizes and ends (media_only)
 
     @property
     def has_video(self) -> bool:
@@ -45,11 +48,25 @@ class Clip:
 def media_only(clip: Clip) -> Clip:
     """The clip without what annotators give (label, valence, split, candidate, group): what the
     extractors read. The `extract` stages depend on a manifest of these, so a relabelled clip or
-    a new labels file reruns training, not hours of extraction. `media_bytes`, its media files'
-    sizes summed, changes when a file is replaced under the same name (a corrupt clip fixed), so
-    that clip's stores are extracted again: the paths alone would not change."""
-    size = sum(Path(p).stat().st_size for p in (clip.video, clip.audio, clip.face_crops) if p and Path(p).is_file())
-    return replace(clip, label=None, valence=None, split="unlabelled", candidate=False, group=None, media_bytes=size)
+    a new labels file reruns training, not hours of extraction.
+
+    `media_digest` changes when a file is replaced under the same name (a corrupt clip fixed), so
+    that clip's stores are extracted again: the paths alone would not change. It hashes each
+    file's size and its first and last MEDIA_DIGEST_BYTES, not the whole file: ingest reruns on
+    every labels edit, and reading a MER-scale corpus whole each time would take far longer than
+    the training it precedes. A replacement of the same size that differs only in its middle
+    goes unseen (`mer extract <store> --restart` redoes a store)."""
+    digest = hashlib.blake2b(digest_size=8)
+    for path in (clip.video, clip.audio, clip.face_crops):
+        if path and Path(path).is_file():
+            with open(path, "rb") as fh:
+                size = fh.seek(0, 2)
+                fh.seek(0)
+                head = fh.read(MEDIA_DIGEST_BYTES)
+                fh.seek(max(size - MEDIA_DIGEST_BYTES, 0))
+                digest.update(f"{size}:".encode() + head + fh.read(MEDIA_DIGEST_BYTES))
+    return replace(clip, label=None, valence=None, split="unlabelled", candidate=False, group=None,
+                   media_digest=digest.hexdigest())
 
 
 def write_manifest(clips: list[Clip], path: str | Path) -> None:

@@ -93,6 +93,10 @@ def test_real_bench_takes_its_stores_and_trainer_from_params(tmp_path, monkeypat
     ravdess, meld = real.corpora(params)
     assert ravdess.stores == {"prosody": params.extract["prosody"], "whisper": params.extract["whisper"]}
     assert meld.stores["text"].options == {**params.extract["text"].options, "language": "english"}
+    whisper = ravdess.stores["whisper"]  # a changed setting is a new store file, not a fingerprint stop
+    assert real.store_path(tmp_path, "whisper", whisper) == real.store_path(tmp_path, "whisper", replace(whisper))
+    assert real.store_path(tmp_path, "whisper", whisper) != real.store_path(
+        tmp_path, "whisper", replace(whisper, options={**whisper.options, "layers": [5]}))
 
     rng = np.random.default_rng(0)
     spk, y = np.repeat(np.arange(5), 24), np.tile(np.arange(6), 20)

@@ -111,9 +111,10 @@ def test_stage_writes_manifest_and_metrics(dataset, tmp_path, capsys):
 
 
 def test_stage_media_manifest_holds_no_labels_and_changes_with_a_replaced_clip(dataset, tmp_path):
-    """data/media.jsonl, what the extract stages depend on: the same clips in the same order with no
-    label, group or split, the same bytes after a relabel, and a new line for a clip whose file
-    was replaced under the same name (the paths alone would hide it)."""
+    """data/media.jsonl, what the extract stages depend on: the clips with something to extract, in
+    manifest order, with no label, group or split; the same bytes after a relabel or a new
+    content-free candidate; a new line for a clip whose file was replaced under the same name,
+    even at the same size (the paths alone would hide it)."""
     params = tmp_path / "params.yaml"
     params.write_text(f"ingest:\n  root: {dataset}\n", encoding="utf-8")
 
@@ -125,16 +126,21 @@ def test_stage_media_manifest_holds_no_labels_and_changes_with_a_replaced_clip(d
     bare = read_manifest(tmp_path / "media.jsonl")
     assert [c.name for c in bare] == [c.name for c in clips] and [c.video for c in bare] == [c.video for c in clips]
     assert all(c.label is None and c.group is None and not c.candidate and c.split == "unlabelled" for c in bare)
-    assert all(c.media_bytes > 0 and c.media_bytes == Path(c.video).stat().st_size for c in bare)
-    assert any(c.label for c in clips) and all(c.media_bytes is None for c in clips)
+    assert len({c.media_digest for c in bare}) == len(bare) and all(c.media_digest is None for c in clips)
+    assert any(c.label for c in clips)
 
     labels = dataset / "track1_train_disdim.csv"
     labels.write_text(labels.read_text(encoding="utf-8").replace("angry", "sad"), encoding="utf-8")
+    with (dataset / "track_all_candidates.csv").open("a", encoding="utf-8") as fh:
+        fh.write("listed_only\n")  # a candidate with nothing to extract: the prior answers it
     relabelled, same = run()
     assert same == media and [c.label for c in relabelled] != [c.label for c in clips]
+    assert "listed_only" in {c.name for c in relabelled}
 
     video = Path(bare[0].video)
-    video.write_bytes(video.read_bytes() + b"\0" * 16)  # a replaced file, same name
+    data = bytearray(video.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # a replaced file, same name and size (the test clips are under 64 KiB)
+    video.write_bytes(bytes(data))
     _, changed = run()
     old, new = media.decode().splitlines(), changed.decode().splitlines()
     assert old[0] != new[0] and old[1:] == new[1:]

@@ -16,6 +16,8 @@ labels unread. Held out, in the MER protocol, is `make bench-heldout` (heldout.p
 from __future__ import annotations
 
 import argparse
+import hashlib
+import json
 import logging
 import time
 from dataclasses import dataclass, replace
@@ -57,6 +59,13 @@ def corpora(params: Params) -> tuple[Corpus, ...]:
         Corpus("meld", "meld", "5-fold, split by dialogue",
                {"text": replace(text, options={**text.options, "language": "english"})}),
     )
+
+
+def store_path(folder: Path, store: str, spec: ExtractorSpec) -> Path:
+    """`<store>-<settings digest>.h5`: a settings change in params.yaml extracts a new store beside
+    the old one, instead of stopping on the old store's fingerprint."""
+    settings = json.dumps({"extractor": spec.extractor, "options": spec.options}, sort_keys=True, default=str)
+    return folder / f"{store}-{hashlib.sha256(settings.encode()).hexdigest()[:10]}.h5"
 
 
 def build(corpus: Corpus, shared: Path, work: Path) -> Path:
@@ -116,7 +125,7 @@ def run_corpus(corpus: Corpus, shared: Path, work: Path, engine: EngineConfig, p
             log.warning("%s: extractor %s not available, skipped", corpus.name, spec.extractor)
             continue
         start = time.perf_counter()
-        path = work / corpus.name / f"{store}.h5"
+        path = store_path(work / corpus.name, store, spec)
         run_extraction(store, spec, engine, manifest, path, progress=True)
         seconds = time.perf_counter() - start
         paths[store] = path

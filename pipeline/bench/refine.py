@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.bench.real import CORPUS_NAMES, Corpus, build, corpora
+from pipeline.bench.real import CORPUS_NAMES, Corpus, build, corpora, store_path
 from pipeline.config import CLEANLAB_FILTERS, EngineConfig, IngestConfig, load_params, refine_config
 from pipeline.extract.engine import run_extraction
 from pipeline.extractors.base import available
@@ -58,7 +58,7 @@ def prepare(corpus: Corpus, shared: Path, work: Path, engine: EngineConfig,
     write_manifest(clips, manifest)
     names, keep, features = [c.name for c in clips], np.ones(len(clips), bool), {}
     for store in stores:
-        path = work / corpus.name / f"{store}.h5"
+        path = store_path(work / corpus.name, store, corpus.stores[store])
         run_extraction(store, corpus.stores[store], engine, manifest, path, progress=True)
         with StoreReader(path) as reader:
             features[store], mask = reader.read("utterance", names)

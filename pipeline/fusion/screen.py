@@ -71,9 +71,7 @@ def screen(features: Features, rows: np.ndarray, labels: np.ndarray, groups: lis
         pick = np.sort(np.random.default_rng(seed).choice(len(rows), SCREEN_MAX_CLIPS, replace=False))
         rows, labels, groups = rows[pick], labels[pick], [groups[i] for i in pick]
     try:
-        with warnings.catch_warnings():  # small classes: the trainer warns once, for the outer folds
-            warnings.filterwarnings("ignore", message="The least populated class", category=UserWarning)
-            inner = fold_indices([str(y) for y in labels], groups, k=SCREEN_FOLDS, seed=seed, warn=False)
+        inner = fold_indices([str(y) for y in labels], groups, k=SCREEN_FOLDS, seed=seed, warn=False)
     except ValueError as err:
         return Screening(stores, {}, {}, f"the training fold cannot be split ({err})")
 

@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 
 from pipeline.config import load_params
-from pipeline.data.ingest import ingest, summarize
+from pipeline.data.ingest import has_content, ingest, summarize
 from pipeline.manifest import media_only, write_manifest
 from pipeline.stages import entry_point
 from pipeline.tables import write_json
@@ -24,7 +24,9 @@ def main(argv: list[str] | None = None) -> None:
     clips = ingest(load_params(args.params).ingest)  # typed and range-checked; `mer check` does the rest
     write_manifest(clips, args.manifest)
     if args.media:
-        write_manifest([media_only(c) for c in clips], args.media)
+        # a clip with no media and no subtitle (kept in the manifest for its label or candidacy) has
+        # nothing to extract: leaving it out keeps a new labels or candidates file from rerunning extraction
+        write_manifest([media_only(c) for c in clips if has_content(c)], args.media)
     if args.summary:
         write_json(args.summary, summarize(clips))
     summary = summarize(clips)
