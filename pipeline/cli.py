@@ -8,6 +8,7 @@ USAGE = """usage: mer COMMAND [ARGS]
 
 commands:
   ingest MANIFEST [SUMMARY]      read params `ingest.root` (MER2025 layout) into a manifest
+                                 (--media FILE: also the clips without labels, what extract reads)
   extract STORE [MANIFEST ...]   fill features/STORE.h5 with the extractor in params `extract.STORE`
   convert ravdess|meld|folder SRC DST   turn a corpus or a folder into the MER2025 layout
   predict CLIP [CLIP ...]        emotion, probabilities and modality weights for new clips (--json)

@@ -143,7 +143,9 @@ def run_corpus(corpus: Corpus, shared: Path, work: Path, engine: EngineConfig, p
 def fusion_rows(corpus: Corpus, clips: list[Clip], stores: list[str], feature_dir: Path,
                 params: Params) -> list[dict]:
     """The trainer with params' train section on the corpus' stores, same folds: the default kind
-    first, then, on more than one store, each other fusion kind with the same settings."""
+    first, then, on more than one store, each other fusion kind with the same settings. What
+    needs the project's other stages is not run here: `use_refined` / `use_pseudo` (the refine
+    stage's labels) and `speaker_stores` (no voice store is extracted; RAVDESS names its actors)."""
     from pipeline.fusion.report import classification_metrics
     from pipeline.fusion.train import config_with, cross_validate, load_features
 
