@@ -132,7 +132,8 @@ def store_rows(project: Path, truth: dict[str, str], speaker_stores: list[str] =
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
 
-    from pipeline.fusion.features import Features, normalize_by_groupings, speaker_groupings, voice_store
+    from pipeline.bench.real import per_speaker
+    from pipeline.fusion.features import speaker_groupings, voice_store
     from pipeline.store import StoreReader
 
     clips = read_manifest(project / "data" / "manifest.jsonl")
@@ -158,9 +159,8 @@ def store_rows(project: Path, truth: dict[str, str], speaker_stores: list[str] =
             continue
         variants = [(f"{path.stem} + LR", x)]
         if groupings and path.stem not in speaker_stores:
-            one = Features(list(names), {path.stem: x.astype(np.float32)}, mask[:, None], [path.stem])
             variants.append((f"{path.stem} + LR, speaker-normalised ({kind})",
-                             normalize_by_groupings(one, groupings).inputs[path.stem]))
+                             per_speaker(path.stem, x, mask, list(names), groupings)))
         for name, values in variants:
             model = make_pipeline(StandardScaler(), LogisticRegression(max_iter=2000, C=0.5))
             model.fit(values[mask & labelled], gold[mask & labelled].astype(str))

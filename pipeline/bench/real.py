@@ -96,20 +96,28 @@ def score(features: np.ndarray, clips: list[Clip], seed: int = 0) -> dict[str, f
             "accuracy": float(accuracy_score(labels, list(predicted))), "n": len(clips)}
 
 
+def per_speaker(store: str, values: np.ndarray, present: np.ndarray, names: list[str],
+                groupings: list[list[str | None]]) -> np.ndarray:
+    """One store's vectors normalised per speaker, as the trainer normalises its inputs
+    (`normalize_by_groupings`; label-free), for a logistic regression beside the fusion."""
+    from pipeline.fusion.features import Features, normalize_by_groupings
+
+    one = Features(list(names), {store: values.astype(np.float32)}, present[:, None], [store])
+    return normalize_by_groupings(one, groupings).inputs[store]
+
+
 def store_rows(corpus: Corpus, store: str, spec: ExtractorSpec, features: np.ndarray,
                clips: list[Clip]) -> list[dict]:
     """The store with a logistic regression, plain and, where the clips name speakers the way
     `train.speaker_norm: auto` needs, normalised per speaker first (label-free: each speaker's
     own mean and spread), which tells the normalisation's gain apart from the fusion's."""
-    from pipeline.fusion.features import Features, normalize_by_groupings, speaker_groupings
+    from pipeline.fusion.features import speaker_groupings
 
     variants = [(f"{store} ({spec.extractor})", features)]
     groupings, kind, _ = speaker_groupings(clips, "auto", None)
     if groupings:
-        one = Features([c.name for c in clips], {store: features.astype(np.float32)},
-                       np.ones((len(clips), 1), bool), [store])
         variants.append((f"{store} ({spec.extractor}), normalised per speaker ({kind})",
-                         normalize_by_groupings(one, groupings).inputs[store]))
+                         per_speaker(store, features, np.ones(len(clips), bool), [c.name for c in clips], groupings)))
     return [{"dataset": corpus.name, "modality": name, "protocol": corpus.protocol, **score(values, clips)}
             for name, values in variants]
 
