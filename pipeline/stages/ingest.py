@@ -27,9 +27,9 @@ def main(argv: list[str] | None = None) -> None:
         # a clip with no media and no subtitle (kept in the manifest for its label or candidacy) has
         # nothing to extract: leaving it out keeps a new labels or candidates file from rerunning extraction
         write_manifest([media_only(c) for c in clips if has_content(c)], args.media)
-    if args.summary:
-        write_json(args.summary, summarize(clips))
     summary = summarize(clips)
+    if args.summary:
+        write_json(args.summary, summary)
     note = (f"; {summary['candidates_without_content']} candidate(s) have no media and an empty subtitle "
             "(they get the training prior)" if summary["candidates_without_content"] else "")
     print(f"{len(clips)} clips ({summary['labelled']} labelled, {summary['candidates']} candidates){note} "
