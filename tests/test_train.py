@@ -758,3 +758,39 @@ def test_self_training_keeps_at_most_max_ratio_pseudo_labels_the_surest_first(mo
     assert capped.self_trained == [12, 12, 12]  # int(0.25 x 48)
     assert "train.self_training_max_ratio 0.25 x 48 labelled" in caplog.text
     assert cross_validate(clips, features, replace(cfg, self_training_max_ratio=1.0)).self_trained == uncapped.self_trained
+
+
+def test_mixup_blends_each_clip_with_a_partner_mostly_itself():
+    from pipeline.fusion.member import _mixup
+
+    inputs = {"a": torch.arange(12, dtype=torch.float32).view(6, 2), "b": torch.randn(6, 3)}
+    targets = torch.eye(6)
+    mask = torch.tensor([[True, False]] * 3 + [[False, True]] * 3)
+    mixed, mixed_targets, mixed_mask = _mixup(inputs, targets, mask, 1.0, np.random.default_rng(0),
+                                              torch.Generator().manual_seed(0))
+    share = float(mixed_targets.max(1).values.min())
+    assert 0.5 <= share <= 1.0
+    np.testing.assert_allclose(mixed_targets.sum(1).numpy(), 1.0, atol=1e-6)
+    partner = mixed_targets.clone()
+    partner[torch.arange(6), torch.arange(6)] = 0
+    for row in range(6):  # its own target at `share`, one partner's at 1 - share, inputs likewise
+        np.testing.assert_allclose(float(mixed_targets[row, row]), share, atol=1e-6)
+        other = int(partner[row].argmax()) if partner[row].max() > 0 else row
+        for name, x in inputs.items():
+            np.testing.assert_allclose(mixed[name][row].numpy(), (share * x[row] + (1 - share) * x[other]).numpy(),
+                                       atol=1e-5)
+        assert mixed_mask[row].tolist() == (mask[row] | mask[other]).tolist()
+    again = _mixup(inputs, targets, mask, 1.0, np.random.default_rng(0), torch.Generator().manual_seed(0))
+    np.testing.assert_array_equal(again[1].numpy(), mixed_targets.numpy())
+
+
+def test_mixup_trains_reproducibly_side_by_side_and_is_checked_at_the_start():
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    plain = cross_validate(clips, features, small(epochs=3, ensemble=2, threads=1))
+    one = cross_validate(clips, features, small(epochs=3, ensemble=2, threads=1, mixup=1.0))
+    two = cross_validate(clips, features, small(epochs=3, ensemble=2, threads=2, mixup=1.0))
+    assert not np.array_equal(plain.oof_probs, one.oof_probs)  # it changes what trains
+    np.testing.assert_array_equal(one.oof_probs, two.oof_probs)
+    np.testing.assert_array_equal(one.unlabelled_probs, two.unlabelled_probs)
+    with pytest.raises(ValueError, match="train.mixup"):
+        small(mixup=-0.5)

@@ -68,6 +68,7 @@ class TrainConfig:
     self_training_teacher: str = "linear"  # linear: the fold's linear member, fitted first on its labelled clips | fold: its models
     self_training_min_clips: int = 200  # a fold with fewer labelled training clips does not self-train
     self_training_max_ratio: float = 1.0  # pseudo-labels per labelled training clip at most, each class its share; 0: no cap
+    mixup: float = 0.0  # mixup's Beta(alpha, alpha) for the fusion members' batches (pipeline/fusion/member.py); 0: off
     device: str = "cpu"
     threads: int = 2  # CPU threads: up to this many ensemble members train side by side, one thread each (the
                       # model is tiny: one thread per model is fastest); the result does not depend on it
@@ -88,6 +89,7 @@ class TrainConfig:
             _one_of("self_training_teacher", self.self_training_teacher, ("linear", "fold")),
             _at_least("self_training_min_clips", self.self_training_min_clips, 0),
             ("self_training_max_ratio", self.self_training_max_ratio, self.self_training_max_ratio >= 0, "0 (no cap) or more"),
+            ("mixup", self.mixup, self.mixup >= 0, "0 (off) or a Beta parameter above 0, e.g. 1.0"),
             _at_least("batch_size", self.batch_size, 1),
             ("lr", self.lr, self.lr > 0, "a number above 0"),
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, "0 or more"),

@@ -61,6 +61,7 @@ def train_fold(features: Features, train_rows: np.ndarray, train_targets: np.nda
     x_val, m_val = norm(features, val_rows), torch.from_numpy(features.mask[val_rows])
     y_train = torch.from_numpy(train_targets.astype(np.float32)).to(device)
     generator = torch.Generator().manual_seed(seed)
+    mixup_rng = np.random.default_rng(seed)  # the member's own stream: side by side, members never share one
     best = {"val_f1": -1.0, "epoch": -1, "state": None}
     history = []
     with inputs_normalized_once(model, x_train, x_val) as (x_train, x_val):
@@ -71,8 +72,15 @@ def train_fold(features: Features, train_rows: np.ndarray, train_targets: np.nda
             for start in range(0, len(order), cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]
                 mask = _drop_modalities(m_train[idx], cfg.model.modality_dropout, generator).to(device)
-                logits, _ = model({k: v[idx.to(device)] for k, v in x_train.items()}, mask)
-                loss = _soft_cross_entropy(logits, y_train[idx.to(device)], loss_weight)
+                # index_select, not v[idx]: the same rows, in a fifth of the time on the CPU (five
+                # video stores, batch 64: 0.14 ms against 0.75 ms, 5% of a step)
+                on_device = idx.to(device)
+                batch = {k: torch.index_select(v, 0, on_device) for k, v in x_train.items()}
+                targets = torch.index_select(y_train, 0, on_device)
+                if cfg.mixup > 0:
+                    batch, targets, mask = _mixup(batch, targets, mask, cfg.mixup, mixup_rng, generator)
+                logits, _ = model(batch, mask)
+                loss = _soft_cross_entropy(logits, targets, loss_weight)
                 if not torch.isfinite(loss):
                     raise TrainError(
                         f"fold {fold}, epoch {epoch}: the training loss is {float(loss)}; likely cause: "
@@ -120,6 +128,20 @@ def _drop_modalities(mask: torch.Tensor, p: float, generator: torch.Generator) -
     empty = ~dropped.any(dim=1)
     dropped[empty] = mask[empty]
     return dropped
+
+
+def _mixup(inputs: dict[str, torch.Tensor], targets: torch.Tensor, mask: torch.Tensor, alpha: float,
+           rng: np.random.Generator, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
+    """mixup (Zhang et al., ICLR 2018): each clip of the batch blended with another of it, every
+    store's input and the soft target alike, by one coefficient drawn from Beta(alpha, alpha) and
+    folded to 0.5 or more, so each row stays mostly its own clip. A modality either clip has stays
+    visible (a missing input blends as its zeros). Off by default: over ten fold seeds at alpha 1,
+    CV +0.85 on RAVDESS unnamed, -0.5 named, MELD unchanged (README "Fusion": mixup)."""
+    share = float(rng.beta(alpha, alpha))
+    share = max(share, 1.0 - share)
+    partner = torch.randperm(len(targets), generator=generator).to(targets.device)
+    mixed = {k: torch.lerp(v.index_select(0, partner), v, share) for k, v in inputs.items()}
+    return mixed, torch.lerp(targets.index_select(0, partner), targets, share), mask | mask[partner.to(mask.device)]
 
 
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
