@@ -766,22 +766,55 @@ def test_mixup_blends_each_clip_with_a_partner_mostly_itself():
     inputs = {"a": torch.arange(12, dtype=torch.float32).view(6, 2), "b": torch.randn(6, 3)}
     targets = torch.eye(6)
     mask = torch.tensor([[True, False]] * 3 + [[False, True]] * 3)
-    mixed, mixed_targets, mixed_mask = _mixup(inputs, targets, mask, 1.0, np.random.default_rng(0),
-                                              torch.Generator().manual_seed(0))
-    share = float(mixed_targets.max(1).values.min())
-    assert 0.5 <= share <= 1.0
-    np.testing.assert_allclose(mixed_targets.sum(1).numpy(), 1.0, atol=1e-6)
-    partner = mixed_targets.clone()
-    partner[torch.arange(6), torch.arange(6)] = 0
-    for row in range(6):  # its own target at `share`, one partner's at 1 - share, inputs likewise
-        np.testing.assert_allclose(float(mixed_targets[row, row]), share, atol=1e-6)
-        other = int(partner[row].argmax()) if partner[row].max() > 0 else row
-        for name, x in inputs.items():
-            np.testing.assert_allclose(mixed[name][row].numpy(), (share * x[row] + (1 - share) * x[other]).numpy(),
-                                       atol=1e-5)
-        assert mixed_mask[row].tolist() == (mask[row] | mask[other]).tolist()
-    again = _mixup(inputs, targets, mask, 1.0, np.random.default_rng(0), torch.Generator().manual_seed(0))
-    np.testing.assert_array_equal(again[1].numpy(), mixed_targets.numpy())
+    raw_below_half = False
+    for seed in range(8):  # raw Beta draws on both sides of 0.5: the fold to >= 0.5 is exercised
+        raw_below_half |= np.random.default_rng(seed).beta(1.0, 1.0) < 0.5
+        generator = torch.Generator().manual_seed(seed)
+        partner = torch.randperm(6, generator=torch.Generator().manual_seed(seed))
+        mixed, mixed_targets, mixed_mask = _mixup(inputs, targets, mask, 1.0, np.random.default_rng(seed), generator)
+        np.testing.assert_allclose(mixed_targets.sum(1).numpy(), 1.0, atol=1e-6)
+        share = max(float(mixed_targets[row, row]) for row in range(6) if partner[row] != row)
+        assert 0.5 <= share <= 1.0
+        for row in range(6):  # its own target at `share`, its partner's at 1 - share, inputs likewise
+            other = int(partner[row])
+            expected = torch.zeros(6)
+            expected[row] += share
+            expected[other] += 1 - share
+            np.testing.assert_allclose(mixed_targets[row].numpy(), expected.numpy(), atol=1e-6)
+            for name, x in inputs.items():
+                np.testing.assert_allclose(mixed[name][row].numpy(), (share * x[row] + (1 - share) * x[other]).numpy(),
+                                           atol=1e-5)
+            assert mixed_mask[row].tolist() == (mask[row] | mask[other]).tolist()
+        again = _mixup(inputs, targets, mask, 1.0, np.random.default_rng(seed), torch.Generator().manual_seed(seed))
+        np.testing.assert_array_equal(again[1].numpy(), mixed_targets.numpy())
+    assert raw_below_half
+
+
+def test_modality_dropout_hides_modalities_of_the_blend_not_of_the_clips_before(monkeypatch):
+    """Dropout after mixup: a modality it hides is hidden in the blend; were it drawn first,
+    the partner's mask would bring most hidden modalities back."""
+    from pipeline.fusion import member
+
+    clips, features, _ = synthetic(n=90, n_labelled=72)
+    calls = []
+    mixup, drop = member._mixup, member._drop_modalities
+
+    def spy_mixup(inputs, targets, mask, *args):
+        out = mixup(inputs, targets, mask, *args)
+        calls.append(("mixup", out[2].clone()))
+        return out
+
+    def spy_drop(mask, p, generator):
+        calls.append(("drop", mask.clone()))
+        return drop(mask, p, generator)
+
+    monkeypatch.setattr(member, "_mixup", spy_mixup)
+    monkeypatch.setattr(member, "_drop_modalities", spy_drop)
+    cross_validate(clips, features, small(epochs=2, threads=1, mixup=1.0))
+    assert calls and len(calls) % 2 == 0
+    for (first, blended), (second, dropped_from) in zip(calls[::2], calls[1::2]):
+        assert (first, second) == ("mixup", "drop")
+        assert torch.equal(blended, dropped_from)
 
 
 def test_mixup_trains_reproducibly_side_by_side_and_is_checked_at_the_start():
@@ -792,5 +825,6 @@ def test_mixup_trains_reproducibly_side_by_side_and_is_checked_at_the_start():
     assert not np.array_equal(plain.oof_probs, one.oof_probs)  # it changes what trains
     np.testing.assert_array_equal(one.oof_probs, two.oof_probs)
     np.testing.assert_array_equal(one.unlabelled_probs, two.unlabelled_probs)
-    with pytest.raises(ValueError, match="train.mixup"):
-        small(mixup=-0.5)
+    for bad in (-0.5, float("inf")):
+        with pytest.raises(ValueError, match="train.mixup"):
+            small(mixup=bad)

@@ -89,7 +89,7 @@ class TrainConfig:
             _one_of("self_training_teacher", self.self_training_teacher, ("linear", "fold")),
             _at_least("self_training_min_clips", self.self_training_min_clips, 0),
             ("self_training_max_ratio", self.self_training_max_ratio, self.self_training_max_ratio >= 0, "0 (no cap) or more"),
-            ("mixup", self.mixup, self.mixup >= 0, "0 (off) or a Beta parameter above 0, e.g. 1.0"),
+            ("mixup", self.mixup, 0 <= self.mixup < float("inf"), "0 (off) or a finite Beta parameter above 0, e.g. 1.0"),
             _at_least("batch_size", self.batch_size, 1),
             ("lr", self.lr, self.lr > 0, "a number above 0"),
             ("weight_decay", self.weight_decay, self.weight_decay >= 0, "0 or more"),

@@ -71,14 +71,15 @@ def train_fold(features: Features, train_rows: np.ndarray, train_targets: np.nda
             total = 0.0
             for start in range(0, len(order), cfg.batch_size):
                 idx = order[start:start + cfg.batch_size]
-                mask = _drop_modalities(m_train[idx], cfg.model.modality_dropout, generator).to(device)
                 # index_select, not v[idx]: the same rows, in a fifth of the time on the CPU (five
                 # video stores, batch 64: 0.14 ms against 0.75 ms, 5% of a step)
                 on_device = idx.to(device)
                 batch = {k: torch.index_select(v, 0, on_device) for k, v in x_train.items()}
                 targets = torch.index_select(y_train, 0, on_device)
-                if cfg.mixup > 0:
+                mask = m_train[idx]
+                if cfg.mixup > 0:  # before modality dropout, which then hides a modality of the blend
                     batch, targets, mask = _mixup(batch, targets, mask, cfg.mixup, mixup_rng, generator)
+                mask = _drop_modalities(mask, cfg.model.modality_dropout, generator).to(device)
                 logits, _ = model(batch, mask)
                 loss = _soft_cross_entropy(logits, targets, loss_weight)
                 if not torch.isfinite(loss):
@@ -134,9 +135,11 @@ def _mixup(inputs: dict[str, torch.Tensor], targets: torch.Tensor, mask: torch.T
            rng: np.random.Generator, generator: torch.Generator) -> tuple[dict[str, torch.Tensor], torch.Tensor, torch.Tensor]:
     """mixup (Zhang et al., ICLR 2018): each clip of the batch blended with another of it, every
     store's input and the soft target alike, by one coefficient drawn from Beta(alpha, alpha) and
-    folded to 0.5 or more, so each row stays mostly its own clip. A modality either clip has stays
-    visible (a missing input blends as its zeros). Off by default: over ten fold seeds at alpha 1,
-    CV +0.85 on RAVDESS unnamed, -0.5 named, MELD unchanged (README "Fusion": mixup)."""
+    folded to 0.5 or more, so each row stays mostly its own clip. The inputs are blended as the
+    projector's first Linear sees them: standardised, then its parameter-free LayerNorm
+    (`inputs_normalized_once`), not normalised again after. A modality either clip has is
+    present in the blend (a missing one blends as its zeros); `mask` is the clips' own, before
+    modality dropout. Off by default: over ten fold seeds it ties by CV (README "Fusion": mixup)."""
     share = float(rng.beta(alpha, alpha))
     share = max(share, 1.0 - share)
     partner = torch.randperm(len(targets), generator=generator).to(targets.device)
