@@ -142,9 +142,10 @@ def _mixup(inputs: dict[str, torch.Tensor], targets: torch.Tensor, mask: torch.T
     modality dropout. Off by default: over ten fold seeds it ties by CV (README "Fusion": mixup)."""
     share = float(rng.beta(alpha, alpha))
     share = max(share, 1.0 - share)
-    partner = torch.randperm(len(targets), generator=generator).to(targets.device)
-    mixed = {k: torch.lerp(v.index_select(0, partner), v, share) for k, v in inputs.items()}
-    return mixed, torch.lerp(targets.index_select(0, partner), targets, share), mask | mask[partner.to(mask.device)]
+    partner = torch.randperm(len(targets), generator=generator)  # on the CPU, as the mask
+    on_device = partner.to(targets.device)
+    mixed = {k: torch.lerp(v.index_select(0, on_device), v, share) for k, v in inputs.items()}
+    return mixed, torch.lerp(targets.index_select(0, on_device), targets, share), mask | mask[partner]
 
 
 def _soft_cross_entropy(logits: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor | None) -> torch.Tensor:
