@@ -37,17 +37,23 @@ def test_prosody_on_real_clips_fills_store(manifest, engine, tmp_path):
 
 
 def test_corrupt_silent_and_no_audio_clips(manifest, engine, dataset, tmp_path):
-    from fixtures_media import write_clip, write_corrupt
+    from fixtures_media import write_clip, write_corrupt, write_truncated
 
     write_corrupt(dataset / "video" / "sample_00000001.mp4")
     write_clip(dataset / "video" / "sample_00000002.mp4", seconds=0.6, audio="silent")
     write_clip(dataset / "video" / "sample_00000003.mp4", seconds=0.6, audio=None)
+    # a partial download: its audio decodes without an error, to 0.45 s of the 4 s its header states
+    write_truncated(write_clip(tmp_path / "whole.mp4", seconds=4.0, fps=10, audio="tone"),
+                    dataset / "video" / "sample_00000005.mp4", 0.2)
     spec = ExtractorSpec("numpy_prosody", {})
     summary = run_extraction("prosody", spec, engine, manifest, tmp_path / "p.h5", progress=False)
-    assert summary.failed == 2 and summary.done == 6
+    assert summary.failed == 3 and summary.done == 5
     failures = [json.loads(x) for x in (tmp_path / "p.failures.jsonl").read_text().splitlines()]
     kinds = {f["id"]: f["kind"] for f in failures}
-    assert kinds == {"sample_00000001": "unreadable_media", "sample_00000003": "no_audio_track"}
+    assert kinds == {"sample_00000001": "unreadable_media", "sample_00000003": "no_audio_track",
+                     "sample_00000005": "unreadable_media"}
+    cut_off = next(f["error"] for f in failures if f["id"] == "sample_00000005")
+    assert "truncated: its audio decodes to 0.45 s of the 4.00 s its header declares" in cut_off
     assert all(f["stage"] == "extract.prosody" and f["modality"] == "audio" for f in failures)
     with StoreReader(tmp_path / "p.h5") as reader:
         _, mask = reader.read("utterance", ["sample_00000002", "sample_00000004"])

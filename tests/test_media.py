@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import pickle
+import re
 import threading
 from pathlib import Path
 
@@ -334,3 +335,30 @@ def test_decoder_threads_are_per_thread_applied_and_change_no_pixel(clips, monke
     assert media.decoder_threads() == 0  # the setting stayed in that thread
     with pytest.raises(ValueError, match="decoder threads"):
         media.set_decoder_threads(-1)
+
+
+def test_a_cut_off_file_is_refused_by_both_readers_never_decoded_in_part(tmp_path):
+    """A partial download (faststart MP4: the header states 4 s) decodes, whichever packet the
+    cut falls in, either to a decode error or to a part of the clip. The part must not pass for
+    the clip: each reader raises MediaError naming the file, with the seconds decoded and declared."""
+    src = write_clip(tmp_path / "four.mp4", seconds=4.0, fps=10, audio="tone")
+    assert len(load_audio(src)) / SR == pytest.approx(4.0, abs=0.1)  # intact: decoded whole
+    assert sample_frames(src, 8).timestamps_s[-1] == pytest.approx(3.7, abs=0.11)
+    reasons = {"audio": set(), "video": set()}
+    for fraction in (0.2, 0.35, 0.5, 0.65, 0.8):
+        path = write_truncated(src, tmp_path / f"cut{fraction}.mp4", fraction)
+        for what, reader in (("audio", load_audio), ("video", lambda p: sample_frames(p, 8))):
+            with pytest.raises(MediaError) as info:
+                _within_deadline(lambda: reader(path))
+            assert str(path) in str(info.value)
+            cut_off = f"truncated: its {what}" in str(info.value)
+            reasons[what].add("truncated" if cut_off else "cannot decode")
+            if cut_off:
+                assert re.search(rf"its {what} decodes to \d\.\d\d s of the 4\.\d\d s its header declares", str(info.value))
+    assert all("truncated" in found for found in reasons.values()), reasons  # the new check, not only decode errors
+    # a cut within the slack (the last 2 % of the bytes) loses less than TRUNCATION_SLACK_S: still decoded
+    near_whole = write_truncated(src, tmp_path / "cut0.98.mp4", 0.98)
+    try:
+        assert len(load_audio(near_whole)) / SR > 4.0 - media.TRUNCATION_SLACK_S
+    except MediaError as exc:
+        assert "cannot decode" in str(exc)

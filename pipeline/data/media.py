@@ -175,6 +175,35 @@ def _scanned_duration_s(path: str, stream_index: int) -> float:
         return count / fps if fps else float(count)
 
 
+# Containers whose header states each stream's length (MP4/MOV, Matroska/WebM, AVI, FLAC). A
+# file of these that decodes to well short of that length was cut off (a partial download or
+# copy), whichever packet the cut fell in: its decoder may stop early without an error. MP3, WAV
+# and raw streams are not checked: their length is estimated from the bytes present or the bit
+# rate, so a cut-off file states the shorter length and a sound VBR file can state a wrong one.
+_HEADER_LENGTH_FORMATS = frozenset({"mov", "mp4", "matroska", "webm", "avi", "flac"})
+TRUNCATION_SLACK_S, TRUNCATION_SLACK_FRACTION = 0.5, 0.1  # intact files here fall short by < 1 ms
+
+
+def _declared_length_s(container: av.container.InputContainer, stream: av.stream.Stream) -> float | None:
+    """The stream's length as its container's header states it; None where it is not stated there."""
+    if not _HEADER_LENGTH_FORMATS & set(container.format.name.split(",")):
+        return None
+    if not (stream.duration and stream.time_base):
+        return None
+    return float(stream.duration * stream.time_base)
+
+
+def _refuse_if_cut_off(path: str, what: str, decoded_s: float, declared_s: float | None) -> None:
+    """MediaError when `decoded_s` falls short of the header's `declared_s` by more than
+    max(TRUNCATION_SLACK_S, TRUNCATION_SLACK_FRACTION of it): features of a third of a clip must
+    not pass for the clip's (the extract stages record it as a failure and go on)."""
+    if declared_s is None:
+        return
+    if declared_s - decoded_s > max(TRUNCATION_SLACK_S, TRUNCATION_SLACK_FRACTION * declared_s):
+        raise MediaError(path, f"truncated: its {what} decodes to {decoded_s:.2f} s of the {declared_s:.2f} s "
+                               "its header declares", _CORRUPT_HINT)
+
+
 def _duration_s(path: str, container: av.container.InputContainer, stream: av.stream.Stream) -> float:
     duration = _metadata_duration_s(container, stream)
     return duration if duration is not None else _scanned_duration_s(path, stream.index)
@@ -287,7 +316,8 @@ def sample_frames(path: str | os.PathLike[str], num_frames: int, max_side: int |
 
     Each target gets the frame displayed at that instant. A clip with fewer decodable
     frames than ``num_frames`` yields repeated frames, so exactly ``num_frames`` come back.
-    ``max_side`` downsizes (keeping aspect) so that max(H, W) <= max_side.
+    ``max_side`` downsizes (keeping aspect) so that max(H, W) <= max_side. A file whose
+    frames end well short of the length its header states raises MediaError ("truncated").
     """
     if num_frames < 1:
         raise ValueError(f"num_frames must be >= 1, got {num_frames}")
@@ -306,7 +336,11 @@ def sample_frames(path: str | os.PathLike[str], num_frames: int, max_side: int |
         picks = _pick_frames(container, stream, targets)
         if not picks:
             raise MediaError(path, "no video frame could be decoded", _CORRUPT_HINT)
-        _warn_if_short(path, picks[-1][1], targets[-1], duration, _fps(stream))
+        frame_s = 1.0 / _fps(stream) if _fps(stream) else 0.0
+        if targets[-1] - picks[-1][1] > 2 * frame_s:  # the stream ended before the last target, about there
+            _refuse_if_cut_off(path, "video", picks[-1][1] + frame_s - _start_s(stream),
+                               _declared_length_s(container, stream))
+            _warn_if_short(path, picks[-1][1], targets[-1], duration, _fps(stream))
         # Convert inside the block (decoder still alive); one conversion per distinct frame.
         width, height = _out_size(picks[0][0].width, picks[0][0].height, max_side)
         converted: dict[int, np.ndarray] = {}
@@ -321,7 +355,8 @@ def sample_frames(path: str | os.PathLike[str], num_frames: int, max_side: int |
 
 
 def _warn_if_short(path: str, last_t: float, last_target: float, duration: float, fps: float) -> None:
-    """Decoded video ending well before the metadata duration usually means truncation."""
+    """Decoded video ending well before the metadata duration, in a file whose header states no
+    length (one that states it was refused above): likely truncation, so it is logged."""
     slack = max(2.0 / fps if fps else 0.0, 0.1 * duration)
     if last_target > last_t + slack:
         log.warning("%s: video decodes only to %.2fs of %.2fs; repeating the last frame", path, last_t, duration)
@@ -332,7 +367,8 @@ def load_audio(path: str | os.PathLike[str], sample_rate: int = 16000) -> np.nda
     """Decode the first audio stream to float32 mono at ``sample_rate`` (1-D, in [-1, 1]).
 
     In-process equivalent of ``ffmpeg -ar 16000 -ac 1`` (the MER2025 baseline). A silent
-    track yields zeros; a file without an audio stream raises NoAudioError.
+    track yields zeros; a file without an audio stream raises NoAudioError; a file cut off
+    well short of the length its header states raises MediaError ("truncated").
     """
     if sample_rate < 1:
         raise ValueError(f"sample_rate must be >= 1, got {sample_rate}")
@@ -349,9 +385,11 @@ def load_audio(path: str | os.PathLike[str], sample_rate: int = 16000) -> np.nda
         for frame in container.decode(container.streams.audio[0]):
             chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
         chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))  # flush
+        declared = _declared_length_s(container, container.streams.audio[0])
     if not chunks:
         raise MediaError(path, "audio stream decoded to 0 samples", _CORRUPT_HINT)
     wav = np.concatenate(chunks).astype(np.float32, copy=False)
+    _refuse_if_cut_off(path, "audio", len(wav) / sample_rate, declared)
     return np.clip(wav, -1.0, 1.0, out=wav)
 
 
