@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -33,6 +34,8 @@ import numpy as np
 
 from pipeline.errors import MerError
 from pipeline.tables import write_jsonl
+
+log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 PRESENT_KEY = "present"  # optional per-clip scalar: 0 = the clip lacks this modality (no face, silence)
@@ -98,17 +101,21 @@ def _check_identity(path: Path, attrs: Any, identity: StoreIdentity, restart_hin
 
 
 def _write_file(path: Path, identity: StoreIdentity, names: list[str],
-                rows: Sequence[Mapping[str, np.ndarray]], sequence_keys: Iterable[str]) -> None:
+                rows: Sequence[Mapping[str, np.ndarray]], sequence_keys: Iterable[str],
+                clip_digests: Mapping[str, str | None] | None = None) -> None:
     """Write one complete store file atomically (temp name, then rename).
 
     `rows` may be lazy (rows read from other stores on demand): values are copied in
     blocks of `_BLOCK` clips, so merging a store of any size keeps memory flat.
+    `clip_digests` (segments only): what each clip was extracted from (`Reuse.clips`).
     """
     sequence_keys = set(sequence_keys)
     keys = sorted(rows[0]) if rows else []
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w", libver="earliest") as f:
         _write_attrs(f, identity, sequence_keys)
+        if clip_digests is not None:
+            f.attrs["clip_digests_json"] = json.dumps(dict(clip_digests), sort_keys=True)
         f.create_dataset("names", data=np.array(names, dtype=object), dtype=_STR, track_times=False)
         data = f.create_group("data")
         for key in keys:
@@ -287,22 +294,42 @@ def read_features(path: str | Path, key: str, names: list[str]) -> tuple[np.ndar
         return reader.read(key, names)
 
 
+@dataclass(frozen=True)
+class Reuse:
+    """What decides whether a clip's row from the previous run still holds (StoreWriter `reuse`):
+    the digest of what the extractor reads for each clip, and of the code that computes it."""
+
+    clips: Mapping[str, str]  # clip name -> digest of its media.jsonl line (paths, media digest, subtitles)
+    code: str
+
+
 class StoreWriter:
-    """Resumable writer: buffer clips, commit segments atomically, merge at the end."""
+    """Resumable writer: buffer clips, commit segments atomically, merge at the end.
+
+    `reuse`: the finished store is also kept as `.partial/<store>.previous.h5`, a hard link (no
+    copy), beside what made it (`.previous.json`: fingerprint, code digest, each clip's digest).
+    DVC removes a stage's output before rerunning it; a later run with the same fingerprint and
+    code then takes every clip whose digest is unchanged from there, and extracts only new or
+    changed clips. Anything else in doubt (no link, other settings or code) extracts every clip.
+    """
 
     def __init__(self, path: str | Path, identity: StoreIdentity, sequence_keys: Iterable[str] = (),
-                 restart: bool = False):
+                 restart: bool = False, reuse: Reuse | None = None):
         self.path = Path(path)
         self.identity = identity
         self.sequence_keys = set(sequence_keys)
         self.partial_dir = self.path.parent / ".partial" / self.path.stem
+        self.previous = self.path.parent / ".partial" / f"{self.path.stem}.previous.h5"
+        self._previous_meta = self.previous.with_suffix(".json")
+        self.reuse = reuse
         self._buffer: list[tuple[str, dict[str, np.ndarray]]] = []
         if restart:
             self.discard()
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.partial_dir.glob("*.tmp"):
             tmp.unlink()  # a segment that never got renamed is unfinished work
-        self._done = self._scan_done()
+        self.reused, self.not_reused_because = self._scan_previous()
+        self._done = self._scan_done() | self.reused
 
     def _restart_hint(self) -> str:
         return f"delete {self.path} and {self.partial_dir} (or run `mer extract {self.identity.store} --restart`)"
@@ -310,13 +337,43 @@ class StoreWriter:
     def _segments(self) -> list[Path]:
         return sorted(self.partial_dir.glob("part-*.h5"))
 
+    def _final_is_previous(self) -> bool:  # `mer extract` rerun on a finished store: judged as the previous run
+        return self.path.exists() and self.previous.exists() and os.path.samefile(self.path, self.previous)
+
+    def _scan_previous(self) -> tuple[set[str], str]:
+        """The previous run's clips that still hold, and why none do when that is so (for the log)."""
+        if self.reuse is None:
+            return set(), ""
+        if not (self.previous.exists() and self._previous_meta.exists()):
+            return set(), "no previous run kept"
+        meta = json.loads(self._previous_meta.read_text(encoding="utf-8"))
+        if meta.get("fingerprint") != self.identity.fingerprint:
+            return set(), "the previous run had other settings"
+        if meta.get("code") != self.reuse.code:
+            return set(), "the previous run had other code"
+        with StoreReader(self.previous) as reader:
+            if reader.attrs.get("fingerprint") != self.identity.fingerprint:
+                return set(), "the previous run's store has other settings"
+            kept = meta.get("clips", {})
+            return {n for n in reader.names if kept.get(n) is not None and kept[n] == self.reuse.clips.get(n)}, ""
+
     def _scan_done(self) -> set[str]:
+        """Clips committed by an interrupted run (segments) or a finished store at the path. With
+        `reuse`, a segment's clip whose media or subtitles changed since is not done (`_stale`)."""
         done: set[str] = set()
-        sources = ([self.path] if self.path.exists() else []) + self._segments()
+        self._stale: set[tuple[Path, str]] = set()
+        final = [self.path] if self.path.exists() and not self._final_is_previous() else []
+        sources = final + self._segments()
         for source in sources:
             with StoreReader(source) as reader:
                 _check_identity(source, reader.attrs, self.identity, self._restart_hint())
-                done.update(reader.names)
+                made_from = json.loads(reader.attrs.get("clip_digests_json", "null"))
+                for name in reader.names:
+                    if self.reuse is not None and made_from is not None and \
+                            made_from.get(name) != self.reuse.clips.get(name):
+                        self._stale.add((source, name))
+                    else:
+                        done.add(name)
         return done
 
     @property
@@ -341,17 +398,21 @@ class StoreWriter:
         index = int(segments[-1].stem.split("-")[1]) + 1 if segments else 1
         names = [n for n, _ in self._buffer]
         _write_file(self.partial_dir / f"part-{index:06d}.h5", self.identity, names,
-                    [r for _, r in self._buffer], self.sequence_keys)
+                    [r for _, r in self._buffer], self.sequence_keys,
+                    {n: self.reuse.clips.get(n) for n in names} if self.reuse is not None else None)
         self._done.update(names)
         self._buffer.clear()
 
     def finalize(self, order: list[str]) -> int:
         """Merge the final store and all segments into one file in `order`; returns rows."""
         self.flush()
-        sources = ([self.path] if self.path.exists() else []) + self._segments()
-        readers = [StoreReader(source) for source in sources]
-        try:
-            where = {name: reader for reader in readers for name in reader.names}
+        final = [self.path] if self.path.exists() and not self._final_is_previous() else []
+        readers = [StoreReader(self.previous)] if self.reused else []
+        readers += [StoreReader(source) for source in final + self._segments()]
+        try:  # later sources win: the previous run's unchanged clips, then this store, then the new segments
+            where = {name: reader for reader in readers for name in reader.names
+                     if (reader.path != self.previous or name in self.reused)
+                     and (reader.path, name) not in self._stale}
             names = [n for n in order if n in where]
             rows = [_LazyRow(where[n], n) for n in names]
             _write_file(self.path, self.identity, names, rows, self.sequence_keys)
@@ -359,12 +420,36 @@ class StoreWriter:
             for reader in readers:
                 reader.close()
         shutil.rmtree(self.partial_dir, ignore_errors=True)
+        if self.reuse is not None:
+            self._keep_as_previous(names)
         return len(names)
 
+    def _keep_as_previous(self, names: list[str]) -> None:
+        """The finished store, hard-linked as the previous run with what made it. The description
+        goes first and comes back last, so a crash between leaves no description of another file."""
+        self._previous_meta.unlink(missing_ok=True)
+        link = self.previous.with_name(self.previous.name + ".tmp")
+        link.unlink(missing_ok=True)
+        try:
+            os.link(self.path, link)
+        except OSError as err:  # a file system without hard links: no reuse, never a copy of the store
+            self.previous.unlink(missing_ok=True)
+            log.warning("%s: cannot hard-link it as %s (%s): a changed clip list will extract every clip again",
+                        self.path, self.previous, err)
+            return
+        os.replace(link, self.previous)
+        meta = {"fingerprint": self.identity.fingerprint, "code": self.reuse.code,
+                "clips": {n: self.reuse.clips[n] for n in names if n in self.reuse.clips}}
+        tmp = self._previous_meta.with_name(self._previous_meta.name + ".tmp")
+        tmp.write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, self._previous_meta)
+
     def discard(self) -> None:
-        """Forget all work: remove the final store and every segment."""
+        """Forget all work: remove the final store, every segment and the previous run kept."""
         self.path.unlink(missing_ok=True)
         shutil.rmtree(self.partial_dir, ignore_errors=True)
+        self.previous.unlink(missing_ok=True)
+        self._previous_meta.unlink(missing_ok=True)
 
 
 def write_empty_store(path: str | Path, identity: StoreIdentity) -> None:

@@ -168,6 +168,35 @@ def test_a_relabelled_clip_reruns_training_not_extraction(repo: Path):
     assert not {s for s in _ran(_sh([dvc, "repro"], repo)) if s.startswith("extract@")}
 
 
+@pytest.mark.slow
+def test_a_replaced_clip_is_the_one_clip_extracted_again(repo: Path):
+    """DVC removes a stage's output before rerunning it; the stage takes the unchanged clips from
+    the previous run (kept hard-linked under features/.partial/), so a clip replaced under its
+    name is extracted again alone, and the store is what extracting every clip would give."""
+    dvc = str(BIN / "dvc")
+    names = sorted(p.stem for p in (repo / "data" / "subset" / "video").glob("*.mp4"))
+    replaced = repo / "data" / "subset" / "video" / f"{names[0]}.mp4"
+    original = replaced.read_bytes()
+    shutil.copy(DEMO / "video" / "sample_00000080.mp4", replaced)  # a clip not in the subset, fixed in its place
+    try:
+        ran = _ran(_sh([dvc, "repro"], repo))
+        stores = [s for s in yaml.safe_load((repo / "params.yaml").read_text())["extract"]] + ["text_enriched",
+                                                                                                "llm_labels"]
+        assert {f"extract@{s}" for s in stores if s not in ("text_enriched", "llm_labels")} <= ran, ran
+        for store in stores:
+            summary = json.loads((repo / "reports" / "extract" / f"{store}.json").read_text())
+            assert (summary["done"], summary["skipped"], summary["failed"]) == (1, 21, 0), (store, summary)
+        media = repo / "data" / "media.jsonl"
+        _sh([sys.executable, "-m", "pipeline.stages.extract", "prosody", str(media), "scratch/prosody.h5",
+             "scratch/prosody.json", "--no-progress"], repo)
+        assert (repo / "features" / "prosody.h5").read_bytes() == (repo / "scratch" / "prosody.h5").read_bytes()
+    finally:
+        replaced.write_bytes(original)
+        shutil.rmtree(repo / "scratch", ignore_errors=True)
+    back = _sh([dvc, "repro"], repo)  # the clip as it was: DVC restores each store from its run cache
+    assert not any(f"Running stage 'extract@" in line for line in back.splitlines()), back
+
+
 @pytest.fixture(scope="module")
 def exp_repo(repo: Path, tmp_path_factory) -> Path:
     """A copy of the reproduced repo with everything committed, as `dvc exp run` needs."""

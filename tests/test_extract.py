@@ -151,3 +151,94 @@ def test_decode_workers_share_the_cpus_among_their_decoders(monkeypatch):
     got = [f.result()[0] for _, f in _prefetch(Recorder(), list(range(5)), workers=2, depth=2,
                                                 threads_per_decoder=3)]
     assert got == [3] * 5 and media.decoder_threads() == 0
+
+
+def test_after_dvc_removes_the_store_only_new_and_changed_clips_are_extracted(ingest_cfg, dataset, engine, tmp_path,
+                                                                              monkeypatch):
+    """DVC deletes a stage's output before rerunning it. The finished store is kept hard-linked as
+    the previous run, so a rerun with one clip replaced and one added extracts those two only, and
+    writes the same bytes as extracting every clip from scratch. Other settings or other code
+    reuse nothing."""
+    from fixtures_media import write_clip
+
+    from pipeline.extract import engine as engine_module
+    from pipeline.manifest import read_manifest
+
+    spec = ExtractorSpec("numpy_prosody", {"n_mfcc": 5})
+    store = tmp_path / "f" / "prosody.h5"
+
+    def extract(path=store, the_spec=spec, restart=False):
+        write_manifest(ingest(ingest_cfg), tmp_path / "media.jsonl")
+        return run_extraction("prosody", the_spec, engine, tmp_path / "media.jsonl", path, progress=False,
+                              restart=restart)
+
+    first = extract()
+    assert (first.done, first.skipped) == (8, 0)
+    kept = json.loads((tmp_path / "f" / ".partial" / "prosody.previous.json").read_text())
+    assert sorted(kept["clips"]) == sorted(c.name for c in read_manifest(tmp_path / "media.jsonl"))
+    assert (tmp_path / "f" / ".partial" / "prosody.previous.h5").stat().st_ino == store.stat().st_ino  # a link
+    store.unlink()  # what DVC does before it reruns the stage
+    assert extract().skipped == 8  # nothing changed: every clip from the previous run
+
+    store.unlink()
+    write_clip(dataset / "video" / "sample_00000002.mp4", seconds=1.3, tone_hz=310.0)  # replaced under its name
+    write_clip(dataset / "video" / "sample_00000200.mp4", seconds=0.8, tone_hz=520.0)  # a new clip
+    extracted = []
+    original = engine_module.ClipWorker.run
+    monkeypatch.setattr(engine_module.ClipWorker, "run",
+                        lambda self, todo, *a: extracted.extend(c.name for c in todo) or original(self, todo, *a))
+    again = extract()
+    assert sorted(extracted) == ["sample_00000002", "sample_00000200"] and (again.done, again.skipped) == (2, 7)
+    scratch = extract(tmp_path / "scratch" / "prosody.h5")
+    assert scratch.done == 9
+    assert store.read_bytes() == (tmp_path / "scratch" / "prosody.h5").read_bytes()
+
+    for changed in ("settings", "code"):  # nothing is reused
+        store.unlink()
+        extracted.clear()
+        if changed == "code":
+            monkeypatch.setattr(engine_module, "code_digest", lambda: "another-version")
+            summary = extract()
+        else:
+            summary = extract(the_spec=ExtractorSpec("numpy_prosody", {"n_mfcc": 6}))
+        assert (summary.done, summary.skipped) == (9, 0) and len(extracted) == 9, changed
+    store.unlink()
+    assert extract().skipped == 9  # the run just made (this code, these settings) is kept...
+    store.unlink()
+    assert (extract(restart=True).done, len(extracted)) == (9, 9 + 9)  # ...and --restart forgets it
+
+
+def test_a_clip_replaced_after_an_interrupted_run_is_extracted_again(ingest_cfg, dataset, engine, tmp_path,
+                                                                     monkeypatch):
+    """Segments of an interrupted run record what each clip was extracted from: a clip committed
+    there and replaced before the rerun is extracted again, not merged from the segment."""
+    from fixtures_media import write_clip
+
+    from pipeline.extract import worker
+    from pipeline.manifest import media_only
+
+    spec = ExtractorSpec("numpy_prosody", {"n_mfcc": 5})
+
+    def extract(path):
+        write_manifest([media_only(c) for c in ingest(ingest_cfg)], tmp_path / "media.jsonl")
+        return run_extraction("prosody", spec, engine, tmp_path / "media.jsonl", path, progress=False)
+
+    taken = []
+    original = worker.RunWriter.take
+
+    def interrupted(self, result):
+        if len(taken) == 4:
+            raise KeyboardInterrupt
+        taken.append(result.name)
+        original(self, result)
+
+    monkeypatch.setattr(worker.RunWriter, "take", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        extract(tmp_path / "f" / "prosody.h5")
+    monkeypatch.setattr(worker.RunWriter, "take", original)
+    assert len(taken) == 4  # committed: flush_every is 1
+    write_clip(dataset / "video" / f"{taken[0]}.mp4", seconds=1.4, tone_hz=333.0)  # replaced before the rerun
+    resumed = extract(tmp_path / "f" / "prosody.h5")
+    assert (resumed.done, resumed.skipped) == (8 - 3, 3)
+    assert extract(tmp_path / "scratch" / "prosody.h5").done == 8
+    assert (tmp_path / "f" / "prosody.h5").read_bytes() == (tmp_path / "scratch" / "prosody.h5").read_bytes()

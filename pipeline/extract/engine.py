@@ -11,6 +11,9 @@ results to the same writer (`RunWriter`, pipeline/extract/worker.py), so stores,
 
 from __future__ import annotations
 
+import functools
+import hashlib
+import json
 import logging
 import time
 from collections import Counter
@@ -22,8 +25,9 @@ from pipeline.errors import ExtractionFailed, ModelMissing, ModelMissingError  #
 from pipeline.extract.worker import (ClipResult, ClipWorker, ExtractSummary, RunWriter,  # noqa: F401
                                      _prefetch, check_device, decoder_threads, failure_record, resolve_device)
 from pipeline.extractors.base import build_extractor
-from pipeline.manifest import Clip, read_manifest
-from pipeline.store import DISABLED, StoreIdentity, StoreReader, StoreWriter, write_empty_store, write_failures
+from pipeline.manifest import Clip, media_only, read_manifest
+from pipeline.store import (DISABLED, Reuse, StoreIdentity, StoreReader, StoreWriter, write_empty_store,
+                            write_failures)
 from pipeline.tables import progress_bar, write_json
 
 log = logging.getLogger(__name__)
@@ -49,10 +53,14 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
     identity = StoreIdentity(store=store, extractor=spec.extractor, params=as_dict(extractor.options),
                              model=model, versions=extractor.versions())
     _drop_disabled(Path(store_path))
-    writer = StoreWriter(store_path, identity, extractor.sequence_keys, restart=restart)
+    writer = StoreWriter(store_path, identity, extractor.sequence_keys, restart=restart,
+                         reuse=Reuse({c.name: clip_digest(c) for c in clips}, code_digest()))
     summary = ExtractSummary(store=store, extractor=spec.extractor, device=device, clips=len(clips))
     todo = [c for c in clips if c.name not in writer.done]
     summary.skipped = len(clips) - len(todo)
+    if writer.reused or writer.not_reused_because not in ("", "no previous run kept"):
+        log.info("%s: %d of %d clips taken from the previous run (%s)%s", store, len(writer.reused), len(clips),
+                 writer.previous, f": none, {writer.not_reused_because}" if writer.not_reused_because else "")
     run = RunWriter(store, extractor, writer, engine, summary)
     bar = progress_bar(len(todo), f"extract {store}", "clip", progress)
     try:
@@ -77,6 +85,26 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
     summary.seconds = time.perf_counter() - start
     _finish(run, clips, Path(store_path), failures_path, summary_path)
     return summary
+
+
+def clip_digest(clip: Clip) -> str:
+    """What an extractor reads for a clip, hashed: its media paths, its media files' digest (read
+    from data/media.jsonl, else computed as ingest does: `media_only`) and its subtitles. A clip
+    whose digest changed is extracted again; labels, groups and candidacy are not in it."""
+    media = clip.media_digest or media_only(clip).media_digest
+    read = [clip.name, clip.video, clip.audio, clip.face_crops, media, clip.chinese, clip.english]
+    return hashlib.sha256(json.dumps(read, ensure_ascii=True).encode()).hexdigest()[:16]
+
+
+@functools.cache
+def code_digest() -> str:
+    """Every module of this package, hashed: a previous run's rows are reused only by the same code
+    (a changed extractor, decoder or option default must extract every clip again)."""
+    root = Path(__file__).resolve().parents[1]
+    sha = hashlib.sha256()
+    for path in sorted(root.rglob("*.py")):
+        sha.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
+    return sha.hexdigest()[:16]
 
 
 def write_disabled(store: str, spec: ExtractorSpec, store_path: str | Path, summary_path: str | Path | None) -> None:
