@@ -22,20 +22,17 @@ from __future__ import annotations
 
 import hashlib
 import json
-import logging
 import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
 
 from pipeline.errors import MerError
 from pipeline.tables import write_jsonl
-
-log = logging.getLogger(__name__)
 
 SCHEMA_VERSION = 1
 PRESENT_KEY = "present"  # optional per-clip scalar: 0 = the clip lacks this modality (no face, silence)
@@ -102,20 +99,21 @@ def _check_identity(path: Path, attrs: Any, identity: StoreIdentity, restart_hin
 
 def _write_file(path: Path, identity: StoreIdentity, names: list[str],
                 rows: Sequence[Mapping[str, np.ndarray]], sequence_keys: Iterable[str],
-                clip_digests: Mapping[str, str | None] | None = None) -> None:
+                made_from: tuple[Mapping[str, str | None], str] | None = None) -> None:
     """Write one complete store file atomically (temp name, then rename).
 
     `rows` may be lazy (rows read from other stores on demand): values are copied in
     blocks of `_BLOCK` clips, so merging a store of any size keeps memory flat.
-    `clip_digests` (segments only): what each clip was extracted from (`Reuse.clips`).
+    `made_from` (segments only): what each clip was extracted from (`Reuse.clips`), and the code.
     """
     sequence_keys = set(sequence_keys)
     keys = sorted(rows[0]) if rows else []
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w", libver="earliest") as f:
         _write_attrs(f, identity, sequence_keys)
-        if clip_digests is not None:
-            f.attrs["clip_digests_json"] = json.dumps(dict(clip_digests), sort_keys=True)
+        if made_from is not None:
+            f.attrs["clip_digests_json"] = json.dumps(dict(made_from[0]), sort_keys=True)
+            f.attrs["code"] = made_from[1]
         f.create_dataset("names", data=np.array(names, dtype=object), dtype=_STR, track_times=False)
         data = f.create_group("data")
         for key in keys:
@@ -297,20 +295,34 @@ def read_features(path: str | Path, key: str, names: list[str]) -> tuple[np.ndar
 @dataclass(frozen=True)
 class Reuse:
     """What decides whether a clip's row from the previous run still holds (StoreWriter `reuse`):
-    the digest of what the extractor reads for each clip, and of the code that computes it."""
+    the digest of what the extractor reads for each clip and of the code that computes it, and
+    where a finished store can be read back by its MD5 (DVC's cache: `locate`)."""
 
-    clips: Mapping[str, str]  # clip name -> digest of its media.jsonl line (paths, media digest, subtitles)
+    clips: Mapping[str, str]  # clip name -> digest of what the extractor reads for it
     code: str
+    locate: Callable[[str], Path | None] = lambda md5: None
+
+
+def file_md5(path: Path) -> str:
+    md5 = hashlib.md5()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            md5.update(block)
+    return md5.hexdigest()
 
 
 class StoreWriter:
     """Resumable writer: buffer clips, commit segments atomically, merge at the end.
 
-    `reuse`: the finished store is also kept as `.partial/<store>.previous.h5`, a hard link (no
-    copy), beside what made it (`.previous.json`: fingerprint, code digest, each clip's digest).
-    DVC removes a stage's output before rerunning it; a later run with the same fingerprint and
-    code then takes every clip whose digest is unchanged from there, and extracts only new or
-    changed clips. Anything else in doubt (no link, other settings or code) extracts every clip.
+    `reuse`: a finished store is described in `.partial/<store>.previous.json` (its MD5,
+    fingerprint, code digest and each clip's digest). DVC removes a stage's output before it
+    reruns the stage, but keeps a copy in its cache, where `reuse.locate` finds it by the MD5. A
+    rerun with the same fingerprint and code takes from it every clip whose digest is unchanged
+    and extracts only new or changed clips. In any doubt (no description, other settings or
+    code, the copy gone from the cache, an unreadable file) it takes nothing: every clip is
+    extracted. Rows whose provenance is unknown (a finished store at the path, from `mer
+    extract`, or segments written before digests were recorded) are described with no digest,
+    so a later run extracts them again rather than trust them.
     """
 
     def __init__(self, path: str | Path, identity: StoreIdentity, sequence_keys: Iterable[str] = (),
@@ -319,8 +331,7 @@ class StoreWriter:
         self.identity = identity
         self.sequence_keys = set(sequence_keys)
         self.partial_dir = self.path.parent / ".partial" / self.path.stem
-        self.previous = self.path.parent / ".partial" / f"{self.path.stem}.previous.h5"
-        self._previous_meta = self.previous.with_suffix(".json")
+        self.description = self.path.parent / ".partial" / f"{self.path.stem}.previous.json"
         self.reuse = reuse
         self._buffer: list[tuple[str, dict[str, np.ndarray]]] = []
         if restart:
@@ -328,6 +339,7 @@ class StoreWriter:
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.partial_dir.glob("*.tmp"):
             tmp.unlink()  # a segment that never got renamed is unfinished work
+        self.previous: Path | None = None
         self.reused, self.not_reused_because = self._scan_previous()
         self._done = self._scan_done() | self.reused
 
@@ -337,40 +349,54 @@ class StoreWriter:
     def _segments(self) -> list[Path]:
         return sorted(self.partial_dir.glob("part-*.h5"))
 
-    def _final_is_previous(self) -> bool:  # `mer extract` rerun on a finished store: judged as the previous run
-        return self.path.exists() and self.previous.exists() and os.path.samefile(self.path, self.previous)
-
     def _scan_previous(self) -> tuple[set[str], str]:
         """The previous run's clips that still hold, and why none do when that is so (for the log)."""
         if self.reuse is None:
             return set(), ""
-        if not (self.previous.exists() and self._previous_meta.exists()):
-            return set(), "no previous run kept"
-        meta = json.loads(self._previous_meta.read_text(encoding="utf-8"))
-        if meta.get("fingerprint") != self.identity.fingerprint:
+        if not self.description.exists():
+            return set(), "no previous run described"
+        try:
+            meta = json.loads(self.description.read_text(encoding="utf-8"))
+            md5, fingerprint, code, kept = meta["md5"], meta["fingerprint"], meta["code"], dict(meta["clips"])
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            return set(), f"its description {self.description} is unreadable ({err})"
+        if fingerprint != self.identity.fingerprint:
             return set(), "the previous run had other settings"
-        if meta.get("code") != self.reuse.code:
+        if code != self.reuse.code:
             return set(), "the previous run had other code"
-        with StoreReader(self.previous) as reader:
-            if reader.attrs.get("fingerprint") != self.identity.fingerprint:
-                return set(), "the previous run's store has other settings"
-            kept = meta.get("clips", {})
-            return {n for n in reader.names if kept.get(n) is not None and kept[n] == self.reuse.clips.get(n)}, ""
+        where = self.reuse.locate(md5)
+        if where is None or not where.is_file():
+            return set(), "its store is not in DVC's cache"
+        try:
+            with StoreReader(where) as reader:
+                if reader.attrs.get("fingerprint") != self.identity.fingerprint:
+                    return set(), f"{where} has other settings"
+                names = reader.names
+        except (StoreError, OSError, KeyError) as err:
+            return set(), f"{where} is unreadable ({err})"
+        self.previous = where
+        return {n for n in names if kept.get(n) is not None and kept[n] == self.reuse.clips.get(n)}, ""
 
     def _scan_done(self) -> set[str]:
         """Clips committed by an interrupted run (segments) or a finished store at the path. With
-        `reuse`, a segment's clip whose media or subtitles changed since is not done (`_stale`)."""
+        `reuse`, a segment's clip whose media or subtitles changed since, or that other code
+        made, is not done (`_stale`); rows that record neither are kept but `_unverified`."""
         done: set[str] = set()
         self._stale: set[tuple[Path, str]] = set()
-        final = [self.path] if self.path.exists() and not self._final_is_previous() else []
-        sources = final + self._segments()
+        self._unverified: set[str] = set()
+        sources = ([self.path] if self.path.exists() else []) + self._segments()
         for source in sources:
             with StoreReader(source) as reader:
                 _check_identity(source, reader.attrs, self.identity, self._restart_hint())
                 made_from = json.loads(reader.attrs.get("clip_digests_json", "null"))
+                code = reader.attrs.get("code")
                 for name in reader.names:
-                    if self.reuse is not None and made_from is not None and \
-                            made_from.get(name) != self.reuse.clips.get(name):
+                    if self.reuse is None:
+                        done.add(name)
+                    elif made_from is None:
+                        done.add(name)
+                        self._unverified.add(name)
+                    elif code != self.reuse.code or made_from.get(name) != self.reuse.clips.get(name):
                         self._stale.add((source, name))
                     else:
                         done.add(name)
@@ -399,17 +425,17 @@ class StoreWriter:
         names = [n for n, _ in self._buffer]
         _write_file(self.partial_dir / f"part-{index:06d}.h5", self.identity, names,
                     [r for _, r in self._buffer], self.sequence_keys,
-                    {n: self.reuse.clips.get(n) for n in names} if self.reuse is not None else None)
+                    None if self.reuse is None else ({n: self.reuse.clips.get(n) for n in names}, self.reuse.code))
         self._done.update(names)
         self._buffer.clear()
 
     def finalize(self, order: list[str]) -> int:
-        """Merge the final store and all segments into one file in `order`; returns rows."""
+        """Merge the previous run's reused clips, the final store and all segments into one file
+        in `order` (later sources win); returns rows."""
         self.flush()
-        final = [self.path] if self.path.exists() and not self._final_is_previous() else []
-        readers = [StoreReader(self.previous)] if self.reused else []
-        readers += [StoreReader(source) for source in final + self._segments()]
-        try:  # later sources win: the previous run's unchanged clips, then this store, then the new segments
+        readers = [StoreReader(self.previous)] if self.reused and self.previous is not None else []
+        readers += [StoreReader(source) for source in ([self.path] if self.path.exists() else []) + self._segments()]
+        try:
             where = {name: reader for reader in readers for name in reader.names
                      if (reader.path != self.previous or name in self.reused)
                      and (reader.path, name) not in self._stale}
@@ -421,35 +447,22 @@ class StoreWriter:
                 reader.close()
         shutil.rmtree(self.partial_dir, ignore_errors=True)
         if self.reuse is not None:
-            self._keep_as_previous(names)
+            self._describe(names)
         return len(names)
 
-    def _keep_as_previous(self, names: list[str]) -> None:
-        """The finished store, hard-linked as the previous run with what made it. The description
-        goes first and comes back last, so a crash between leaves no description of another file."""
-        self._previous_meta.unlink(missing_ok=True)
-        link = self.previous.with_name(self.previous.name + ".tmp")
-        link.unlink(missing_ok=True)
-        try:
-            os.link(self.path, link)
-        except OSError as err:  # a file system without hard links: no reuse, never a copy of the store
-            self.previous.unlink(missing_ok=True)
-            log.warning("%s: cannot hard-link it as %s (%s): a changed clip list will extract every clip again",
-                        self.path, self.previous, err)
-            return
-        os.replace(link, self.previous)
-        meta = {"fingerprint": self.identity.fingerprint, "code": self.reuse.code,
-                "clips": {n: self.reuse.clips[n] for n in names if n in self.reuse.clips}}
-        tmp = self._previous_meta.with_name(self._previous_meta.name + ".tmp")
+    def _describe(self, names: list[str]) -> None:
+        """What the finished store is and was made from, for the next run (`_scan_previous`)."""
+        meta = {"md5": file_md5(self.path), "fingerprint": self.identity.fingerprint, "code": self.reuse.code,
+                "clips": {n: None if n in self._unverified else self.reuse.clips.get(n) for n in names}}
+        tmp = self.description.with_name(self.description.name + ".tmp")
         tmp.write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self._previous_meta)
+        os.replace(tmp, self.description)
 
     def discard(self) -> None:
-        """Forget all work: remove the final store, every segment and the previous run kept."""
+        """Forget all work: remove the final store, every segment and the previous run's description."""
         self.path.unlink(missing_ok=True)
         shutil.rmtree(self.partial_dir, ignore_errors=True)
-        self.previous.unlink(missing_ok=True)
-        self._previous_meta.unlink(missing_ok=True)
+        self.description.unlink(missing_ok=True)
 
 
 def write_empty_store(path: str | Path, identity: StoreIdentity) -> None:

@@ -171,8 +171,9 @@ def test_a_relabelled_clip_reruns_training_not_extraction(repo: Path):
 @pytest.mark.slow
 def test_a_replaced_clip_is_the_one_clip_extracted_again(repo: Path):
     """DVC removes a stage's output before rerunning it; the stage takes the unchanged clips from
-    the previous run (kept hard-linked under features/.partial/), so a clip replaced under its
-    name is extracted again alone, and the store is what extracting every clip would give."""
+    the previous run (found in DVC's cache by the MD5 features/.partial/ records), so a clip
+    replaced under its name is extracted again alone, and the store is what extracting every
+    clip would give."""
     dvc = str(BIN / "dvc")
     names = sorted(p.stem for p in (repo / "data" / "subset" / "video").glob("*.mp4"))
     replaced = repo / "data" / "subset" / "video" / f"{names[0]}.mp4"

@@ -155,32 +155,43 @@ def test_decode_workers_share_the_cpus_among_their_decoders(monkeypatch):
 
 def test_after_dvc_removes_the_store_only_new_and_changed_clips_are_extracted(ingest_cfg, dataset, engine, tmp_path,
                                                                               monkeypatch):
-    """DVC deletes a stage's output before rerunning it. The finished store is kept hard-linked as
-    the previous run, so a rerun with one clip replaced and one added extracts those two only, and
-    writes the same bytes as extracting every clip from scratch. Other settings or other code
-    reuse nothing."""
+    """DVC saves a stage's output in its cache and removes it before rerunning the stage. The
+    rerun finds the previous store there by its MD5 (`.partial/<store>.previous.json`), so with
+    one clip replaced and one added it extracts those two only, and writes the same bytes as
+    extracting every clip from scratch. Other settings, other code or the copy gone from the
+    cache reuse nothing; so does --restart."""
+    import hashlib
+    import shutil
+
     from fixtures_media import write_clip
 
     from pipeline.extract import engine as engine_module
-    from pipeline.manifest import read_manifest
+    from pipeline.manifest import media_only, read_manifest
 
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(engine_module, "in_dvc_cache", lambda md5: cache / md5)
     spec = ExtractorSpec("numpy_prosody", {"n_mfcc": 5})
     store = tmp_path / "f" / "prosody.h5"
 
+    def dvc_removes_the_output():  # `dvc repro` before it reruns a changed stage: saved in the cache, removed
+        shutil.copy(store, cache / hashlib.md5(store.read_bytes()).hexdigest())
+        store.unlink()
+
     def extract(path=store, the_spec=spec, restart=False):
-        write_manifest(ingest(ingest_cfg), tmp_path / "media.jsonl")
+        write_manifest([media_only(c) for c in ingest(ingest_cfg)], tmp_path / "media.jsonl")
         return run_extraction("prosody", the_spec, engine, tmp_path / "media.jsonl", path, progress=False,
                               restart=restart)
 
     first = extract()
     assert (first.done, first.skipped) == (8, 0)
-    kept = json.loads((tmp_path / "f" / ".partial" / "prosody.previous.json").read_text())
-    assert sorted(kept["clips"]) == sorted(c.name for c in read_manifest(tmp_path / "media.jsonl"))
-    assert (tmp_path / "f" / ".partial" / "prosody.previous.h5").stat().st_ino == store.stat().st_ino  # a link
-    store.unlink()  # what DVC does before it reruns the stage
+    described = json.loads((tmp_path / "f" / ".partial" / "prosody.previous.json").read_text())
+    assert sorted(described["clips"]) == sorted(c.name for c in read_manifest(tmp_path / "media.jsonl"))
+    assert described["md5"] == hashlib.md5(store.read_bytes()).hexdigest()
+    dvc_removes_the_output()
     assert extract().skipped == 8  # nothing changed: every clip from the previous run
 
-    store.unlink()
+    dvc_removes_the_output()
     write_clip(dataset / "video" / "sample_00000002.mp4", seconds=1.3, tone_hz=310.0)  # replaced under its name
     write_clip(dataset / "video" / "sample_00000200.mp4", seconds=0.8, tone_hz=520.0)  # a new clip
     extracted = []
@@ -189,23 +200,62 @@ def test_after_dvc_removes_the_store_only_new_and_changed_clips_are_extracted(in
                         lambda self, todo, *a: extracted.extend(c.name for c in todo) or original(self, todo, *a))
     again = extract()
     assert sorted(extracted) == ["sample_00000002", "sample_00000200"] and (again.done, again.skipped) == (2, 7)
-    scratch = extract(tmp_path / "scratch" / "prosody.h5")
-    assert scratch.done == 9
+    assert extract(tmp_path / "scratch" / "prosody.h5").done == 9
     assert store.read_bytes() == (tmp_path / "scratch" / "prosody.h5").read_bytes()
 
-    for changed in ("settings", "code"):  # nothing is reused
-        store.unlink()
+    for changed in ("settings", "code", "cache"):  # nothing is reused
+        dvc_removes_the_output()
         extracted.clear()
+        if changed == "cache":
+            shutil.rmtree(cache)  # `dvc gc`
+            cache.mkdir()
         if changed == "code":
             monkeypatch.setattr(engine_module, "code_digest", lambda: "another-version")
-            summary = extract()
-        else:
-            summary = extract(the_spec=ExtractorSpec("numpy_prosody", {"n_mfcc": 6}))
+        summary = extract(the_spec=ExtractorSpec("numpy_prosody", {"n_mfcc": 6}) if changed == "settings" else spec)
         assert (summary.done, summary.skipped) == (9, 0) and len(extracted) == 9, changed
-    store.unlink()
-    assert extract().skipped == 9  # the run just made (this code, these settings) is kept...
-    store.unlink()
+    dvc_removes_the_output()
+    assert extract().skipped == 9  # the run just made (this code, these settings) is found...
+    dvc_removes_the_output()
     assert (extract(restart=True).done, len(extracted)) == (9, 9 + 9)  # ...and --restart forgets it
+    (tmp_path / "f" / ".partial" / "prosody.previous.json").write_text("{not json")
+    dvc_removes_the_output()
+    assert extract().done == 9  # an unreadable description: nothing reused, no crash
+
+
+def test_rows_of_unknown_provenance_are_not_trusted_by_the_next_run(ingest_cfg, dataset, engine, tmp_path,
+                                                                    monkeypatch):
+    """A finished store at the path (a `mer extract` rerun outside DVC) records no digests: its
+    clips count as done, as before, but are described with none, so a clip replaced in between
+    is extracted again by the next run that finds the store in DVC's cache."""
+    import hashlib
+    import shutil
+
+    from fixtures_media import write_clip
+
+    from pipeline.extract import engine as engine_module
+    from pipeline.manifest import media_only
+
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setattr(engine_module, "in_dvc_cache", lambda md5: cache / md5)
+    spec = ExtractorSpec("numpy_prosody", {"n_mfcc": 5})
+    store = tmp_path / "f" / "prosody.h5"
+
+    def extract():
+        write_manifest([media_only(c) for c in ingest(ingest_cfg)], tmp_path / "media.jsonl")
+        return run_extraction("prosody", spec, engine, tmp_path / "media.jsonl", store, progress=False)
+
+    assert extract().done == 8
+    write_clip(dataset / "video" / "sample_00000002.mp4", seconds=1.3, tone_hz=310.0)
+    assert extract().skipped == 8  # the store at the path: done by name, as `mer extract` always did
+    described = json.loads((tmp_path / "f" / ".partial" / "prosody.previous.json").read_text())
+    assert all(digest is None for digest in described["clips"].values())
+    shutil.copy(store, cache / hashlib.md5(store.read_bytes()).hexdigest())
+    store.unlink()
+    assert extract().done == 8  # none trusted
+    with pytest.raises(FingerprintMismatch):  # other settings on a finished store still stop, naming them
+        run_extraction("prosody", ExtractorSpec("numpy_prosody", {"n_mfcc": 6}), engine, tmp_path / "media.jsonl",
+                       store, progress=False)
 
 
 def test_a_clip_replaced_after_an_interrupted_run_is_extracted_again(ingest_cfg, dataset, engine, tmp_path,

@@ -354,7 +354,8 @@ def test_a_cut_off_file_is_refused_by_both_readers_never_decoded_in_part(tmp_pat
             cut_off = f"truncated: its {what}" in str(info.value)
             reasons[what].add("truncated" if cut_off else "cannot decode")
             if cut_off:
-                assert re.search(rf"its {what} decodes to \d\.\d\d s of the 4\.\d\d s its header declares", str(info.value))
+                declared = rf"its {what} decodes to \d\.\d\d s of the 4\.\d\d s its header declares"
+                assert re.search(declared, str(info.value))
     assert all("truncated" in found for found in reasons.values()), reasons  # the new check, not only decode errors
     # a cut within the slack (the last 2 % of the bytes) loses less than TRUNCATION_SLACK_S: still decoded
     near_whole = write_truncated(src, tmp_path / "cut0.98.mp4", 0.98)
@@ -362,3 +363,49 @@ def test_a_cut_off_file_is_refused_by_both_readers_never_decoded_in_part(tmp_pat
         assert len(load_audio(near_whole)) / SR > 4.0 - media.TRUNCATION_SLACK_S
     except MediaError as exc:
         assert "cannot decode" in str(exc)
+
+
+def test_a_frame_held_to_the_end_is_not_a_cut(tmp_path, caplog):
+    """Variable frame rate (a screen or phone recording): 21 frames over 2 s, then one more at
+    3.9 s, held to 4 s. The last targets pick the frame held from 2 s, which is right; the
+    stream's packets reach 4 s, so it is neither refused as truncated nor warned about."""
+    path = tmp_path / "vfr.mp4"
+    with av.open(str(path), "w", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("libx264", rate=10)
+        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
+        stream.options = {"preset": "ultrafast"}
+        for pts in [*range(21), 39]:
+            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), pts * 6, np.uint8), format="rgb24")
+            frame.pts = pts
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    with caplog.at_level("WARNING"):
+        frames = sample_frames(path, 8)
+    np.testing.assert_allclose(frames.timestamps_s, [0.2, 0.7, 1.2, 1.7, 2.0, 2.0, 2.0, 2.0])
+    assert not [r for r in caplog.records if "decodes only" in r.getMessage()]
+
+
+def test_a_cut_off_flac_is_refused_and_a_cut_off_wav_is_read_as_what_is_left(tmp_path):
+    """FLAC states its length in its header (STREAMINFO), so a cut one is refused; a WAV's stated
+    length follows the bytes present, so a cut WAV is a shorter sound file (not checked)."""
+    t = np.arange(4 * SR) / SR
+    samples = (np.sin(2 * np.pi * 220 * t * (1 + 0.2 * np.sin(3 * t))) * 12000).astype(np.int16)
+    flac = tmp_path / "four.flac"
+    with av.open(str(flac), "w") as container:
+        stream = container.add_stream("flac", rate=SR)
+        stream.layout = "mono"
+        frame = av.AudioFrame.from_ndarray(samples[None], format="s16", layout="mono")
+        frame.sample_rate = SR
+        for packet in [*stream.encode(frame), *stream.encode(None)]:
+            container.mux(packet)
+    assert len(load_audio(flac)) == 4 * SR
+    reasons = set()
+    for fraction in (0.3, 0.5, 0.7, 0.85):
+        with pytest.raises(MediaError) as info:
+            load_audio(write_truncated(flac, tmp_path / f"cut{fraction}.flac", fraction))
+        reasons.add("truncated" if "truncated: its audio decodes to" in str(info.value) else "cannot decode")
+    assert "truncated" in reasons, reasons
+    wav = write_truncated(write_wav(tmp_path / "four.wav", seconds=4.0, sample_rate=SR), tmp_path / "cut.wav", 0.5)
+    assert len(load_audio(wav)) / SR == pytest.approx(2.0, abs=0.01)

@@ -175,12 +175,13 @@ def _scanned_duration_s(path: str, stream_index: int) -> float:
         return count / fps if fps else float(count)
 
 
-# Containers whose header states each stream's length (MP4/MOV, Matroska/WebM, AVI, FLAC). A
-# file of these that decodes to well short of that length was cut off (a partial download or
-# copy), whichever packet the cut fell in: its decoder may stop early without an error. MP3, WAV
-# and raw streams are not checked: their length is estimated from the bytes present or the bit
-# rate, so a cut-off file states the shorter length and a sound VBR file can state a wrong one.
-_HEADER_LENGTH_FORMATS = frozenset({"mov", "mp4", "matroska", "webm", "avi", "flac"})
+# Containers whose header states each stream's length, as FFmpeg reads it whatever follows:
+# MP4/MOV and FLAC. A file of these that decodes to well short of that length was cut off (a
+# partial download or copy), whichever packet the cut fell in: its decoder may stop early
+# without an error. Not checked, as their stated length follows the bytes present or is not
+# given per stream here: WAV and AVI (a cut file states the shorter length), MP3 (estimated
+# from the bit rate: a sound VBR file can state a wrong one), Matroska/WebM (no stream length).
+_HEADER_LENGTH_FORMATS = frozenset({"mov", "mp4", "flac"})
 TRUNCATION_SLACK_S, TRUNCATION_SLACK_FRACTION = 0.5, 0.1  # intact files here fall short by < 1 ms
 
 
@@ -242,8 +243,9 @@ _BUFFERED_BYTES = 512 << 20  # a clip's compressed packets are held while its fr
 
 def _pick_frames(
     container: av.container.InputContainer, stream: av.video.stream.VideoStream, targets: np.ndarray
-) -> list[tuple[av.VideoFrame, float]]:
-    """For each target time, the frame on screen then (last with pts <= target).
+) -> tuple[list[tuple[av.VideoFrame, float]], float | None]:
+    """For each target time, the frame on screen then (last with pts <= target), and where the
+    stream's packets end (seconds from its start; None when not read: files decoded in sequence).
 
     Targets before the first frame get the first frame; targets after the stream ends get
     the last one, so exactly len(targets) picks come back (repeats when frames are scarce).
@@ -251,17 +253,21 @@ def _pick_frames(
     holds the compressed stream in memory: files over `_BUFFERED_BYTES` decode every frame.
     """
     if container.size > _BUFFERED_BYTES:
-        return _pick_in_sequence(stream, container.decode(stream), targets)
-    packets = [packet for packet in container.demux(stream) if packet.size]  # size 0: flush
+        return _pick_in_sequence(stream, container.decode(stream), targets), None
+    demuxed = list(container.demux(stream))
+    # the last frame's own duration counts: a frame held on screen to the end is not a cut
+    ends = [float((p.pts + (p.duration or 0)) * stream.time_base) for p in demuxed if p.pts is not None]
+    end = max(ends) - _start_s(stream) if ends else None
+    packets = [packet for packet in demuxed if packet.size]  # size 0: flush (or an AVI's repeated frame)
     picked = _decode_picked(stream, packets, targets)
     if picked is not None:
-        return picked
+        return picked, end
     # Packets without (distinct) timestamps, or picks the decoder did not return: decode
     # every frame from the start again, as a player would.
     codec = stream.codec_context
     codec.flush_buffers()
     codec.skip_frame = "DEFAULT"
-    return _pick_in_sequence(stream, (f for p in packets + [None] for f in codec.decode(p)), targets)
+    return _pick_in_sequence(stream, (f for p in packets + [None] for f in codec.decode(p)), targets), end
 
 
 def _decode_picked(stream: av.video.stream.VideoStream, packets: list[av.Packet],
@@ -333,13 +339,13 @@ def sample_frames(path: str | os.PathLike[str], num_frames: int, max_side: int |
             stream.codec_context.thread_count = threads
         duration = _duration_s(path, container, stream)
         targets = _start_s(stream) + (np.arange(num_frames) + 0.5) * duration / num_frames
-        picks = _pick_frames(container, stream, targets)
+        picks, end = _pick_frames(container, stream, targets)
         if not picks:
             raise MediaError(path, "no video frame could be decoded", _CORRUPT_HINT)
-        frame_s = 1.0 / _fps(stream) if _fps(stream) else 0.0
-        if targets[-1] - picks[-1][1] > 2 * frame_s:  # the stream ended before the last target, about there
-            _refuse_if_cut_off(path, "video", picks[-1][1] + frame_s - _start_s(stream),
-                               _declared_length_s(container, stream))
+        if end is not None:  # where the packets end, against the header: a cut-off file is refused
+            _refuse_if_cut_off(path, "video", end, _declared_length_s(container, stream))
+            _warn_if_short(path, end, duration, duration, _fps(stream))
+        else:  # decoded in sequence: the last pick is all that is known (a frame held long reads short)
             _warn_if_short(path, picks[-1][1], targets[-1], duration, _fps(stream))
         # Convert inside the block (decoder still alive); one conversion per distinct frame.
         width, height = _out_size(picks[0][0].width, picks[0][0].height, max_side)

@@ -54,13 +54,15 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
                              model=model, versions=extractor.versions())
     _drop_disabled(Path(store_path))
     writer = StoreWriter(store_path, identity, extractor.sequence_keys, restart=restart,
-                         reuse=Reuse({c.name: clip_digest(c) for c in clips}, code_digest()))
+                         reuse=Reuse({c.name: clip_digest(c) for c in clips}, code_digest(), in_dvc_cache))
     summary = ExtractSummary(store=store, extractor=spec.extractor, device=device, clips=len(clips))
     todo = [c for c in clips if c.name not in writer.done]
     summary.skipped = len(clips) - len(todo)
-    if writer.reused or writer.not_reused_because not in ("", "no previous run kept"):
-        log.info("%s: %d of %d clips taken from the previous run (%s)%s", store, len(writer.reused), len(clips),
-                 writer.previous, f": none, {writer.not_reused_because}" if writer.not_reused_because else "")
+    if writer.reused:
+        log.info("%s: %d of %d clips taken from the previous run (%s); the others are new or changed",
+                 store, len(writer.reused), len(clips), writer.previous)
+    elif writer.not_reused_because not in ("", "no previous run described"):
+        log.info("%s: no clip taken from the previous run: %s", store, writer.not_reused_because)
     run = RunWriter(store, extractor, writer, engine, summary)
     bar = progress_bar(len(todo), f"extract {store}", "clip", progress)
     try:
@@ -105,6 +107,19 @@ def code_digest() -> str:
     for path in sorted(root.rglob("*.py")):
         sha.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes() + b"\0")
     return sha.hexdigest()[:16]
+
+
+def in_dvc_cache(md5: str) -> Path | None:
+    """Where DVC's cache of the repository around the working directory keeps a file of this MD5
+    (what DVC saved of a stage's output before removing it); None outside a DVC repository."""
+    from dvc.exceptions import NotDvcRepoError
+    from dvc.repo import Repo
+
+    try:
+        with Repo() as repo:
+            return Path(repo.cache.local.oid_to_path(md5))
+    except NotDvcRepoError:
+        return None
 
 
 def write_disabled(store: str, spec: ExtractorSpec, store_path: str | Path, summary_path: str | Path | None) -> None:
