@@ -301,6 +301,7 @@ class Reuse:
     clips: Mapping[str, str]  # clip name -> digest of what the extractor reads for it
     code: str
     locate: Callable[[str], Path | None] = lambda md5: None
+    device: str = "cpu"  # a GPU's values differ from the CPU's in their last bits: never mixed in one store
 
 
 def file_md5(path: Path) -> str:
@@ -350,37 +351,46 @@ class StoreWriter:
         return sorted(self.partial_dir.glob("part-*.h5"))
 
     def _scan_previous(self) -> tuple[set[str], str]:
-        """The previous run's clips that still hold, and why none do when that is so (for the log)."""
+        """The previous run's clips that still hold, and why none do when that is so (for the log).
+        The previous store is the one at the path when it is the file described (`mer extract`
+        again), else DVC's copy (`dvc repro` removed the path); its reader stays open to finalize."""
+        self._previous_reader: StoreReader | None = None
         if self.reuse is None:
             return set(), ""
         if not self.description.exists():
             return set(), "no previous run described"
         try:
             meta = json.loads(self.description.read_text(encoding="utf-8"))
-            md5, fingerprint, code, kept = meta["md5"], meta["fingerprint"], meta["code"], dict(meta["clips"])
+            md5, fingerprint, code, device = meta["md5"], meta["fingerprint"], meta["code"], meta["device"]
+            kept = dict(meta["clips"])
+            if not (isinstance(md5, str) and len(md5) == 32 and all(c in "0123456789abcdef" for c in md5)):
+                raise ValueError(f"md5 {md5!r}")
         except (OSError, ValueError, KeyError, TypeError) as err:
             return set(), f"its description {self.description} is unreadable ({err})"
         if fingerprint != self.identity.fingerprint:
             return set(), "the previous run had other settings"
         if code != self.reuse.code:
             return set(), "the previous run had other code"
-        where = self.reuse.locate(md5)
+        if device != self.reuse.device:
+            return set(), f"the previous run ran on {device}, this one on {self.reuse.device}"
+        where = self.path if self.path.exists() and file_md5(self.path) == md5 else self.reuse.locate(md5)
         if where is None or not where.is_file():
             return set(), "its store is not in DVC's cache"
         try:
-            with StoreReader(where) as reader:
-                if reader.attrs.get("fingerprint") != self.identity.fingerprint:
-                    return set(), f"{where} has other settings"
-                names = reader.names
-        except (StoreError, OSError, KeyError) as err:
+            reader = StoreReader(where)
+        except (StoreError, OSError) as err:
             return set(), f"{where} is unreadable ({err})"
-        self.previous = where
-        return {n for n in names if kept.get(n) is not None and kept[n] == self.reuse.clips.get(n)}, ""
+        if reader.attrs.get("fingerprint") != self.identity.fingerprint:
+            reader.close()
+            return set(), f"{where} has other settings"
+        self.previous, self._previous_reader = where, reader
+        return {n for n in reader.names if kept.get(n) is not None and kept[n] == self.reuse.clips.get(n)}, ""
 
     def _scan_done(self) -> set[str]:
         """Clips committed by an interrupted run (segments) or a finished store at the path. With
-        `reuse`, a segment's clip whose media or subtitles changed since, or that other code
-        made, is not done (`_stale`); rows that record neither are kept but `_unverified`."""
+        `reuse`, the store at the path counts only as the described previous run (above), and a
+        segment's clip whose media or subtitles changed since, or that other code made, is not
+        done (`_stale`); segments that record neither (an older version's) count, `_unverified`."""
         done: set[str] = set()
         self._stale: set[tuple[Path, str]] = set()
         self._unverified: set[str] = set()
@@ -393,6 +403,8 @@ class StoreWriter:
                 for name in reader.names:
                     if self.reuse is None:
                         done.add(name)
+                    elif source == self.path:  # not the described store: what it was made from is unknown
+                        self._stale.add((source, name))
                     elif made_from is None:
                         done.add(name)
                         self._unverified.add(name)
@@ -433,18 +445,19 @@ class StoreWriter:
         """Merge the previous run's reused clips, the final store and all segments into one file
         in `order` (later sources win); returns rows."""
         self.flush()
-        readers = [StoreReader(self.previous)] if self.reused and self.previous is not None else []
+        readers = [self._previous_reader] if self._previous_reader is not None else []
         readers += [StoreReader(source) for source in ([self.path] if self.path.exists() else []) + self._segments()]
         try:
             where = {name: reader for reader in readers for name in reader.names
-                     if (reader.path != self.previous or name in self.reused)
-                     and (reader.path, name) not in self._stale}
+                     if (reader is not self._previous_reader or name in self.reused)
+                     and (reader is self._previous_reader or (reader.path, name) not in self._stale)}
             names = [n for n in order if n in where]
             rows = [_LazyRow(where[n], n) for n in names]
             _write_file(self.path, self.identity, names, rows, self.sequence_keys)
         finally:
             for reader in readers:
                 reader.close()
+            self._previous_reader = None
         shutil.rmtree(self.partial_dir, ignore_errors=True)
         if self.reuse is not None:
             self._describe(names)
@@ -453,7 +466,7 @@ class StoreWriter:
     def _describe(self, names: list[str]) -> None:
         """What the finished store is and was made from, for the next run (`_scan_previous`)."""
         meta = {"md5": file_md5(self.path), "fingerprint": self.identity.fingerprint, "code": self.reuse.code,
-                "clips": {n: None if n in self._unverified else self.reuse.clips.get(n) for n in names}}
+                "device": self.reuse.device, "clips": {n: None if n in self._unverified else self.reuse.clips.get(n) for n in names}}
         tmp = self.description.with_name(self.description.name + ".tmp")
         tmp.write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
         os.replace(tmp, self.description)

@@ -203,16 +203,21 @@ def test_after_dvc_removes_the_store_only_new_and_changed_clips_are_extracted(in
     assert extract(tmp_path / "scratch" / "prosody.h5").done == 9
     assert store.read_bytes() == (tmp_path / "scratch" / "prosody.h5").read_bytes()
 
-    for changed in ("settings", "code", "cache"):  # nothing is reused
+    for changed in ("code", "settings", "device", "cache"):  # each alone: nothing is reused
+        dvc_removes_the_output()
+        extract()  # a finished store described by this code and these settings...
         dvc_removes_the_output()
         extracted.clear()
+        if changed == "code":
+            monkeypatch.setattr(engine_module, "code_digest", lambda: "another-version")
+        if changed == "device":
+            described = tmp_path / "f" / ".partial" / "prosody.previous.json"
+            described.write_text(described.read_text().replace('"device": "cpu"', '"device": "cuda"'))
         if changed == "cache":
             shutil.rmtree(cache)  # `dvc gc`
             cache.mkdir()
-        if changed == "code":
-            monkeypatch.setattr(engine_module, "code_digest", lambda: "another-version")
         summary = extract(the_spec=ExtractorSpec("numpy_prosody", {"n_mfcc": 6}) if changed == "settings" else spec)
-        assert (summary.done, summary.skipped) == (9, 0) and len(extracted) == 9, changed
+        assert (summary.done, summary.skipped) == (9, 0) and len(extracted) == 9, changed  # ...and one thing other
     dvc_removes_the_output()
     assert extract().skipped == 9  # the run just made (this code, these settings) is found...
     dvc_removes_the_output()
@@ -222,38 +227,32 @@ def test_after_dvc_removes_the_store_only_new_and_changed_clips_are_extracted(in
     assert extract().done == 9  # an unreadable description: nothing reused, no crash
 
 
-def test_rows_of_unknown_provenance_are_not_trusted_by_the_next_run(ingest_cfg, dataset, engine, tmp_path,
-                                                                    monkeypatch):
-    """A finished store at the path (a `mer extract` rerun outside DVC) records no digests: its
-    clips count as done, as before, but are described with none, so a clip replaced in between
-    is extracted again by the next run that finds the store in DVC's cache."""
-    import hashlib
-    import shutil
-
+def test_mer_extract_again_on_a_finished_store_redoes_changed_clips_and_trusts_no_unknown_store(
+        ingest_cfg, dataset, engine, tmp_path):
+    """Outside DVC the finished store stays at the path. When it is the file its description
+    names (by MD5), a rerun redoes only new or changed clips; a store there that nothing
+    describes (copied in, or made by an older version) is extracted again whole, not trusted.
+    Other settings on a finished store still stop, naming them."""
     from fixtures_media import write_clip
 
-    from pipeline.extract import engine as engine_module
     from pipeline.manifest import media_only
 
-    cache = tmp_path / "cache"
-    cache.mkdir()
-    monkeypatch.setattr(engine_module, "in_dvc_cache", lambda md5: cache / md5)
     spec = ExtractorSpec("numpy_prosody", {"n_mfcc": 5})
     store = tmp_path / "f" / "prosody.h5"
 
-    def extract():
+    def extract(path=store):
         write_manifest([media_only(c) for c in ingest(ingest_cfg)], tmp_path / "media.jsonl")
-        return run_extraction("prosody", spec, engine, tmp_path / "media.jsonl", store, progress=False)
+        return run_extraction("prosody", spec, engine, tmp_path / "media.jsonl", path, progress=False)
 
     assert extract().done == 8
     write_clip(dataset / "video" / "sample_00000002.mp4", seconds=1.3, tone_hz=310.0)
-    assert extract().skipped == 8  # the store at the path: done by name, as `mer extract` always did
-    described = json.loads((tmp_path / "f" / ".partial" / "prosody.previous.json").read_text())
-    assert all(digest is None for digest in described["clips"].values())
-    shutil.copy(store, cache / hashlib.md5(store.read_bytes()).hexdigest())
-    store.unlink()
-    assert extract().done == 8  # none trusted
-    with pytest.raises(FingerprintMismatch):  # other settings on a finished store still stop, naming them
+    assert (extract().done, extract().skipped) == (1, 8)  # the replaced clip, then nothing
+    assert extract(tmp_path / "scratch" / "prosody.h5").done == 8
+    assert store.read_bytes() == (tmp_path / "scratch" / "prosody.h5").read_bytes()
+    (tmp_path / "f" / ".partial" / "prosody.previous.json").unlink()  # a store nothing describes
+    write_clip(dataset / "video" / "sample_00000003.mp4", seconds=1.2, tone_hz=290.0)
+    assert extract().done == 8
+    with pytest.raises(FingerprintMismatch, match="params.n_mfcc: 5 -> 6"):
         run_extraction("prosody", ExtractorSpec("numpy_prosody", {"n_mfcc": 6}), engine, tmp_path / "media.jsonl",
                        store, progress=False)
 

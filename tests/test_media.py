@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import pickle
 import re
+from fractions import Fraction
 import threading
 from pathlib import Path
 
@@ -409,3 +410,24 @@ def test_a_cut_off_flac_is_refused_and_a_cut_off_wav_is_read_as_what_is_left(tmp
     assert "truncated" in reasons, reasons
     wav = write_truncated(write_wav(tmp_path / "four.wav", seconds=4.0, sample_rate=SR), tmp_path / "cut.wav", 0.5)
     assert len(load_audio(wav)) / SR == pytest.approx(2.0, abs=0.01)
+
+
+def test_audio_with_a_timestamp_gap_is_not_a_cut(tmp_path):
+    """An intact MP4 whose AAC track has 1 s of sound, a 2 s gap in its timestamps, then 1 s more:
+    its packets reach the 4 s its header states, so it decodes (2 s of samples), not refused."""
+    path = tmp_path / "gap.m4a"
+    with av.open(str(path), "w", format="mp4", options={"movflags": "faststart"}) as container:
+        stream = container.add_stream("aac", rate=SR)
+        stream.layout = "mono"
+        tone = (0.3 * np.sin(np.arange(SR) * 0.05)).astype(np.float32)
+        for start_s in (0, 3):
+            frame = av.AudioFrame.from_ndarray(tone[None], format="flt", layout="mono")
+            frame.sample_rate, frame.pts, frame.time_base = SR, start_s * SR, Fraction(1, SR)
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode(None):
+            container.mux(packet)
+    with av.open(str(path)) as container:
+        audio = container.streams.audio[0]
+        assert float(audio.duration * audio.time_base) == pytest.approx(4.0, abs=0.1)
+    assert len(load_audio(path)) / SR == pytest.approx(2.0, abs=0.15)

@@ -388,14 +388,20 @@ def load_audio(path: str | os.PathLike[str], sample_rate: int = 16000) -> np.nda
             format="flt", layout="mono", rate=sample_rate, options={"rematrix_maxval": "1.0"}
         )
         chunks: list[np.ndarray] = []  # streamed: one small array per frame, one concat at the end
-        for frame in container.decode(container.streams.audio[0]):
-            chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
+        stream, end = container.streams.audio[0], None
+        for packet in container.demux(stream):
+            if packet.pts is not None and packet.size:  # where the packets end: a timestamp gap is no cut
+                end = max(end or 0.0, float((packet.pts + (packet.duration or 0)) * stream.time_base))
+            for frame in packet.decode():
+                chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
         chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))  # flush
-        declared = _declared_length_s(container, container.streams.audio[0])
+        declared = _declared_length_s(container, stream)
+        reached = end - _start_s(stream) if end is not None else None
     if not chunks:
         raise MediaError(path, "audio stream decoded to 0 samples", _CORRUPT_HINT)
     wav = np.concatenate(chunks).astype(np.float32, copy=False)
-    _refuse_if_cut_off(path, "audio", len(wav) / sample_rate, declared)
+    if reached is not None:
+        _refuse_if_cut_off(path, "audio", reached, declared)
     return np.clip(wav, -1.0, 1.0, out=wav)
 
 

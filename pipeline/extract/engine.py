@@ -54,7 +54,7 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
                              model=model, versions=extractor.versions())
     _drop_disabled(Path(store_path))
     writer = StoreWriter(store_path, identity, extractor.sequence_keys, restart=restart,
-                         reuse=Reuse({c.name: clip_digest(c) for c in clips}, code_digest(), in_dvc_cache))
+                         reuse=Reuse({c.name: clip_digest(c) for c in clips}, code_digest(), in_dvc_cache, device))
     summary = ExtractSummary(store=store, extractor=spec.extractor, device=device, clips=len(clips))
     todo = [c for c in clips if c.name not in writer.done]
     summary.skipped = len(clips) - len(todo)
@@ -119,6 +119,9 @@ def in_dvc_cache(md5: str) -> Path | None:
         with Repo() as repo:
             return Path(repo.cache.local.oid_to_path(md5))
     except NotDvcRepoError:
+        return None
+    except Exception as err:  # noqa: BLE001 - a cache we cannot read only means nothing is reused
+        log.info("DVC's cache could not be read (%s: %s): every clip is extracted", type(err).__name__, err)
         return None
 
 
