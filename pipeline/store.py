@@ -365,7 +365,9 @@ class StoreWriter:
             kept = dict(meta["clips"])
             if not (isinstance(md5, str) and len(md5) == 32 and all(c in "0123456789abcdef" for c in md5)):
                 raise ValueError(f"md5 {md5!r}")
-        except (OSError, ValueError, KeyError, TypeError) as err:
+        except KeyError as err:
+            return set(), f"its description {self.description} lacks {err} (an older version wrote it)"
+        except (OSError, ValueError, TypeError) as err:
             return set(), f"its description {self.description} is unreadable ({err})"
         if fingerprint != self.identity.fingerprint:
             return set(), "the previous run had other settings"
