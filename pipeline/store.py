@@ -7,15 +7,12 @@ One file per extractor, `features/<store>.h5`:
     data/<key>/values    (sum T, ...) and data/<key>/offsets (N+1,) for sequences of varying length
     complete (N,) uint8  written last: a row counts only when its marker is 1
 
-Crash safety. HDF5 has no journal: a process killed while HDF5 metadata is half
-written can leave the whole file unreadable. So finished work never sits in a file that
-is open for writing. Clips are buffered and committed as small segment files
-(`features/.partial/<store>/part-NNNNNN.h5`), each written to a temp name and renamed
-into place, so a segment either exists whole or not at all. When every clip is done the
-segments are merged, in manifest order, into the final file (again temp + rename) and
-removed. A rerun after `kill -9` reads the segments, skips their clips, and redoes only
-the clips that were in memory. Files carry no timestamps (`track_times=False`), so the
-same features give the same bytes and DVC does not rerun downstream stages for nothing.
+Crash safety (HDF5 has no journal): finished work never sits in a file open for writing.
+Clips are committed as small segment files (`features/.partial/<store>/part-NNNNNN.h5`, each
+written to a temp name and renamed), merged in manifest order into the final file (temp +
+rename) when every clip is done; a rerun after `kill -9` skips the committed clips. Files carry
+no timestamps (`track_times=False`): the same features give the same bytes, and DVC does not
+rerun downstream stages for nothing.
 """
 
 from __future__ import annotations
@@ -26,7 +23,7 @@ import os
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Iterable, Iterator, Mapping, Sequence
 
 import h5py
 import numpy as np
@@ -99,21 +96,20 @@ def _check_identity(path: Path, attrs: Any, identity: StoreIdentity, restart_hin
 
 def _write_file(path: Path, identity: StoreIdentity, names: list[str],
                 rows: Sequence[Mapping[str, np.ndarray]], sequence_keys: Iterable[str],
-                made_from: tuple[Mapping[str, str | None], str] | None = None) -> None:
+                attrs: Mapping[str, str] | None = None) -> None:
     """Write one complete store file atomically (temp name, then rename).
 
     `rows` may be lazy (rows read from other stores on demand): values are copied in
     blocks of `_BLOCK` clips, so merging a store of any size keeps memory flat.
-    `made_from` (segments only): what each clip was extracted from (`Reuse.clips`), and the code.
+    `attrs`: more file attributes (a segment's `StoreWriter._segment_attrs`).
     """
     sequence_keys = set(sequence_keys)
     keys = sorted(rows[0]) if rows else []
     tmp = path.with_name(path.name + ".tmp")
     with h5py.File(tmp, "w", libver="earliest") as f:
         _write_attrs(f, identity, sequence_keys)
-        if made_from is not None:
-            f.attrs["clip_digests_json"] = json.dumps(dict(made_from[0]), sort_keys=True)
-            f.attrs["code"] = made_from[1]
+        for key, value in (attrs or {}).items():
+            f.attrs[key] = value
         f.create_dataset("names", data=np.array(names, dtype=object), dtype=_STR, track_times=False)
         data = f.create_group("data")
         for key in keys:
@@ -292,57 +288,24 @@ def read_features(path: str | Path, key: str, names: list[str]) -> tuple[np.ndar
         return reader.read(key, names)
 
 
-@dataclass(frozen=True)
-class Reuse:
-    """What decides whether a clip's row from the previous run still holds (StoreWriter `reuse`):
-    the digest of what the extractor reads for each clip and of the code that computes it, and
-    where a finished store can be read back by its MD5 (DVC's cache: `locate`)."""
-
-    clips: Mapping[str, str]  # clip name -> digest of what the extractor reads for it
-    code: str
-    locate: Callable[[str], Path | None] = lambda md5: None
-    device: str = "cpu"  # a GPU's values differ from the CPU's in their last bits: never mixed in one store
-
-
-def file_md5(path: Path) -> str:
-    md5 = hashlib.md5()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            md5.update(block)
-    return md5.hexdigest()
-
-
 class StoreWriter:
-    """Resumable writer: buffer clips, commit segments atomically, merge at the end.
-
-    `reuse`: a finished store is described in `.partial/<store>.previous.json` (its MD5,
-    fingerprint, code digest and each clip's digest). DVC removes a stage's output before it
-    reruns the stage, but keeps a copy in its cache, where `reuse.locate` finds it by the MD5. A
-    rerun with the same fingerprint and code takes from it every clip whose digest is unchanged
-    and extracts only new or changed clips. In any doubt (no description, other settings or
-    code, the copy gone from the cache, an unreadable file) it takes nothing: every clip is
-    extracted. Rows whose provenance is unknown (a finished store at the path, from `mer
-    extract`, or segments written before digests were recorded) are described with no digest,
-    so a later run extracts them again rather than trust them.
-    """
+    """Resumable writer: buffer clips, commit segments atomically, merge at the end. Its hooks let
+    a subclass judge committed rows and take a previous run's (pipeline/extract/reuse.py)."""
 
     def __init__(self, path: str | Path, identity: StoreIdentity, sequence_keys: Iterable[str] = (),
-                 restart: bool = False, reuse: Reuse | None = None):
+                 restart: bool = False):
         self.path = Path(path)
         self.identity = identity
         self.sequence_keys = set(sequence_keys)
         self.partial_dir = self.path.parent / ".partial" / self.path.stem
-        self.description = self.path.parent / ".partial" / f"{self.path.stem}.previous.json"
-        self.reuse = reuse
         self._buffer: list[tuple[str, dict[str, np.ndarray]]] = []
         if restart:
             self.discard()
         self.partial_dir.mkdir(parents=True, exist_ok=True)
         for tmp in self.partial_dir.glob("*.tmp"):
             tmp.unlink()  # a segment that never got renamed is unfinished work
-        self.previous: Path | None = None
-        self.reused, self.not_reused_because = self._scan_previous()
-        self._done = self._scan_done() | self.reused
+        self._stale: set[tuple[Path, str]] = set()  # committed rows that no longer hold (`_holding`)
+        self._done = self._scan_done()
 
     def _restart_hint(self) -> str:
         return f"delete {self.path} and {self.partial_dir} (or run `mer extract {self.identity.store} --restart`)"
@@ -350,71 +313,29 @@ class StoreWriter:
     def _segments(self) -> list[Path]:
         return sorted(self.partial_dir.glob("part-*.h5"))
 
-    def _scan_previous(self) -> tuple[set[str], str]:
-        """The previous run's clips that still hold, and why none do when that is so (for the log).
-        The previous store is the one at the path when it is the file described (`mer extract`
-        again), else DVC's copy (`dvc repro` removed the path); its reader stays open to finalize."""
-        self._previous_reader: StoreReader | None = None
-        if self.reuse is None:
-            return set(), ""
-        if not self.description.exists():
-            return set(), "no previous run described"
-        try:
-            meta = json.loads(self.description.read_text(encoding="utf-8"))
-            md5, fingerprint, code, device = meta["md5"], meta["fingerprint"], meta["code"], meta["device"]
-            kept = dict(meta["clips"])
-            if not (isinstance(md5, str) and len(md5) == 32 and all(c in "0123456789abcdef" for c in md5)):
-                raise ValueError(f"md5 {md5!r}")
-        except KeyError as err:
-            return set(), f"its description {self.description} lacks {err} (an older version wrote it)"
-        except (OSError, ValueError, TypeError) as err:
-            return set(), f"its description {self.description} is unreadable ({err})"
-        if fingerprint != self.identity.fingerprint:
-            return set(), "the previous run had other settings"
-        if code != self.reuse.code:
-            return set(), "the previous run had other code"
-        if device != self.reuse.device:
-            return set(), f"the previous run ran on {device}, this one on {self.reuse.device}"
-        where = self.path if self.path.exists() and file_md5(self.path) == md5 else self.reuse.locate(md5)
-        if where is None or not where.is_file():
-            return set(), "its store is not in DVC's cache"
-        try:
-            reader = StoreReader(where)
-        except (StoreError, OSError) as err:
-            return set(), f"{where} is unreadable ({err})"
-        if reader.attrs.get("fingerprint") != self.identity.fingerprint:
-            reader.close()
-            return set(), f"{where} has other settings"
-        self.previous, self._previous_reader = where, reader
-        return {n for n in reader.names if kept.get(n) is not None and kept[n] == self.reuse.clips.get(n)}, ""
-
     def _scan_done(self) -> set[str]:
-        """Clips committed by an interrupted run (segments) or a finished store at the path. With
-        `reuse`, the store at the path counts only as the described previous run (above), and a
-        segment's clip whose media or subtitles changed since, or that other code made, is not
-        done (`_stale`); segments that record neither (an older version's) count, `_unverified`."""
         done: set[str] = set()
-        self._stale: set[tuple[Path, str]] = set()
-        self._unverified: set[str] = set()
         sources = ([self.path] if self.path.exists() else []) + self._segments()
         for source in sources:
             with StoreReader(source) as reader:
                 _check_identity(source, reader.attrs, self.identity, self._restart_hint())
-                made_from = json.loads(reader.attrs.get("clip_digests_json", "null"))
-                code = reader.attrs.get("code")
-                for name in reader.names:
-                    if self.reuse is None:
-                        done.add(name)
-                    elif source == self.path:  # not the described store: what it was made from is unknown
-                        self._stale.add((source, name))
-                    elif made_from is None:
-                        done.add(name)
-                        self._unverified.add(name)
-                    elif code != self.reuse.code or made_from.get(name) != self.reuse.clips.get(name):
-                        self._stale.add((source, name))
-                    else:
-                        done.add(name)
+                held = self._holding(source, reader)
+                done.update(held)
+                self._stale.update((source, n) for n in reader.names if n not in held)
         return done
+
+    def _holding(self, source: Path, reader: StoreReader) -> set[str]:
+        """The clips of a committed file (the store at the path, a segment) that still hold: all."""
+        return set(reader.names)
+
+    def _segment_attrs(self, names: list[str]) -> dict[str, str]:  # more attributes of a segment file
+        return {}
+
+    def _earlier_rows(self) -> list[tuple[StoreReader, set[str]]]:  # (reader, its clips) merged first
+        return []
+
+    def _finished(self, names: list[str]) -> None:  # called with the finished store's clips
+        return None
 
     @property
     def done(self) -> set[str]:
@@ -438,71 +359,40 @@ class StoreWriter:
         index = int(segments[-1].stem.split("-")[1]) + 1 if segments else 1
         names = [n for n, _ in self._buffer]
         _write_file(self.partial_dir / f"part-{index:06d}.h5", self.identity, names,
-                    [r for _, r in self._buffer], self.sequence_keys,
-                    None if self.reuse is None else ({n: self.reuse.clips.get(n) for n in names}, self.reuse.code))
+                    [r for _, r in self._buffer], self.sequence_keys, self._segment_attrs(names))
         self._done.update(names)
         self._buffer.clear()
 
     def finalize(self, order: list[str]) -> int:
-        """Merge the previous run's reused clips, the final store and all segments into one file
-        in `order` (later sources win); returns rows."""
+        """Merge earlier rows, the final store and all segments into one file in `order` (later
+        sources win, rows that no longer hold are left out); returns rows."""
         self.flush()
-        readers = [self._previous_reader] if self._previous_reader is not None else []
-        readers += [StoreReader(source) for source in ([self.path] if self.path.exists() else []) + self._segments()]
+        earlier = self._earlier_rows()
+        readers = [StoreReader(source) for source in ([self.path] if self.path.exists() else []) + self._segments()]
         try:
-            where = {name: reader for reader in readers for name in reader.names
-                     if (reader is not self._previous_reader or name in self.reused)
-                     and (reader is self._previous_reader or (reader.path, name) not in self._stale)}
+            where = {name: reader for reader, names in earlier for name in names}
+            where.update({name: reader for reader in readers for name in reader.names
+                          if (reader.path, name) not in self._stale})
             names = [n for n in order if n in where]
             rows = [_LazyRow(where[n], n) for n in names]
             _write_file(self.path, self.identity, names, rows, self.sequence_keys)
         finally:
-            for reader in readers:
+            for reader in readers + [reader for reader, _ in earlier]:
                 reader.close()
-            self._previous_reader = None
         shutil.rmtree(self.partial_dir, ignore_errors=True)
-        if self.reuse is not None:
-            self._describe(names)
+        self._finished(names)
         return len(names)
 
-    def _describe(self, names: list[str]) -> None:
-        """What the finished store is and was made from, for the next run (`_scan_previous`)."""
-        meta = {"md5": file_md5(self.path), "fingerprint": self.identity.fingerprint, "code": self.reuse.code,
-                "device": self.reuse.device, "clips": {n: None if n in self._unverified else self.reuse.clips.get(n) for n in names}}
-        tmp = self.description.with_name(self.description.name + ".tmp")
-        tmp.write_text(json.dumps(meta, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, self.description)
-
     def discard(self) -> None:
-        """Forget all work: remove the final store, every segment and the previous run's description."""
+        """Forget all work: remove the final store and every segment."""
         self.path.unlink(missing_ok=True)
         shutil.rmtree(self.partial_dir, ignore_errors=True)
-        self.description.unlink(missing_ok=True)
 
 
 def write_empty_store(path: str | Path, identity: StoreIdentity) -> None:
     """A valid store holding no clip (a stage switched off, e.g. `llm.enabled: false`); readers see it as empty."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     _write_file(Path(path), identity, [], [], ())
-
-
-def store_digest(path: str | Path) -> dict[str, Any]:
-    """What a consumer reads from a store, in a few lines: its identity, clip count and a content hash.
-
-    Written by the `<consumer>_store@<store>` DVC stages (pipeline/stages/store_input.py): a
-    consumer depends on the folder of these files, so it reruns exactly when a store it names
-    changes, whatever params say it names.
-    """
-    path = Path(path)
-    sha = hashlib.sha256()
-    with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            sha.update(block)
-    with StoreReader(path) as reader:
-        attrs, clips = reader.attrs, len(reader.names)
-    return {"store": str(attrs.get("store", path.stem)), "extractor": str(attrs.get("extractor", "")),
-            "fingerprint": str(attrs.get("fingerprint", "")), "clips": clips,
-            "bytes": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
 def write_failures(path: str | Path, records: list[dict[str, Any]]) -> None:

@@ -23,7 +23,7 @@ from fixtures_media import (
     write_wav,
 )
 
-from pipeline.data import media
+from pipeline.data import lengths, media
 from pipeline.data.media import (
     Frames,
     MediaError,
@@ -361,7 +361,7 @@ def test_a_cut_off_file_is_refused_by_both_readers_never_decoded_in_part(tmp_pat
     # a cut within the slack (the last 2 % of the bytes) loses less than TRUNCATION_SLACK_S: still decoded
     near_whole = write_truncated(src, tmp_path / "cut0.98.mp4", 0.98)
     try:
-        assert len(load_audio(near_whole)) / SR > 4.0 - media.TRUNCATION_SLACK_S
+        assert len(load_audio(near_whole)) / SR > 4.0 - lengths.TRUNCATION_SLACK_S
     except MediaError as exc:
         assert "cannot decode" in str(exc)
 

@@ -18,6 +18,8 @@ from dataclasses import dataclass
 import av
 import numpy as np
 
+from pipeline.data.lengths import cut_off, declared_length_s
+
 log = logging.getLogger(__name__)
 
 # PyAV 18 raises av.error.FFmpegError subclasses (some also subclass OSError/ValueError/
@@ -175,34 +177,11 @@ def _scanned_duration_s(path: str, stream_index: int) -> float:
         return count / fps if fps else float(count)
 
 
-# Containers whose header states each stream's length, as FFmpeg reads it whatever follows:
-# MP4/MOV and FLAC. A file of these that decodes to well short of that length was cut off (a
-# partial download or copy), whichever packet the cut fell in: its decoder may stop early
-# without an error. Not checked, as their stated length follows the bytes present or is not
-# given per stream here: WAV and AVI (a cut file states the shorter length), MP3 (estimated
-# from the bit rate: a sound VBR file can state a wrong one), Matroska/WebM (no stream length).
-_HEADER_LENGTH_FORMATS = frozenset({"mov", "mp4", "flac"})
-TRUNCATION_SLACK_S, TRUNCATION_SLACK_FRACTION = 0.5, 0.1  # intact files here fall short by < 1 ms
-
-
-def _declared_length_s(container: av.container.InputContainer, stream: av.stream.Stream) -> float | None:
-    """The stream's length as its container's header states it; None where it is not stated there."""
-    if not _HEADER_LENGTH_FORMATS & set(container.format.name.split(",")):
-        return None
-    if not (stream.duration and stream.time_base):
-        return None
-    return float(stream.duration * stream.time_base)
-
-
 def _refuse_if_cut_off(path: str, what: str, decoded_s: float, declared_s: float | None) -> None:
-    """MediaError when `decoded_s` falls short of the header's `declared_s` by more than
-    max(TRUNCATION_SLACK_S, TRUNCATION_SLACK_FRACTION of it): features of a third of a clip must
-    not pass for the clip's (the extract stages record it as a failure and go on)."""
-    if declared_s is None:
-        return
-    if declared_s - decoded_s > max(TRUNCATION_SLACK_S, TRUNCATION_SLACK_FRACTION * declared_s):
-        raise MediaError(path, f"truncated: its {what} decodes to {decoded_s:.2f} s of the {declared_s:.2f} s "
-                               "its header declares", _CORRUPT_HINT)
+    """Features of a third of a clip must not pass for the clip's (the extract stages record the
+    MediaError as a failure and go on): pipeline/data/lengths.py."""
+    if (reason := cut_off(what, decoded_s, declared_s)) is not None:
+        raise MediaError(path, reason, _CORRUPT_HINT)
 
 
 def _duration_s(path: str, container: av.container.InputContainer, stream: av.stream.Stream) -> float:
@@ -343,7 +322,7 @@ def sample_frames(path: str | os.PathLike[str], num_frames: int, max_side: int |
         if not picks:
             raise MediaError(path, "no video frame could be decoded", _CORRUPT_HINT)
         if end is not None:  # where the packets end, against the header: a cut-off file is refused
-            _refuse_if_cut_off(path, "video", end, _declared_length_s(container, stream))
+            _refuse_if_cut_off(path, "video", end, declared_length_s(container, stream))
             _warn_if_short(path, end, duration, duration, _fps(stream))
         else:  # decoded in sequence: the last pick is all that is known (a frame held long reads short)
             _warn_if_short(path, picks[-1][1], targets[-1], duration, _fps(stream))
@@ -395,7 +374,7 @@ def load_audio(path: str | os.PathLike[str], sample_rate: int = 16000) -> np.nda
             for frame in packet.decode():
                 chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
         chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))  # flush
-        declared = _declared_length_s(container, stream)
+        declared = declared_length_s(container, stream)
         reached = end - _start_s(stream) if end is not None else None
     if not chunks:
         raise MediaError(path, "audio stream decoded to 0 samples", _CORRUPT_HINT)

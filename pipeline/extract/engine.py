@@ -26,8 +26,8 @@ from pipeline.extract.worker import (ClipResult, ClipWorker, ExtractSummary, Run
                                      _prefetch, check_device, decoder_threads, failure_record, resolve_device)
 from pipeline.extractors.base import build_extractor
 from pipeline.manifest import Clip, media_only, read_manifest
-from pipeline.store import (DISABLED, Reuse, StoreIdentity, StoreReader, StoreWriter, write_empty_store,
-                            write_failures)
+from pipeline.extract.reuse import Reuse, ReusingStoreWriter
+from pipeline.store import DISABLED, StoreIdentity, StoreReader, write_empty_store, write_failures
 from pipeline.tables import progress_bar, write_json
 
 log = logging.getLogger(__name__)
@@ -53,8 +53,9 @@ def run_extraction(store: str, spec: ExtractorSpec, engine: EngineConfig, manife
     identity = StoreIdentity(store=store, extractor=spec.extractor, params=as_dict(extractor.options),
                              model=model, versions=extractor.versions())
     _drop_disabled(Path(store_path))
-    writer = StoreWriter(store_path, identity, extractor.sequence_keys, restart=restart,
-                         reuse=Reuse({c.name: clip_digest(c) for c in clips}, code_digest(), in_dvc_cache, device))
+    writer = ReusingStoreWriter(store_path, identity, extractor.sequence_keys, restart=restart,
+                                reuse=Reuse({c.name: clip_digest(c) for c in clips}, code_digest(), in_dvc_cache,
+                                            device))
     summary = ExtractSummary(store=store, extractor=spec.extractor, device=device, clips=len(clips))
     todo = [c for c in clips if c.name not in writer.done]
     summary.skipped = len(clips) - len(todo)

@@ -9,11 +9,32 @@ train, ablate and refine depend on the folder: the graph follows params alone.
 from __future__ import annotations
 
 import argparse
+import hashlib
 from pathlib import Path
+from typing import Any
 
 from pipeline.stages import entry_point
-from pipeline.store import store_digest
+from pipeline.store import StoreReader
 from pipeline.tables import write_json
+
+
+def store_digest(path: str | Path) -> dict[str, Any]:
+    """What a consumer reads from a store, in a few lines: its identity, clip count and a content hash.
+
+    Written by the `<consumer>_store@<store>` DVC stages (pipeline/stages/store_input.py): a
+    consumer depends on the folder of these files, so it reruns exactly when a store it names
+    changes, whatever params say it names.
+    """
+    path = Path(path)
+    sha = hashlib.sha256()
+    with path.open("rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            sha.update(block)
+    with StoreReader(path) as reader:
+        attrs, clips = reader.attrs, len(reader.names)
+    return {"store": str(attrs.get("store", path.stem)), "extractor": str(attrs.get("extractor", "")),
+            "fingerprint": str(attrs.get("fingerprint", "")), "clips": clips,
+            "bytes": path.stat().st_size, "sha256": sha.hexdigest()}
 
 
 @entry_point
