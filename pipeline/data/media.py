@@ -160,6 +160,10 @@ def _metadata_duration_s(container: av.container.InputContainer, stream: av.stre
     return None
 
 
+def _packet_end_s(stream: av.stream.Stream, packet: av.Packet) -> float:  # its own duration included
+    return float((packet.pts + (packet.duration or 0)) * stream.time_base)
+
+
 def _scanned_duration_s(path: str, stream_index: int) -> float:
     """Duration by demuxing (not decoding) every packet: packet end times, else count / fps."""
     with _open(path) as container:
@@ -170,7 +174,7 @@ def _scanned_duration_s(path: str, stream_index: int) -> float:
                 continue
             count += 1
             if packet.pts is not None:
-                end = max(end, float((packet.pts + (packet.duration or 0)) * stream.time_base))
+                end = max(end, _packet_end_s(stream, packet))
         if end > 0:
             return end - _start_s(stream)
         fps = _fps(stream) if stream.type == "video" else 0.0
@@ -235,7 +239,7 @@ def _pick_frames(
         return _pick_in_sequence(stream, container.decode(stream), targets), None
     demuxed = list(container.demux(stream))
     # the last frame's own duration counts: a frame held on screen to the end is not a cut
-    ends = [float((p.pts + (p.duration or 0)) * stream.time_base) for p in demuxed if p.pts is not None]
+    ends = [_packet_end_s(stream, p) for p in demuxed if p.pts is not None]
     end = max(ends) - _start_s(stream) if ends else None
     packets = [packet for packet in demuxed if packet.size]  # size 0: flush (or an AVI's repeated frame)
     picked = _decode_picked(stream, packets, targets)
@@ -370,7 +374,7 @@ def load_audio(path: str | os.PathLike[str], sample_rate: int = 16000) -> np.nda
         stream, end = container.streams.audio[0], None
         for packet in container.demux(stream):
             if packet.pts is not None and packet.size:  # where the packets end: a timestamp gap is no cut
-                end = max(end or 0.0, float((packet.pts + (packet.duration or 0)) * stream.time_base))
+                end = max(end or 0.0, _packet_end_s(stream, packet))
             for frame in packet.decode():
                 chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(frame))
         chunks.extend(out.to_ndarray().reshape(-1) for out in resampler.resample(None))  # flush

@@ -35,11 +35,8 @@ class Reuse:
 
 
 def file_md5(path: Path) -> str:
-    md5 = hashlib.md5()
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            md5.update(block)
-    return md5.hexdigest()
+        return hashlib.file_digest(fh, "md5").hexdigest()
 
 
 class ReusingStoreWriter(StoreWriter):

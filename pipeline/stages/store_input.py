@@ -26,10 +26,8 @@ def store_digest(path: str | Path) -> dict[str, Any]:
     changes, whatever params say it names.
     """
     path = Path(path)
-    sha = hashlib.sha256()
     with path.open("rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            sha.update(block)
+        sha = hashlib.file_digest(fh, "sha256")
     with StoreReader(path) as reader:
         attrs, clips = reader.attrs, len(reader.names)
     return {"store": str(attrs.get("store", path.stem)), "extractor": str(attrs.get("extractor", "")),
