@@ -329,6 +329,43 @@ def test_reports_weights_per_class_sum_to_one_and_per_clip_mark_missing(tmp_path
         assert abs(sum(float(row[s]) for s in ("good", "noise_a", "noise_b") if row[s]) - 1) < 1e-3
 
 
+def test_a_class_without_labelled_clips_has_no_f1_and_is_named(tmp_path, caplog):
+    """A corpus without surprise (CREMA-D has none): its F1 is 0/0, not 0. Counted as 0 it pulled the
+    macro F1 of a trial on RAVDESS without surprise from 0.891 to 0.743; it is null in metrics.json,
+    has no bar in per_class_f1.csv, stays out of the macro mean, and the log names the class once."""
+    import csv
+    import dataclasses
+
+    from sklearn.metrics import f1_score
+
+    from pipeline.fusion.report import classification_metrics, write_reports
+
+    clips, features, y = synthetic(n=90, n_labelled=72)
+    clips = [dataclasses.replace(c, label="neutral") if c.label == "surprise" else c for c in clips]
+    with caplog.at_level("WARNING"):
+        result = cross_validate(clips, features, small(epochs=3))
+        metrics = write_reports(clips, result, tmp_path)
+    named = [r.getMessage() for r in caplog.records if "no labelled clip" in r.getMessage()]
+    assert named == ["class(es) surprise have no labelled clip: no classifier here learns them, and macro and "
+                     "per-class F1 leave them out"]
+    gold = np.array([EMOTIONS.index(clips[i].label) for i in result.labelled])
+    predicted = result.oof_probs.argmax(1)
+    assert 5 not in set(predicted) and metrics["per_class_f1"]["surprise"] is None
+    five = [metrics["per_class_f1"][e] for e in EMOTIONS[:5]]
+    assert all(isinstance(v, float) for v in five)
+    assert metrics["macro_f1"] == pytest.approx(np.mean(five), abs=1e-4)
+    assert metrics["macro_f1"] == pytest.approx(f1_score(gold, predicted, average="macro"), abs=1e-4)
+    old = f1_score(gold, predicted, average="macro", labels=range(6), zero_division=0)  # the 0-for-0/0 figure
+    assert metrics["macro_f1"] > old + 0.05
+    with (tmp_path / "plots" / "per_class_f1.csv").open() as fh:
+        assert [r["emotion"] for r in csv.DictReader(fh)] == list(EMOTIONS[:5])
+    # a class predicted but never labelled has a defined F1, 0; one neither labelled nor predicted has none
+    m = classification_metrics(np.array([0, 0, 1, 2]), np.array([0, 1, 1, 5]))
+    assert m["per_class_f1"]["surprise"] == 0.0 and m["per_class_f1"]["sad"] is None
+    assert m["macro_f1"] == pytest.approx(np.mean([m["per_class_f1"][e] for e in ("neutral", "angry", "happy",
+                                                                                  "surprise")]))
+
+
 def test_one_store_trains_the_single_head_and_says_so(caplog):
     clips, features, _ = synthetic(n=90, n_labelled=72)
     only = train_mod.select(features, ["good"])

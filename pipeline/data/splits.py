@@ -82,8 +82,13 @@ def inner_split(labels: list[str], groups: list[str | None], folds: int, seed: i
 
 def warn_small_classes(labels: list[str], k: int, warn=log.warning, key: str = "train.folds",
                        effect: str = "their F1 is noisy") -> None:
-    """Name once the classes with fewer labelled clips than folds (some folds score them on no clip)."""
+    """Name once the classes with fewer labelled clips than folds (some folds score them on no clip),
+    and the classes with none (nothing learns them; the reports' macro and per-class F1 leave them out)."""
     counts = {e: labels.count(e) for e in EMOTIONS}
+    absent = [e for e, n in counts.items() if n == 0]
+    if absent and len(absent) < len(counts):
+        warn("class(es) %s have no labelled clip: no classifier here learns them, and macro and per-class "
+             "F1 leave them out", ", ".join(absent))
     small = {e: n for e, n in counts.items() if 0 < n < k}
     if small:
         warn("class(es) %s have fewer labelled clips than params key '%s' (%d): some folds score them on no clip, "

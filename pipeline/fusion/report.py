@@ -8,23 +8,24 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.errors import TrainError
-from pipeline.labels import EMOTIONS
+from pipeline.labels import EMOTIONS, scored_classes
 from pipeline.manifest import Clip
 from pipeline.tables import rounded, write_json
 from pipeline.fusion.train import CVResult
 
 
 def classification_metrics(gold: np.ndarray, predicted: np.ndarray) -> dict:
-    """Weighted F1 (the MER2025 metric), accuracy, macro F1 and per-class F1."""
+    """Weighted F1 (the MER2025 metric), accuracy, macro F1 and per-class F1. A class no scored clip is
+    labelled or predicted as has no F1: null in `per_class_f1`, outside the macro mean (scored_classes)."""
     from sklearn.metrics import accuracy_score, f1_score
 
-    labels = list(range(len(EMOTIONS)))
-    per_class = f1_score(gold, predicted, average=None, labels=labels, zero_division=0)
+    labels = scored_classes(gold, predicted)
+    per_class = dict(zip(labels, f1_score(gold, predicted, average=None, labels=labels, zero_division=0)))
     return {
         "weighted_f1": float(f1_score(gold, predicted, average="weighted", labels=labels, zero_division=0)),
         "accuracy": float(accuracy_score(gold, predicted)),
         "macro_f1": float(f1_score(gold, predicted, average="macro", labels=labels, zero_division=0)),
-        "per_class_f1": {name: float(v) for name, v in zip(EMOTIONS, per_class)},
+        "per_class_f1": {name: float(per_class[c]) if c in per_class else None for c, name in enumerate(EMOTIONS)},
     }
 
 
@@ -99,8 +100,8 @@ def write_reports(clips: list[Clip], result: CVResult, out: Path) -> dict:
     _write_csv(plots / "curves.csv", ["step", "fold", "train_loss", "val_weighted_f1"],
                [[h["epoch"], k, round(h["train_loss"], 5), round(h["val_weighted_f1"], 5)]
                 for k, history in enumerate(result.histories) for h in history])
-    _write_csv(plots / "per_class_f1.csv", ["emotion", "f1"],
-               [[e, metrics["per_class_f1"][e]] for e in EMOTIONS])
+    _write_csv(plots / "per_class_f1.csv", ["emotion", "f1"],  # a class with no F1 (null) has no bar
+               [[e, f1] for e, f1 in metrics["per_class_f1"].items() if f1 is not None])
     weights = result.weights[result.labelled]
     columns = stores if weights.shape[1] == len(stores) else stores[: weights.shape[1]]
     _write_csv(plots / "modality_weights.csv", ["emotion", "modality", "weight"],

@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.labels import EMOTION_INDEX, EMOTIONS
+from pipeline.labels import EMOTION_INDEX, EMOTIONS, scored_classes
 from pipeline.manifest import Clip
 from pipeline.store import StoreError, StoreReader
 from pipeline.tables import rounded
@@ -45,7 +45,8 @@ def label_store_metrics(clips: list[Clip], store: str | Path, key: str = "uttera
     out: dict[str, Any] = {  # the headline first: `dvc exp show` keeps this order
         "weighted_f1": float(f1_score(gold, predicted, average="weighted", labels=classes, zero_division=0)),
         "accuracy": float(accuracy_score(gold, predicted)),
-        "macro_f1": float(f1_score(gold, predicted, average="macro", labels=classes, zero_division=0)),
+        "macro_f1": float(f1_score(gold, predicted, average="macro", labels=scored_classes(gold, predicted),
+                                   zero_division=0)),  # over the classes the lines have or the LLM says
         "majority_class": {"label": EMOTIONS[majority], "accuracy": float(np.mean(gold == majority)),
                            "weighted_f1": float(f1_score(gold, np.full_like(gold, majority), average="weighted",
                                                          labels=classes, zero_division=0))},
