@@ -168,6 +168,36 @@ def test_video_set_without_subtitles_and_with_speakers(tmp_path):
     assert proba["cand_x"]["kind"] == "unlabelled"
 
 
+def test_video_set_without_any_audio_track(tmp_path, capsys):
+    """Videos shot without sound: each audio store records every clip as `no_audio_track` but counts it
+    as a clip without the modality, not a failure (this stopped `dvc repro` at extract@prosody:
+    "27 of 27 clips failed"); training goes on with the frames store alone."""
+    import numpy as np
+
+    root = tmp_path / "ds"
+    (root / "video").mkdir(parents=True)
+    labels = _labels({e: 3 for e in EMOTIONS})
+    for i, (name, label) in enumerate(labels.items()):
+        image = np.full((32, 48, 3), 40 * EMOTIONS.index(label) + i, np.uint8)
+        write_clip(root / "video" / f"{name}.mp4", seconds=0.5, fps=4, size=(48, 32), audio=None, image=image)
+    write_clip(root / "video" / "cand_x.mp4", seconds=0.5, fps=4, size=(48, 32), audio=None)
+    write_csv(root / "track1_train_disdim.csv", ["name", "discrete", "valence"],
+              [[n, lab, ""] for n, lab in labels.items()])
+    write_csv(root / "track_all_candidates.csv", ["name"], [["cand_x"]])
+    params = _params(root, ["prosody", "frames"])
+    params["engine"]["max_failed_fraction"] = 0.1  # the product default
+    metrics = _run(tmp_path, params)
+    _assert_finite(metrics)
+    assert metrics["stores"] == ["frames"] and metrics["stores_without_clips"] == ["prosody"]
+    assert metrics["candidates"]["coverage"] == 1.0 and metrics["excluded_no_modality"] == 0
+    _assert_one_row_per_candidate(tmp_path, ["cand_x"])
+    summary = json.loads((tmp_path / "reports" / "extract" / "prosody.json").read_text())
+    assert (summary["failed"], summary["not_applicable"], summary["no_track"]) == (0, 19, 19)
+    failures = [json.loads(x) for x in (tmp_path / "features" / "prosody.failures.jsonl").read_text().splitlines()]
+    assert len(failures) == 19 and {f["kind"] for f in failures} == {"no_audio_track"}
+    assert "0 failed, 19 without prosody's modality (19 whose media has no such track" in capsys.readouterr().out
+
+
 def test_no_store_with_clips_stops_with_one_line(tmp_path, capsys):
     root = tmp_path / "ds"
     root.mkdir()

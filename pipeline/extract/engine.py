@@ -22,7 +22,7 @@ from pathlib import Path
 
 from pipeline.config import EngineConfig, ExtractorSpec, as_dict
 from pipeline.errors import ExtractionFailed, ModelMissing, ModelMissingError  # noqa: F401 - re-exported
-from pipeline.extract.worker import (ClipResult, ClipWorker, ExtractSummary, RunWriter,  # noqa: F401
+from pipeline.extract.worker import (MISSING_TRACK_KINDS, ClipResult, ClipWorker, ExtractSummary, RunWriter,  # noqa: F401
                                      _prefetch, check_device, decoder_threads, failure_record, resolve_device)
 from pipeline.extractors.base import build_extractor
 from pipeline.manifest import Clip, media_only, read_manifest
@@ -158,7 +158,7 @@ def _finish(run: RunWriter, clips: list[Clip], store_path: Path, failures_path: 
     fraction = summary.failed / applicable if applicable else 0.0
     if fraction > engine.max_failed_fraction:
         _write_summary(summary, summary_path, status="failed")
-        kinds = Counter(f["kind"] for f in run.failures)
+        kinds = Counter(f["kind"] for f in run.failures if f["kind"] not in MISSING_TRACK_KINDS)
         raise ExtractionFailed(
             f"extract.{summary.store}: {summary.failed} of {applicable} clips failed ({fraction:.0%} > params key "
             f"'engine.max_failed_fraction' = {engine.max_failed_fraction}): "

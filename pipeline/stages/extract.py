@@ -43,8 +43,10 @@ def main(argv: list[str] | None = None) -> None:
     summary = run_extraction(args.store, spec, params.engine, args.manifest, output, summary_path=summary_path,
                              restart=args.restart, progress=not args.no_progress, section=section)
     print(f"{args.store}: {summary.done} extracted, {summary.skipped} already done, "
-          f"{summary.failed} failed, {summary.not_applicable} without {summary.store}'s modality "
-          f"-> {output}")
+          f"{summary.failed} failed, {summary.not_applicable} without {summary.store}'s modality"
+          + (f" ({summary.no_track} whose media has no such track, listed in "
+             f"{output.with_suffix('.failures.jsonl')})" if summary.no_track else "")
+          + f" -> {output}")
 
 
 if __name__ == "__main__":
