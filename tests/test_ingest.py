@@ -1,6 +1,7 @@
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import build_dataset, write_csv
 
@@ -50,6 +51,46 @@ def test_audio_only_dataset(tmp_path):
     (clip,) = ingest(IngestConfig(root=str(root)))
     assert clip.audio.endswith("a.wav") and clip.video is None and not clip.has_text
     assert clip.valence is None and clip.has_audio
+
+
+def test_other_containers_are_read_and_unread_files_are_named(tmp_path, engine, caplog):
+    """CREMA-D ships .flv videos, many speech corpora .mp3 / .ogg audio: ingest reads them, and the
+    prosody store decodes each; a file of a suffix ingest does not read, and a second file of the
+    same clip name, are named in a warning instead of being dropped without a word."""
+    import soundfile as sf
+    from fixtures_media import _audio_samples, write_clip
+
+    from pipeline.config import ExtractorSpec
+    from pipeline.extract.engine import run_extraction
+    from pipeline.store import StoreReader
+
+    root = tmp_path / "ds"
+    (root / "video").mkdir(parents=True)
+    (root / "audio").mkdir()
+    write_clip(root / "video" / "a.flv", seconds=1.0, fps=4, size=(48, 32), tone_hz=200.0)
+    write_clip(root / "video" / "a.mp4", seconds=1.0, fps=4, size=(48, 32))  # a twin: a.flv is read
+    (root / "video" / "notes.txt").write_text("not a clip")
+    (root / "video" / ".DS_Store").write_bytes(b"\0")  # hidden: not worth a word
+    tone = _audio_samples(1.0, "tone", 300.0, 16000)
+    sf.write(root / "audio" / "b.mp3", tone, 16000, format="MP3")
+    sf.write(root / "audio" / "c.ogg", tone, 16000, format="OGG", subtype="VORBIS")
+    write_csv(root / "track1_train_disdim.csv", ["name", "discrete", "valence"],
+              [["a", "happy", ""], ["b", "sad", ""], ["c", "angry", ""]])
+    with caplog.at_level("WARNING"):
+        clips = ingest(IngestConfig(root=str(root)))
+    assert [(c.name, Path(c.video or c.audio).name) for c in clips] == [("a", "a.flv"), ("b", "b.mp3"),
+                                                                      ("c", "c.ogg")]
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("1 file(s) not read, by suffix {'.txt': 1}" in m for m in warned)
+    assert any("1 file(s) share a clip name" in m and "a.mp4" in m for m in warned)
+    assert not any("DS_Store" in m for m in warned)
+    write_manifest(clips, tmp_path / "m.jsonl")
+    summary = run_extraction("prosody", ExtractorSpec("numpy_prosody", {}), engine, tmp_path / "m.jsonl",
+                             tmp_path / "p.h5", progress=False)
+    assert (summary.done, summary.failed) == (3, 0)
+    with StoreReader(tmp_path / "p.h5") as reader:
+        values, present = reader.read("utterance", ["a", "b", "c"])
+    assert present.all() and np.isfinite(values).all()
 
 
 def test_text_only_dataset(tmp_path):

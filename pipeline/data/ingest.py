@@ -24,8 +24,12 @@ from pipeline.manifest import Clip
 
 log = logging.getLogger(__name__)
 
-VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm")
-AUDIO_EXTENSIONS = (".wav", ".flac")
+# What PyAV's FFmpeg decodes, by the names corpora ship them under (CREMA-D's videos are .flv, many
+# speech corpora's audio .mp3 / .m4a). A file of another suffix in these folders is not read, and
+# ingest says so (it was dropped without a word, and its label row then "had no media").
+VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".flv", ".m4v", ".mpg", ".mpeg", ".ts", ".3gp",
+                    ".wmv", ".ogv")
+AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus")
 
 
 class IngestError(MerError, ValueError):
@@ -64,9 +68,23 @@ def _index_files(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
     found: dict[str, Path] = {}
+    unread: Counter[str] = Counter()
+    twins: list[str] = []
     for path in sorted(folder.iterdir()):
-        if path.suffix.lower() in extensions and path.is_file():
-            found.setdefault(path.stem, path)  # first extension in sorted order wins
+        if path.name.startswith(".") or not path.is_file():
+            continue
+        if path.suffix.lower() not in extensions:
+            unread[path.suffix.lower() or "(no suffix)"] += 1
+        elif path.stem in found:
+            twins.append(path.name)
+        else:
+            found[path.stem] = path  # first in sorted order wins
+    if unread:
+        log.warning("%s: %d file(s) not read, by suffix %s; ingest reads %s. Fix: convert them (ffmpeg -i in out.mp4) "
+                    "or move them out", folder, sum(unread.values()), dict(unread.most_common()), " ".join(extensions))
+    if twins:
+        log.warning("%s: %d file(s) share a clip name with a file read before them and are not read: %s", folder,
+                    len(twins), ", ".join(twins[:10]) + (" ..." if len(twins) > 10 else ""))
     return found
 
 
