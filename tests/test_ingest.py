@@ -93,6 +93,16 @@ def test_other_containers_are_read_and_unread_files_are_named(tmp_path, engine, 
     assert present.all() and np.isfinite(values).all()
 
 
+def test_a_file_name_in_place_of_a_clip_name_is_refused(dataset):
+    """`sample_00000100.mp4` in the candidates file would be a clip of its own, answered by the prior
+    under a name nobody scores, while the real clip went unsubmitted."""
+    path = dataset / "track_all_candidates.csv"
+    path.write_text(path.read_text().replace("sample_00000100", "sample_00000100.mp4"))
+    with pytest.raises(IngestError, match=r"track_all_candidates.csv, line 2: 'sample_00000100.mp4' is a file "
+                                          r"name; .* Fix: write 'sample_00000100'"):
+        ingest(IngestConfig(root=str(dataset)))
+
+
 def test_text_only_dataset(tmp_path):
     root = build_dataset(tmp_path / "t", {"a": "happy", "b": "sad"}, ["c"], video=False)
     clips = ingest(IngestConfig(root=str(root)))

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import csv
 import logging
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -147,6 +148,15 @@ def ingest(cfg: IngestConfig) -> list[Clip]:
 
     def exists(name: str) -> bool:  # the dataset knows the clip: media, face crops or a subtitle row
         return name in videos or name in audios or name in crops or name in subtitles
+
+    # A row naming the file (`x.mp4`) instead of the clip (`x`) would be a clip of its own with no
+    # media: a candidate answered by the prior under a name the organisers do not score. Refuse it.
+    for path, rows in ((subtitle_path, subtitles), (label_path, labels), (cand_path, candidates)):
+        for name, row in rows.items():
+            stem, suffix = os.path.splitext(name)
+            if suffix.lower() in VIDEO_EXTENSIONS + AUDIO_EXTENSIONS and (stem in videos or stem in audios):
+                raise IngestError(f"{path}, line {row.line}: {name!r} is a file name; the CSVs name clips without "
+                                  f"the suffix. Fix: write {stem!r}")
 
     # A label row for a clip the dataset does not have is a typo: refuse it. A candidate is
     # kept whatever it has (the organisers score every candidate); see `unusable` below.
