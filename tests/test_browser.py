@@ -99,10 +99,15 @@ def test_page_embeds_hostile_text_only_as_escaped_data(tmp_path):
 def test_thumbnails_are_small_middle_frames_named_by_digest(tmp_path):
     video = write_clip(tmp_path / "v.mp4", seconds=2.0, fps=10, size=(320, 240), audio=None)
     write_corrupt(tmp_path / "bad.mp4")
+    import av
+    from fixtures_media import AUDIO_RATE, _audio_samples, _encode_audio
+
+    with av.open(str(tmp_path / "sound.mp4"), mode="w") as container:  # an MP4 with no picture at all
+        _encode_audio(container, _audio_samples(0.5, "tone", 300.0, AUDIO_RATE))
     clips = [Clip("../evil<name>", video=str(video)), Clip("audio-only", audio="x.wav"),
-             Clip("broken", video=str(tmp_path / "bad.mp4"))]
+             Clip("broken", video=str(tmp_path / "bad.mp4")), Clip("no-picture", video=str(tmp_path / "sound.mp4"))]
     counts = write_thumbnails(clips, tmp_path / "thumbs")
-    assert counts == {"written": 1, "no_video": 1, "undecodable": 1}
+    assert counts == {"written": 1, "no_video": 2, "undecodable": 1}  # no picture is not "undecodable"
     files = list((tmp_path / "thumbs").iterdir())
     assert [f.name for f in files] == [thumb_name("../evil<name>")]
     assert re.fullmatch(r"[0-9a-f]{16}\.jpg", files[0].name)

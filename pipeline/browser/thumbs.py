@@ -34,7 +34,7 @@ def write_thumbnail(video: str, out: Path) -> None:
 
 def write_thumbnails(clips: list[Clip], folder: Path) -> dict[str, int]:
     """One JPEG per clip with video; returns counts (written, without video, undecodable)."""
-    from pipeline.data.media import MediaError
+    from pipeline.data.media import MediaError, NoVideoError
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
@@ -48,6 +48,8 @@ def write_thumbnails(clips: list[Clip], folder: Path) -> dict[str, int]:
             try:
                 write_thumbnail(clip.video, folder / thumb_name(clip.name))
                 counts["written"] += 1
+            except NoVideoError:  # a well-formed file without a picture (an audio-only MP4): nothing to show
+                counts["no_video"] += 1
             except MediaError as err:
                 log.warning("no thumbnail for %s: %s", clip.name, err)
                 counts["undecodable"] += 1
