@@ -198,6 +198,28 @@ def test_video_set_without_any_audio_track(tmp_path, capsys):
     assert "0 failed, 19 without prosody's modality (19 whose media has no such track" in capsys.readouterr().out
 
 
+def test_an_audio_file_without_sound_is_a_failure_not_a_silent_film(tmp_path):
+    """A file of audio/ with no audio stream (a misnamed video-only MP4) is broken: it counts as failed."""
+    import shutil
+
+    from pipeline.config import EngineConfig, ExtractorSpec, IngestConfig
+    from pipeline.data.ingest import ingest
+    from pipeline.extract.engine import run_extraction
+    from pipeline.manifest import write_manifest
+
+    root = tmp_path / "ds"
+    (root / "audio").mkdir(parents=True)
+    shutil.copy(write_clip(tmp_path / "mute.mp4", seconds=0.5, fps=4, size=(48, 32), audio=None),
+                root / "audio" / "a.m4a")
+    write_wav(root / "audio" / "b.wav", seconds=0.5)
+    write_manifest(ingest(IngestConfig(root=str(root))), tmp_path / "m.jsonl")
+    summary = run_extraction("prosody", ExtractorSpec("numpy_prosody", {}), EngineConfig(max_failed_fraction=0.5),
+                             tmp_path / "m.jsonl", tmp_path / "p.h5", progress=False)
+    assert (summary.done, summary.failed, summary.no_track) == (1, 1, 0)
+    (failure,) = [json.loads(x) for x in (tmp_path / "p.failures.jsonl").read_text().splitlines()]
+    assert failure["id"] == "a" and failure["kind"] == "unreadable_media" and "no audio stream" in failure["error"]
+
+
 def test_no_store_with_clips_stops_with_one_line(tmp_path, capsys):
     root = tmp_path / "ds"
     root.mkdir()

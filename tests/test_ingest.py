@@ -68,7 +68,7 @@ def test_other_containers_are_read_and_unread_files_are_named(tmp_path, engine, 
     (root / "video").mkdir(parents=True)
     (root / "audio").mkdir()
     write_clip(root / "video" / "a.flv", seconds=1.0, fps=4, size=(48, 32), tone_hz=200.0)
-    write_clip(root / "video" / "a.mp4", seconds=1.0, fps=4, size=(48, 32))  # a twin: a.flv is read
+    write_clip(root / "video" / "a.3gp", seconds=1.0, fps=4, size=(48, 32))  # a twin, sorted first: .flv ranks first
     (root / "video" / "notes.txt").write_text("not a clip")
     (root / "video" / ".DS_Store").write_bytes(b"\0")  # hidden: not worth a word
     tone = _audio_samples(1.0, "tone", 300.0, 16000)
@@ -82,7 +82,7 @@ def test_other_containers_are_read_and_unread_files_are_named(tmp_path, engine, 
                                                                       ("c", "c.ogg")]
     warned = [r.getMessage() for r in caplog.records]
     assert any("1 file(s) not read, by suffix {'.txt': 1}" in m for m in warned)
-    assert any("1 file(s) share a clip name" in m and "a.mp4" in m for m in warned)
+    assert any("1 file(s) share a clip name with another file and are not read: a.3gp" in m for m in warned)
     assert not any("DS_Store" in m for m in warned)
     write_manifest(clips, tmp_path / "m.jsonl")
     summary = run_extraction("prosody", ExtractorSpec("numpy_prosody", {}), engine, tmp_path / "m.jsonl",
@@ -91,6 +91,21 @@ def test_other_containers_are_read_and_unread_files_are_named(tmp_path, engine, 
     with StoreReader(tmp_path / "p.h5") as reader:
         values, present = reader.read("utterance", ["a", "b", "c"])
     assert present.all() and np.isfinite(values).all()
+
+
+def test_a_clip_with_two_files_is_read_from_the_layouts_own_suffix(tmp_path):
+    """x.mp4 beside a converted x.3gp (sorted first): the .mp4 is read; a clip named `news.ts` (its file
+    news.ts.mp4) is a clip, not a file name, though `news` has media too."""
+    from fixtures_media import write_clip
+
+    root = tmp_path / "ds"
+    (root / "video").mkdir(parents=True)
+    for name in ("x.3gp", "x.mp4", "news.mp4", "news.ts.mp4"):
+        write_clip(root / "video" / name, seconds=0.3, fps=4, size=(32, 32))
+    write_csv(root / "track1_train_disdim.csv", ["name", "discrete", "valence"],
+              [["x", "happy", ""], ["news", "sad", ""], ["news.ts", "angry", ""]])
+    clips = {c.name: Path(c.video).name for c in ingest(IngestConfig(root=str(root)))}
+    assert clips == {"x": "x.mp4", "news": "news.mp4", "news.ts": "news.ts.mp4"}
 
 
 def test_a_file_name_in_place_of_a_clip_name_is_refused(dataset):

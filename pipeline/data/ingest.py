@@ -71,21 +71,24 @@ def _index_files(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
     found: dict[str, Path] = {}
     unread: Counter[str] = Counter()
     twins: list[str] = []
-    for path in sorted(folder.iterdir()):
-        if path.name.startswith(".") or not path.is_file():
-            continue
+    # a clip with two files is read from the one whose suffix comes first in `extensions` (the
+    # layout's own .mp4 / .wav before a converted copy), whatever the names' sorted order
+    rank = {suffix: i for i, suffix in enumerate(extensions)}
+    files = [p for p in folder.iterdir() if not p.name.startswith(".") and p.is_file()]
+    for path in sorted(files, key=lambda p: (rank.get(p.suffix.lower(), len(rank)), p.name)):
         if path.suffix.lower() not in extensions:
             unread[path.suffix.lower() or "(no suffix)"] += 1
         elif path.stem in found:
             twins.append(path.name)
         else:
-            found[path.stem] = path  # first in sorted order wins
+            found[path.stem] = path
     if unread:
         log.warning("%s: %d file(s) not read, by suffix %s; ingest reads %s. Fix: convert them (ffmpeg -i in out.mp4) "
                     "or move them out", folder, sum(unread.values()), dict(unread.most_common()), " ".join(extensions))
     if twins:
-        log.warning("%s: %d file(s) share a clip name with a file read before them and are not read: %s", folder,
-                    len(twins), ", ".join(twins[:10]) + (" ..." if len(twins) > 10 else ""))
+        log.warning("%s: %d file(s) share a clip name with another file and are not read: %s (a clip is read from "
+                    "its file whose suffix comes first in %s)", folder, len(twins),
+                    ", ".join(twins[:10]) + (" ..." if len(twins) > 10 else ""), " ".join(extensions))
     return found
 
 
@@ -154,7 +157,8 @@ def ingest(cfg: IngestConfig) -> list[Clip]:
     for path, rows in ((subtitle_path, subtitles), (label_path, labels), (cand_path, candidates)):
         for name, row in rows.items():
             stem, suffix = os.path.splitext(name)
-            if suffix.lower() in VIDEO_EXTENSIONS + AUDIO_EXTENSIONS and (stem in videos or stem in audios):
+            if (suffix.lower() in VIDEO_EXTENSIONS + AUDIO_EXTENSIONS and (stem in videos or stem in audios)
+                    and not (name in videos or name in audios or name in crops)):  # `news.ts` may be a clip
                 raise IngestError(f"{path}, line {row.line}: {name!r} is a file name; the CSVs name clips without "
                                   f"the suffix. Fix: write {stem!r}")
 

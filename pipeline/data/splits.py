@@ -87,8 +87,8 @@ def warn_small_classes(labels: list[str], k: int, warn=log.warning, key: str = "
     counts = {e: labels.count(e) for e in EMOTIONS}
     absent = [e for e, n in counts.items() if n == 0]
     if absent and len(absent) < len(counts):
-        warn("class(es) %s have no labelled clip: no classifier here learns them, and macro and per-class "
-             "F1 leave them out", ", ".join(absent))
+        warn("class(es) %s have no labelled clip: no classifier learns them from labels, and macro and "
+             "per-class F1 leave them out", ", ".join(absent))
     small = {e: n for e, n in counts.items() if 0 < n < k}
     if small:
         warn("class(es) %s have fewer labelled clips than params key '%s' (%d): some folds score them on no clip, "

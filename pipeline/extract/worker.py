@@ -153,8 +153,11 @@ class ClipWorker:
 
     def failed(self, clip: Clip, err: BaseException) -> ClipResult:
         log.debug("clip %s failed: %s", clip.name, err)
+        kind = _failure_kind(err)
+        if kind == "no_audio_track" and clip.audio:  # a file in audio/ without sound is broken, not a silent film
+            kind = "unreadable_media"
         return ClipResult(clip.name, failure=failure_record(
-            self.store, self.extractor.modality, clip.name, _failure_kind(err), str(err) or type(err).__name__))
+            self.store, self.extractor.modality, clip.name, kind, str(err) or type(err).__name__))
 
     def process(self, batch: list[tuple[Clip, Any]]) -> list[ClipResult]:
         """Run the model on a batch; errors are isolated per clip."""

@@ -16,10 +16,10 @@ from pipeline.fusion.train import CVResult
 
 def classification_metrics(gold: np.ndarray, predicted: np.ndarray) -> dict:
     """Weighted F1 (the MER2025 metric), accuracy, macro F1 and per-class F1. A class no scored clip is
-    labelled or predicted as has no F1: null in `per_class_f1`, outside the macro mean (scored_classes)."""
+    labelled as has no F1: null in `per_class_f1`, outside the macro mean (scored_classes)."""
     from sklearn.metrics import accuracy_score, f1_score
 
-    labels = scored_classes(gold, predicted)
+    labels = scored_classes(gold)
     per_class = dict(zip(labels, f1_score(gold, predicted, average=None, labels=labels, zero_division=0)))
     return {
         "weighted_f1": float(f1_score(gold, predicted, average="weighted", labels=labels, zero_division=0)),

@@ -45,12 +45,13 @@ def label_store_metrics(clips: list[Clip], store: str | Path, key: str = "uttera
     out: dict[str, Any] = {  # the headline first: `dvc exp show` keeps this order
         "weighted_f1": float(f1_score(gold, predicted, average="weighted", labels=classes, zero_division=0)),
         "accuracy": float(accuracy_score(gold, predicted)),
-        "macro_f1": float(f1_score(gold, predicted, average="macro", labels=scored_classes(gold, predicted),
-                                   zero_division=0)),  # over the classes the lines have or the LLM says
+        "macro_f1": float(f1_score(gold, predicted, average="macro", labels=scored_classes(gold),
+                                   zero_division=0)),  # over the classes the lines have
         "majority_class": {"label": EMOTIONS[majority], "accuracy": float(np.mean(gold == majority)),
                            "weighted_f1": float(f1_score(gold, np.full_like(gold, majority), average="weighted",
                                                          labels=classes, zero_division=0))},
-        "per_class": {name: {"precision": float(p), "recall": float(r), "f1": float(f), "support": int(s)}
+        "per_class": {name: {"precision": float(p), "recall": float(r),  # f1 null: no line has the class
+                             "f1": float(f) if s else None, "support": int(s)}
                       for name, p, r, f, s in zip(EMOTIONS, precision, recall, f1, support)},
         "predicted_per_class": {name: int(n) for name, n in
                                 zip(EMOTIONS, np.bincount(predicted, minlength=len(EMOTIONS)))},

@@ -327,7 +327,7 @@ def _source_scores(result: Refinement, s: int) -> dict[str, Any]:
     if seen.any():
         out["accuracy"] = round(float(accuracy_score(truth, predicted)), 4)
         out["macro_f1"] = round(float(f1_score(truth, predicted, average="macro",
-                                               labels=scored_classes(truth, predicted), zero_division=0)), 4)
+                                               labels=scored_classes(truth), zero_division=0)), 4)
     out["reliability"] = dict(zip(EMOTIONS, _probs(result.reliability[s])))
     return out
 
