@@ -108,6 +108,27 @@ def test_hostile_subtitle_and_name_show_as_text(page):
         assert browser.errors == [] and browser.remote_requests == []
 
 
+def test_a_missing_track_is_shown_apart_from_a_failure(tmp_path):
+    """A clip whose video has no sound track: its `no_audio_track` record is grey and says it is not a
+    failure (the stage counts it as a clip without the modality); a decode error stays red."""
+    need_chromium()
+    clip = Clip("mute", label="sad", split="labelled")
+    proba = {"kind": "labelled_oof", "candidate": "0", **{e: "0.1" for e in EMOTIONS[:5]}, "surprise": "0.5"}
+    failures = [["extract.prosody", "no_audio_track", "no audio stream"], ["extract.faces", "unreadable_media", "moov"]]
+    path = tmp_path / "index.html"
+    write_page(path, STORES, [clip_row(clip, proba, {s: "0.2" for s in STORES}, STORES, None, failures, None)])
+    with Browser() as browser:
+        browser.open(path)
+        browser.wait_for(READY)
+        items = browser.evaluate("""[...document.querySelectorAll('.card .failures li')].map(li =>
+            [li.textContent, li.className, getComputedStyle(li).color])""")
+        assert browser.errors == []
+    (track, track_class, grey), (failed, failed_class, red) = items
+    assert track == "extract.prosody · no_audio_track (not a failure): no audio stream" and track_class == "track"
+    assert failed == "extract.faces · unreadable_media: moov" and failed_class == ""
+    assert red == "rgb(207, 34, 46)" and grey == "rgb(89, 99, 110)"  # --bad and --muted
+
+
 @pytest.mark.slow
 def test_browser_stays_fast_on_10k_clips(tmp_path):
     need_chromium()
