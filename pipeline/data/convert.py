@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.data.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
+from pipeline.data.ingest import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
 from pipeline.errors import MerError
 from pipeline.labels import EMOTIONS
 
@@ -139,7 +139,7 @@ def ravdess(src: Path, calm: str = "neutral") -> tuple[list[Item], Report]:
         raise ConvertError(f"{src}: no files found; point SRC at the RAVDESS folder (Actor_01/...)")
     for path in files:
         match = RAVDESS_NAME.match(path.stem)
-        if not match or path.suffix.lower() not in AUDIO_EXTENSIONS + VIDEO_EXTENSIONS:
+        if not match or path.suffix.lower() not in MEDIA_EXTENSIONS:
             report.dropped["not a RAVDESS media file name"] += 1
             continue
         modality, _, emotion, _, statement, _, actor = match.groups()
@@ -195,7 +195,7 @@ def folder(src: Path, labels_csv: Path, label_map_csv: Path) -> tuple[list[Item]
     if bad:
         raise ConvertError(f"{label_map_csv}: targets {bad} are not MER classes {list(EMOTIONS)} or 'drop'")
     media = {p.stem: p for p in sorted(Path(src).rglob("*"))
-             if p.is_file() and p.suffix.lower() in AUDIO_EXTENSIONS + VIDEO_EXTENSIONS}
+             if p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS}
     report, items = Report(), []
     for row in _csv_rows(labels_csv, ("name", "label")):
         name, source = row["name"].strip(), row["label"].strip().lower()

@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".flv", ".m4v", ".mpg", ".mpeg", ".ts", ".3gp",
                     ".wmv", ".ogv")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus")
+MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + AUDIO_EXTENSIONS
 
 
 class IngestError(MerError, ValueError):
@@ -149,16 +150,19 @@ def ingest(cfg: IngestConfig) -> list[Clip]:
     candidates = (_unique_names(_read_csv(cand_path, ("name",)), cand_path)
                   if cand_path.is_file() else {})
 
-    def exists(name: str) -> bool:  # the dataset knows the clip: media, face crops or a subtitle row
-        return name in videos or name in audios or name in crops or name in subtitles
+    def has_media(name: str) -> bool:  # a file of the clip: video, audio or face crops
+        return name in videos or name in audios or name in crops
+
+    def exists(name: str) -> bool:  # the dataset knows the clip: media or a subtitle row
+        return has_media(name) or name in subtitles
 
     # A row naming the file (`x.mp4`) instead of the clip (`x`) would be a clip of its own with no
     # media: a candidate answered by the prior under a name the organisers do not score. Refuse it.
     for path, rows in ((subtitle_path, subtitles), (label_path, labels), (cand_path, candidates)):
         for name, row in rows.items():
             stem, suffix = os.path.splitext(name)
-            if (suffix.lower() in VIDEO_EXTENSIONS + AUDIO_EXTENSIONS and (stem in videos or stem in audios)
-                    and not (name in videos or name in audios or name in crops)):  # `news.ts` may be a clip
+            if (suffix.lower() in MEDIA_EXTENSIONS and (stem in videos or stem in audios)
+                    and not has_media(name)):  # `news.ts` may be a clip
                 raise IngestError(f"{path}, line {row.line}: {name!r} is a file name; the CSVs name clips without "
                                   f"the suffix. Fix: write {stem!r}")
 

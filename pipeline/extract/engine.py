@@ -16,13 +16,12 @@ import hashlib
 import json
 import logging
 import time
-from collections import Counter
 from dataclasses import asdict
 from pathlib import Path
 
 from pipeline.config import EngineConfig, ExtractorSpec, as_dict
 from pipeline.errors import ExtractionFailed, ModelMissing, ModelMissingError  # noqa: F401 - re-exported
-from pipeline.extract.worker import (MISSING_TRACK_KINDS, ClipResult, ClipWorker, ExtractSummary, RunWriter,  # noqa: F401
+from pipeline.extract.worker import (ClipResult, ClipWorker, ExtractSummary, RunWriter,  # noqa: F401
                                      _prefetch, check_device, decoder_threads, failure_record, resolve_device)
 from pipeline.extractors.base import build_extractor
 from pipeline.manifest import Clip, media_only, read_manifest
@@ -158,12 +157,11 @@ def _finish(run: RunWriter, clips: list[Clip], store_path: Path, failures_path: 
     fraction = summary.failed / applicable if applicable else 0.0
     if fraction > engine.max_failed_fraction:
         _write_summary(summary, summary_path, status="failed")
-        kinds = Counter(f["kind"] for f in run.failures if f["kind"] not in MISSING_TRACK_KINDS)
         raise ExtractionFailed(
             f"extract.{summary.store}: {summary.failed} of {applicable} clips failed ({fraction:.0%} > params key "
             f"'engine.max_failed_fraction' = {engine.max_failed_fraction}): "
-            f"{', '.join(f'{n} {kind}' for kind, n in kinds.most_common())}; each clip and its error is listed in "
-            f"{failures_path}. Fix or remove those clips and rerun (finished clips are kept, only the failed ones "
+            f"{', '.join(f'{n} {kind}' for kind, n in run.failed_kinds.most_common())}; each clip and its error is "
+            f"listed in {failures_path}. Fix or remove those clips and rerun (finished clips are kept, only the failed ones "
             "are retried), or raise engine.max_failed_fraction to go on without them."
         )
     start = time.perf_counter()

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from collections import deque
+from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field
@@ -59,9 +59,9 @@ class ExtractSummary:
 MISSING_TRACK_KINDS = ("no_audio_track", "no_video_track")
 
 
-def _failure_kind(err: BaseException) -> str:
-    if isinstance(err, NoAudioError):
-        return "no_audio_track"
+def _failure_kind(err: BaseException, clip: Clip) -> str:
+    if isinstance(err, NoAudioError):  # a file in audio/ without sound is broken, not a silent film
+        return "unreadable_media" if clip.audio else "no_audio_track"
     if isinstance(err, NoVideoError):
         return "no_video_track"
     if isinstance(err, MediaError):
@@ -153,11 +153,8 @@ class ClipWorker:
 
     def failed(self, clip: Clip, err: BaseException) -> ClipResult:
         log.debug("clip %s failed: %s", clip.name, err)
-        kind = _failure_kind(err)
-        if kind == "no_audio_track" and clip.audio:  # a file in audio/ without sound is broken, not a silent film
-            kind = "unreadable_media"
         return ClipResult(clip.name, failure=failure_record(
-            self.store, self.extractor.modality, clip.name, kind, str(err) or type(err).__name__))
+            self.store, self.extractor.modality, clip.name, _failure_kind(err, clip), str(err) or type(err).__name__))
 
     def process(self, batch: list[tuple[Clip, Any]]) -> list[ClipResult]:
         """Run the model on a batch; errors are isolated per clip."""
@@ -189,7 +186,8 @@ class RunWriter:
                  engine: EngineConfig, summary: ExtractSummary):
         self.store, self.extractor, self.writer = store, extractor, writer
         self.engine, self.summary = engine, summary
-        self.failures: list[dict[str, Any]] = []
+        self.failures: list[dict[str, Any]] = []  # every record, missing tracks included (failures.jsonl)
+        self.failed_kinds: Counter[str] = Counter()  # the records that count as failures, by kind
         self.last_flush = time.monotonic()
 
     def take(self, result: ClipResult) -> None:
@@ -201,6 +199,7 @@ class RunWriter:
                 self.summary.no_track += 1
             else:
                 self.summary.failed += 1
+                self.failed_kinds[result.failure["kind"]] += 1
             self.failures.append(result.failure)
         else:
             self.summary.not_applicable += 1

@@ -29,7 +29,7 @@ from pipeline.fusion.checkpoint import load_folds
 from pipeline.fusion import screen
 from pipeline.fusion.linear import LinearFusion
 from pipeline.fusion.models import build_fusion
-from pipeline.data.ingest import AUDIO_EXTENSIONS, VIDEO_EXTENSIONS
+from pipeline.data.ingest import AUDIO_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip, write_manifest
 from pipeline.fusion.features import MIN_SPEAKER_CLIPS
@@ -44,8 +44,8 @@ def clips_for(paths: list[Path], english: str = "", chinese: str = "", group: st
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found")
         suffix = path.suffix.lower()
-        if suffix not in VIDEO_EXTENSIONS + AUDIO_EXTENSIONS:
-            raise MerError(f"{path}: not a media file ({', '.join(VIDEO_EXTENSIONS + AUDIO_EXTENSIONS)})")
+        if suffix not in MEDIA_EXTENSIONS:
+            raise MerError(f"{path}: not a media file ({', '.join(MEDIA_EXTENSIONS)})")
         video = str(path) if suffix in VIDEO_EXTENSIONS else None
         audio = str(path) if suffix in AUDIO_EXTENSIONS else None
         clips.append(Clip(name=path.stem, video=video, audio=audio, english=english, chinese=chinese, group=group))
