@@ -1,0 +1,63 @@
+"""What the experiment scripts share: a `make bench-heldout` project read back, and its two scores.
+
+A bench-heldout folder is what `python -m pipeline.bench.heldout` leaves under
+`build/heldout/<corpus>/`: `project/` (params.yaml, data/manifest.jsonl, features/*.h5, after
+`dvc repro train`) and `truth.csv` (the candidates' labels, outside the dataset root). Any
+other project folder (this repository after `make repro`, `.`) reads as one without
+candidates' labels: CV only. The scripts never write there.
+"""
+
+from __future__ import annotations
+
+import csv
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.bench.heldout import score
+from pipeline.config import TrainConfig, load_params, train_config
+from pipeline.fusion.features import Features, voice_store
+from pipeline.fusion.member import weighted_f1
+from pipeline.fusion.train import CVResult, load_features
+from pipeline.labels import EMOTIONS
+from pipeline.manifest import Clip, read_manifest
+
+
+@dataclass
+class Project:
+    cfg: TrainConfig  # the project's train section, `stores` narrowed to those that carry features
+    clips: list[Clip]
+    features: Features  # speaker-normalised as the project's params say
+    truth: dict[str, str]  # candidate name -> label; {} without a truth.csv
+
+
+def load_project(base: Path, stores: list[str] | None = None) -> Project:
+    project = base / "project" if (base / "project" / "params.yaml").is_file() else base
+    if not (project / "data" / "manifest.jsonl").is_file():
+        raise SystemExit(f"{base}: no project here (project/params.yaml and data/manifest.jsonl); run "
+                         "`make bench-heldout` first (or `make repro` for this repository's own, `.`)")
+    cfg = train_config(load_params(project / "params.yaml"))
+    clips = read_manifest(project / "data" / "manifest.jsonl")
+    features = load_features(clips, stores or cfg.stores, project / "features", speaker_norm=cfg.speaker_norm,
+                             voices=voice_store(cfg.speaker_stores, project / "features"))
+    truth = {}
+    if (base / "truth.csv").is_file():
+        with (base / "truth.csv").open(encoding="utf-8", newline="") as fh:
+            truth = {r["name"]: r["discrete"] for r in csv.DictReader(fh)}
+    return Project(replace(cfg, stores=features.stores), clips, features, truth)
+
+
+def cv_score(result: CVResult, clips: list[Clip]) -> float:
+    """Out-of-fold weighted F1 on the labelled clips (what `metrics.json` reports)."""
+    gold = np.array([EMOTIONS.index(clips[i].label) for i in result.labelled])
+    return weighted_f1(gold, result.oof_probs.argmax(1))
+
+
+def heldout_score(result: CVResult, clips: list[Clip], truth: dict[str, str]) -> float:
+    """Weighted F1 of the candidates' answers against truth.csv; a candidate without one counts as
+    wrong. NaN without a truth.csv."""
+    if not truth:
+        return float("nan")
+    pred = {clips[i].name: EMOTIONS[int(p.argmax())] for i, p in zip(result.unlabelled, result.unlabelled_probs)}
+    return score(pred, truth, len(pred))["weighted_f1"]

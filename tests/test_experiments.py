@@ -1,0 +1,81 @@
+"""The experiment scripts behind the README's figures (experiments/): each one the README cites is in
+the repository, each one there is cited, and the two that read a bench-heldout project run on a
+tiny one and measure what it holds."""
+
+from __future__ import annotations
+
+import csv
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from test_refine import _write_store
+
+from pipeline.labels import EMOTIONS
+from pipeline.manifest import Clip, write_manifest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def test_the_readme_cites_every_experiment_script_and_each_one_it_cites_exists():
+    cited = set(re.findall(r"experiments/([a-z_]+\.py)", (REPO / "README.md").read_text(encoding="utf-8")))
+    present = {p.name for p in (REPO / "experiments").glob("*.py") if not p.name.startswith("_")}
+    assert cited == present
+    assert "build/exp/" not in (REPO / "README.md").read_text(encoding="utf-8")  # scripts a clone lacks
+
+
+def _bench_project(base: Path) -> None:
+    """A bench-heldout folder: 8 speakers of 36 clips, 6 labelled and 2 candidates; `signal` tells
+    the emotion after per-speaker normalisation, `noise` tells nothing."""
+    rng = np.random.default_rng(0)
+    speaker, emotion = np.repeat(np.arange(8), 36), np.tile(np.arange(6), 48)
+    clips = [Clip(name=f"c{i:03d}", label=EMOTIONS[emotion[i]] if speaker[i] < 6 else None, group=f"spk{speaker[i]}",
+                  candidate=bool(speaker[i] >= 6)) for i in range(len(emotion))]
+    project = base / "project"
+    write_manifest(clips, project / "data" / "manifest.jsonl")
+    signal = (2 * rng.standard_normal((6, 12))[emotion] + 5 * rng.standard_normal((8, 12))[speaker]
+              + rng.standard_normal((len(emotion), 12)))
+    _write_store(project / "features" / "signal.h5", "signal", {c.name: v for c, v in zip(clips, signal)})
+    noise = rng.standard_normal((len(emotion), 6))
+    _write_store(project / "features" / "noise.h5", "noise", {c.name: v for c, v in zip(clips, noise)})
+    params = yaml.safe_load((REPO / "params.yaml").read_text(encoding="utf-8"))
+    params["train"].update(stores=["signal"], folds=3, epochs=4, speaker_stores=[])
+    (project / "params.yaml").write_text(yaml.safe_dump(params), encoding="utf-8")
+    with (base / "truth.csv").open("w", encoding="utf-8", newline="") as fh:
+        writer = csv.writer(fh)
+        writer.writerow(["name", "discrete"])
+        writer.writerows([c.name, EMOTIONS[e]] for c, e in zip(clips, emotion) if c.candidate)
+
+
+def _run(*args: str) -> str:
+    done = subprocess.run([sys.executable, *args], cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return done.stdout
+
+
+@pytest.mark.slow
+def test_seeds_and_nested_measure_a_bench_heldout_project(tmp_path):
+    _bench_project(tmp_path)
+    out = _run("experiments/seeds.py", "--extra", "noise", str(tmp_path), "0,1", "{}",
+               '{"stores": ["noise"]}', '{"stores": ["signal", "noise"], "model": {"kind": "concat"}}')
+    found = re.findall(r"CV (\d\.\d+) held out (\d\.\d+) s/fold [\d.]+ \| (\S+) (\S+)", out)
+    assert len(found) == 3, out
+    (signal_cv, signal_held, *seeds), (noise_cv, noise_held, *_), (both_cv, both_held, *_) = found
+    assert float(signal_cv) > 0.8 and float(signal_held) > 0.8  # the per-speaker signal is found
+    assert float(noise_cv) < 0.4 and float(noise_held) < 0.4  # a store that tells nothing scores near chance
+    assert float(both_held) > 0.8
+    assert len(seeds) == 2 and all(re.fullmatch(r"\d\.\d{3}/\d\.\d{3}", s) for s in seeds)
+
+    out = _run("experiments/seeds.py", str(tmp_path / "project"), "0", "{}")  # a project without truth.csv
+    assert re.fullmatch(r"project \{\}: CV (\d\.\d+) s/fold [\d.]+ \| \d\.\d{3}\n", out), out
+    assert out.split()[-1] == seeds[0].split("/")[0]  # seed 0's CV, as read through the bench-heldout folder
+
+    out = _run("experiments/nested.py", str(tmp_path), "0")
+    scores = dict(re.findall(r"(fold average \(a\)|one set on all \(b\)|both averaged) (\d\.\d+)", out.splitlines()[-1]))
+    assert len(scores) == 3, out
+    assert all(float(v) > 0.8 for v in scores.values()), out
