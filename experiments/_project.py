@@ -1,10 +1,10 @@
-"""What the experiment scripts share: a `make bench-heldout` project read back, and its two scores.
+"""What the experiment scripts share: a project read back, its stores, and its two scores.
 
 A bench-heldout folder is what `python -m pipeline.bench.heldout` leaves under
 `build/heldout/<corpus>/`: `project/` (params.yaml, data/manifest.jsonl, features/*.h5, after
 `dvc repro train`) and `truth.csv` (the candidates' labels, outside the dataset root). Any
 other project folder (this repository after `make repro`, `.`) reads as one without
-candidates' labels: CV only. The scripts never write there.
+candidates' labels: CV only. Nothing here writes.
 """
 
 from __future__ import annotations
@@ -26,26 +26,52 @@ from pipeline.manifest import Clip, read_manifest
 
 @dataclass
 class Project:
+    folder: Path  # holds params.yaml, data/, features/
     cfg: TrainConfig  # the project's train section, `stores` narrowed to those that carry features
     clips: list[Clip]
     features: Features  # speaker-normalised as the project's params say
     truth: dict[str, str]  # candidate name -> label; {} without a truth.csv
 
+    def features_for(self, clips: list[Clip]) -> Features:
+        """The stores read again for `clips` (the same names, some labels hidden): the voice
+        clustering's guard reads the labelled clips' labels, so a hidden clip's must not be there."""
+        return _load(self.folder, clips, self.cfg)
 
-def load_project(base: Path, stores: list[str] | None = None) -> Project:
-    project = base / "project" if (base / "project" / "params.yaml").is_file() else base
-    if not (project / "data" / "manifest.jsonl").is_file():
+
+def project_folder(base: Path) -> Path:
+    folder = base / "project" if (base / "project" / "params.yaml").is_file() else base
+    if not (folder / "data" / "manifest.jsonl").is_file():
         raise SystemExit(f"{base}: no project here (project/params.yaml and data/manifest.jsonl); run "
                          "`make bench-heldout` first (or `make repro` for this repository's own, `.`)")
-    cfg = train_config(load_params(project / "params.yaml"))
-    clips = read_manifest(project / "data" / "manifest.jsonl")
-    features = load_features(clips, stores or cfg.stores, project / "features", speaker_norm=cfg.speaker_norm,
-                             voices=voice_store(cfg.speaker_stores, project / "features"))
+    return folder
+
+
+def project_config(base: Path) -> TrainConfig:
+    """The project's train section as params.yaml has it, before any store is read."""
+    cfg = train_config(load_params(project_folder(base) / "params.yaml"))
+    if cfg.use_refined or cfg.use_pseudo:  # cross_validate here gets no refined targets: say so, not a silent other run
+        raise SystemExit(f"{base}: train.use_refined / use_pseudo are on; these scripts train on the gold labels only")
+    return cfg
+
+
+def load_project(base: Path, stores: list[str] | None = None, speaker_stores: list[str] | None = None) -> Project:
+    """`stores`: these instead of train.stores; `speaker_stores`: instead of train.speaker_stores
+    ([] where the corpus has no voices, as MELD's text)."""
+    folder, cfg = project_folder(base), project_config(base)
+    cfg = replace(cfg, stores=stores or cfg.stores,
+                  speaker_stores=cfg.speaker_stores if speaker_stores is None else speaker_stores)
+    clips = read_manifest(folder / "data" / "manifest.jsonl")
+    features = _load(folder, clips, cfg)
     truth = {}
     if (base / "truth.csv").is_file():
         with (base / "truth.csv").open(encoding="utf-8", newline="") as fh:
             truth = {r["name"]: r["discrete"] for r in csv.DictReader(fh)}
-    return Project(replace(cfg, stores=features.stores), clips, features, truth)
+    return Project(folder, replace(cfg, stores=features.stores), clips, features, truth)
+
+
+def _load(folder: Path, clips: list[Clip], cfg: TrainConfig) -> Features:
+    return load_features(clips, cfg.stores, folder / "features", speaker_norm=cfg.speaker_norm,
+                         voices=voice_store(cfg.speaker_stores, folder / "features"))
 
 
 def cv_score(result: CVResult, clips: list[Clip]) -> float:

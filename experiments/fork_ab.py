@@ -7,8 +7,8 @@ On threads, torch's ops release the GIL but the Python between them does not, so
 on two cores run at about 0.6x the time of one after the other, not 0.5x. Here each member after
 the first trains in a child forked for it, and sends its result back through a pipe (pickled:
 our own process's objects, never a file). Five synthetic stores with the video stores' widths,
-3,000 clips, params.yaml's train section. Prints seconds per fold and the members' share per
-round, and whether both ways give the same probabilities (they must, to the bit). Not kept in
+3,000 clips, params.yaml's train section. Prints seconds per fold and the members' seconds of
+it per round, and whether both ways give the same probabilities (they must, to the bit). Not kept in
 the trainer (README "Fusion": training speed). Run from the repository root.
 """
 

@@ -55,7 +55,7 @@ def main(argv: list[str]) -> None:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     build(args.work.resolve(), args.shared)
-    project = load_project(args.work.resolve(), stores=["text"])
+    project = load_project(args.work.resolve(), stores=["text"], speaker_stores=[])  # text only: no voices
     print(f"{len(project.clips)} clips, {sum(c.label is not None for c in project.clips)} labelled, "
           f"{len(project.truth)} candidates", flush=True)
     for spec in args.variants:

@@ -8,7 +8,8 @@ and its hidden clips are candidates, answered two ways: (a) the fold average of 
 5-fold CV, which is what `dvc repro train` gives candidates (`cross_validate` on the outer
 training part: five model sets on 64 % each); (b) one model set trained on the whole outer
 training part (80 %), as a refit would be. Both use the project's train params (self-training
-included: its pool is the hidden clips and the project's candidates). Prints, per variant, the
+included: its pool is the hidden clips and the project's candidates), on stores read again per
+outer fold so that nothing, the voice clustering's guard included, reads a hidden label. Prints, per variant, the
 outer folds' weighted F1 for (a), (b) and their average, per seed and as the mean.
 """
 
@@ -52,22 +53,25 @@ def main(argv: list[str]) -> None:
     logging.basicConfig(level=logging.ERROR)
     project = load_project(Path(argv[0]))
     clips, cfg = project.clips, project.cfg
-    labelled = [i for i, c in enumerate(clips) if c.label]
+    usable = project.features.mask.any(axis=1)  # as cross_validate: a labelled clip without features is left out
+    labelled = [i for i, c in enumerate(clips) if c.label and usable[i]]
     labels = [clips[i].label for i in labelled]
     groups = [clips[i].group for i in labelled]
-    if not any(groups) and project.features.fold_groups is not None:  # as cross_validate folds unnamed clips
-        groups = [project.features.fold_groups[i] for i in labelled]
+    voices = [project.features.fold_groups[i] for i in labelled] if project.features.fold_groups is not None else []
+    if not any(groups) and len({v for v in voices if v}) >= cfg.folds:  # as cross_validate folds unnamed clips
+        groups = voices
     gold = np.array([EMOTIONS.index(x) for x in labels])
     scores = {"fold average (a)": [], "one set on all (b)": [], "both averaged": []}
     for seed in (int(s) for s in argv[1].split(",")):
         probs = {"a": np.zeros((len(labelled), len(EMOTIONS))), "b": np.zeros((len(labelled), len(EMOTIONS)))}
         for _train, hidden in training_folds(labels, groups, cfg.folds, seed, "outer folds", warn=False):
             names = {clips[labelled[j]].name for j in hidden}
-            part = [replace(c, label=None, candidate=True) if c.name in names else c for c in clips]
-            runs = {"a": trainer.cross_validate(part, project.features, replace(cfg, seed=seed), quiet=True,
-                                                fold_lines=False)}
+            part = [replace(c, label=None, valence=None, split="unlabelled", candidate=True) if c.name in names else c
+                    for c in clips]
+            features = project.features_for(part)  # the voice clustering's guard must not read the hidden labels
+            runs = {"a": trainer.cross_validate(part, features, replace(cfg, seed=seed), quiet=True, fold_lines=False)}
             with one_model_set():
-                runs["b"] = trainer.cross_validate(part, project.features, replace(cfg, seed=seed), quiet=True,
+                runs["b"] = trainer.cross_validate(part, features, replace(cfg, seed=seed), quiet=True,
                                                    fold_lines=False)
             position = {clips[labelled[j]].name: j for j in hidden}
             for key, result in runs.items():

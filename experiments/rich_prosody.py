@@ -8,18 +8,20 @@ a store beside it: `features/prosody_rich.h5`, the same clips with 86 values per
 Per clip: pitch mean, spread, percentiles, range, slope and step over voiced frames; the voiced
 share, voiced segments per second and their mean length, duration; loudness percentiles, step
 and the voiced-minus-all difference; zero-crossing mean and spread; MFCC means, spreads, mean
-absolute deltas and their spreads, and MFCC means over voiced frames. The file is a copy of
-prosody.h5 whose utterance dataset is replaced (README "Fusion": tried and dropped).
+absolute deltas and their spreads, and MFCC means over voiced frames. Written through the
+package's own StoreWriter, with prosody.h5's other outputs (sequence, presence) as they are and
+an identity of its own (README "Fusion": tried and dropped). It writes into the folder given,
+beside the project's stores; the pipeline's stages never read it.
 """
 
 from __future__ import annotations
 
-import shutil
 import sys
 from pathlib import Path
 
-import h5py
 import numpy as np
+
+from pipeline.store import StoreIdentity, StoreReader, StoreWriter
 
 
 def _run_lengths(flag: np.ndarray) -> np.ndarray:
@@ -58,15 +60,17 @@ def functionals(seq: np.ndarray, hop_s: float = 0.01) -> np.ndarray:
 
 def main(features: Path) -> None:
     source, target = features / "prosody.h5", features / "prosody_rich.h5"
-    shutil.copy(source, target)
-    with h5py.File(target, "r+") as store:
-        offsets, values = store["data/sequence/offsets"][:], store["data/sequence/values"][:]
-        rows = np.nan_to_num(np.stack([functionals(values[offsets[i]:offsets[i + 1]])
-                                       for i in range(len(offsets) - 1)]))
-        del store["data/utterance"]
-        store["data/utterance"] = rows
-        store.attrs["store"] = "prosody_rich"
-    print(target, rows.shape)
+    with StoreReader(source) as reader:
+        identity = StoreIdentity(store="prosody_rich", extractor="experiments/rich_prosody.py",
+                                 params={"from": str(reader.attrs["fingerprint"])})
+        writer = StoreWriter(target, identity, sequence_keys=reader.sequence_keys, restart=True)
+        for name in reader.names:
+            row = dict(reader.get(name))
+            sequence = row["sequence"]  # empty where the clip has no sound: zeros, as its presence says
+            row["utterance"] = np.nan_to_num(functionals(sequence)) if len(sequence) else np.zeros(86, np.float32)
+            writer.add(name, row)
+        writer.finalize(reader.names)
+    print(target, len(reader.names), "clips x", len(row["utterance"]))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,5 @@
-"""Self-training's cost at MER2025's candidate ratio, in the worst case: every pool clip confident.
+"""Self-training's cost at MER2025's candidate ratio, near the worst case: synthetic clips the
+teacher is mostly sure of (the printed pseudo-label counts say how many were).
 
     python experiments/scale_cost.py 9000 off,cap1,nocap
 

@@ -8,7 +8,7 @@ over the project's own params; `{}` is the project's params as they are. `stores
 the project's stores and those `--extra` loads beside them (any `features/<name>.h5` of the
 project, e.g. the `speaker` voice store or one `rich_prosody.py` wrote). Per variant, one line:
 the means, then each seed's CV / held out. Trains with `cross_validate` on the project's stores,
-as `dvc repro train` does (seed 0 of `{}` gives the project's `predictions.csv`). The candidates'
+as `dvc repro train` does (`{}` at the project's own train.seed gives its `predictions.csv`). The candidates'
 labels score the variants, never choose among them: the README's choices are made on the CV column.
 A project without a truth.csv (`.`, this repository's demo after `make repro`) prints CV only:
 
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _project import cv_score, heldout_score, load_project
+from _project import cv_score, heldout_score, load_project, project_config
 from pipeline.fusion.features import select
 from pipeline.fusion.train import cross_validate
 
@@ -39,10 +39,9 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--extra", default="", help="stores to load beside the project's train.stores, comma-separated")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    extra = [s for s in args.extra.split(",") if s]
-    project = load_project(args.project)
-    if extra:
-        project = load_project(args.project, stores=[*project.cfg.stores, *extra])
+    stores = project_config(args.project).stores
+    extra = [s for s in args.extra.split(",") if s and s not in stores]
+    project = load_project(args.project, stores=[*stores, *extra])
     default = [s for s in project.features.stores if s not in extra]  # the project's stores that carry features
     for variant in args.variants:
         changes = json.loads(variant)
