@@ -9,13 +9,12 @@ candidates' labels: CV only. Nothing here writes.
 
 from __future__ import annotations
 
-import csv
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.bench.heldout import score
+from pipeline.bench.heldout import _csv as read_truth, score  # the bench's own truth.csv reader
 from pipeline.config import TrainConfig, load_params, train_config
 from pipeline.fusion.features import Features, voice_store
 from pipeline.fusion.member import weighted_f1
@@ -31,6 +30,7 @@ class Project:
     clips: list[Clip]
     features: Features  # speaker-normalised as the project's params say
     truth: dict[str, str]  # candidate name -> label; {} without a truth.csv
+    extra: list[str]  # stores read beside train.stores (load_project's `extra` not already among them)
 
     def features_for(self, clips: list[Clip]) -> Features:
         """The stores read again for `clips` (the same names, some labels hidden): the voice
@@ -54,19 +54,19 @@ def project_config(base: Path) -> TrainConfig:
     return cfg
 
 
-def load_project(base: Path, stores: list[str] | None = None, speaker_stores: list[str] | None = None) -> Project:
-    """`stores`: these instead of train.stores; `speaker_stores`: instead of train.speaker_stores
-    ([] where the corpus has no voices, as MELD's text)."""
+def load_project(base: Path, stores: list[str] | None = None, speaker_stores: list[str] | None = None,
+                 extra: list[str] = ()) -> Project:
+    """`stores`: these instead of train.stores; `extra`: read beside them (those not among them);
+    `speaker_stores`: instead of train.speaker_stores ([] where the corpus has no voices, as MELD's text)."""
     folder, cfg = project_folder(base), project_config(base)
-    cfg = replace(cfg, stores=stores or cfg.stores,
+    stores = stores or cfg.stores
+    extra = [s for s in extra if s not in stores]
+    cfg = replace(cfg, stores=[*stores, *extra],
                   speaker_stores=cfg.speaker_stores if speaker_stores is None else speaker_stores)
     clips = read_manifest(folder / "data" / "manifest.jsonl")
     features = _load(folder, clips, cfg)
-    truth = {}
-    if (base / "truth.csv").is_file():
-        with (base / "truth.csv").open(encoding="utf-8", newline="") as fh:
-            truth = {r["name"]: r["discrete"] for r in csv.DictReader(fh)}
-    return Project(folder, replace(cfg, stores=features.stores), clips, features, truth)
+    truth = read_truth(base / "truth.csv") if (base / "truth.csv").is_file() else {}
+    return Project(folder, replace(cfg, stores=features.stores), clips, features, truth, extra)
 
 
 def _load(folder: Path, clips: list[Clip], cfg: TrainConfig) -> Features:

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from _project import cv_score, heldout_score, load_project, project_config
+from _project import cv_score, heldout_score, load_project
 from pipeline.fusion.features import select
 from pipeline.fusion.train import cross_validate
 
@@ -39,10 +39,8 @@ def main(argv: list[str]) -> None:
     parser.add_argument("--extra", default="", help="stores to load beside the project's train.stores, comma-separated")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
-    stores = project_config(args.project).stores
-    extra = [s for s in args.extra.split(",") if s and s not in stores]
-    project = load_project(args.project, stores=[*stores, *extra])
-    default = [s for s in project.features.stores if s not in extra]  # the project's stores that carry features
+    project = load_project(args.project, extra=[s for s in args.extra.split(",") if s])
+    default = [s for s in project.features.stores if s not in project.extra]  # train.stores that carry features
     for variant in args.variants:
         changes = json.loads(variant)
         model_changes = changes.pop("model", {})
