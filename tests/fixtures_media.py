@@ -144,6 +144,33 @@ def write_wav(
     return path
 
 
+def write_ogg_video(path: str | Path, num_frames: int = 5, size: tuple[int, int] = (64, 48)) -> Path:
+    """Write VP8 video in an Ogg container (no sound) under ``path``, e.g. ``film.ogg``: an .ogg
+    that holds pictures, where most .ogg files hold Vorbis or Opus sound."""
+    path = Path(path)
+    width, height = size
+    with av.open(str(path), "w", format="ogg") as out:
+        stream = out.add_stream("libvpx", rate=10)
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        for i in range(num_frames):
+            frame = av.VideoFrame.from_ndarray(np.full((height, width, 3), 40 * i % 256, np.uint8), format="rgb24")
+            for packet in stream.encode(frame):
+                out.mux(packet)
+        for packet in stream.encode():
+            out.mux(packet)
+    return path
+
+
+def write_ogg_sound(path: str | Path, seconds: float = 1.0, sample_rate: int = 16000) -> Path:
+    """Write a Vorbis tone in an Ogg container under ``path``."""
+    import soundfile as sf
+
+    path = Path(path)
+    sf.write(str(path), _audio_samples(seconds, "tone", 300.0, sample_rate), sample_rate, format="OGG",
+             subtype="VORBIS")
+    return path
+
+
 def write_corrupt(path: str | Path, size: int = 4096, seed: int = 0) -> Path:
     """Write ``size`` seeded random bytes under a media-looking name (e.g. ``.mp4``)."""
     path = Path(path)

@@ -83,6 +83,26 @@ def test_folder_uses_the_given_label_map(tmp_path):
         convert.folder(src, labels, tmp_path / "bad_map.csv")
 
 
+def test_an_ogg_video_is_written_as_ogv_and_ogg_sound_stays_audio(tmp_path):
+    """`mer convert folder` with .ogg files: the container, not the suffix, says video or sound, so a
+    VP8 clip keeps its pictures (video/x.ogv, the name ingest reads there) and Vorbis goes to audio/."""
+    from fixtures_media import write_ogg_sound, write_ogg_video
+
+    src = tmp_path / "src"
+    src.mkdir()
+    write_ogg_video(src / "film.ogg")
+    write_ogg_sound(src / "voice.ogg")
+    labels = write_csv(tmp_path / "labels.csv", ["name", "label"], [["film", "joy"], ["voice", "anger"]])
+    mapping = write_csv(tmp_path / "map.csv", ["source", "mer"], [["joy", "happy"], ["anger", "angry"]])
+    items, report = convert.folder(src, labels, mapping)
+    convert.write_layout(items, tmp_path / "mer", report)
+    assert sorted(str(p.relative_to(tmp_path / "mer")) for p in (tmp_path / "mer").rglob("*.og*")) == [
+        "audio/voice.ogg", "video/film.ogv"]
+    clips = ingest(IngestConfig(root=str(tmp_path / "mer")))
+    assert [(c.name, c.label, bool(c.video), bool(c.audio)) for c in clips] == [
+        ("film", "happy", True, False), ("voice", "angry", False, True)]
+
+
 def test_no_half_dataset_on_error(tmp_path, monkeypatch):
     items, report = convert.ravdess(_ravdess_tree(tmp_path / "rav"))
     calls, original = [], convert.shutil.copyfile

@@ -240,3 +240,25 @@ def test_candidates_without_content_are_kept_and_counted(dataset):
     assert "not_a_candidate" not in clips
     summary = summarize(list(clips.values()))
     assert summary["candidates_without_content"] == 2 and summary["candidates"] == 4
+
+
+def test_an_ogg_in_the_video_folder_is_read_when_it_holds_pictures(tmp_path, caplog):
+    """Most .ogg files hold sound, some VP8 or Theora video: in video/ the container decides (a
+    sound-only one is named, with the fix); in audio/ an .ogg is sound without being opened."""
+    from fixtures_media import write_ogg_sound, write_ogg_video
+
+    root = tmp_path / "ds"
+    (root / "video").mkdir(parents=True)
+    (root / "audio").mkdir()
+    write_ogg_video(root / "video" / "film.ogg")
+    write_ogg_sound(root / "video" / "voice.ogg")
+    write_ogg_sound(root / "audio" / "song.ogg")
+    write_csv(root / "track1_train_disdim.csv", ["name", "discrete", "valence"],
+              [["film", "happy", ""], ["song", "sad", ""]])
+    with caplog.at_level("WARNING"):
+        clips = ingest(IngestConfig(root=str(root)))
+    assert [(c.name, c.video and Path(c.video).name, c.audio and Path(c.audio).name) for c in clips] == [
+        ("film", "film.ogg", None), ("song", None, "song.ogg")]
+    warned = [r.getMessage() for r in caplog.records]
+    assert any("1 .ogg file(s) hold no video stream" in m and "voice.ogg" in m and "'ingest.audio_dir'" in m
+               for m in warned), warned

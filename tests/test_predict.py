@@ -137,25 +137,11 @@ def test_predict_stops_on_weights_of_an_earlier_model_version(trained, tmp_path)
 def test_an_ogg_file_is_read_as_video_when_it_holds_a_picture_stream(tmp_path):
     """`mer predict` on .ogg: Vorbis sound is an audio clip, VP8 video in Ogg a video clip (the
     container says which); an unreadable .ogg stays audio, for its store to record why."""
-    import av
-    import numpy as np
-    import soundfile as sf
+    from fixtures_media import write_ogg_sound, write_ogg_video
 
     from pipeline.fusion.predict import clips_for
 
-    video = tmp_path / "film.ogg"
-    with av.open(str(video), "w", format="ogg") as out:
-        stream = out.add_stream("libvpx", rate=10)
-        stream.width, stream.height, stream.pix_fmt = 64, 48, "yuv420p"
-        for i in range(5):
-            frame = av.VideoFrame.from_ndarray(np.full((48, 64, 3), 40 * i, np.uint8), format="rgb24")
-            for packet in stream.encode(frame):
-                out.mux(packet)
-        for packet in stream.encode():
-            out.mux(packet)
-    sound = tmp_path / "voice.ogg"
-    sf.write(sound, (0.1 * np.sin(np.linspace(0, 400, 16000))).astype(np.float32), 16000, format="OGG",
-             subtype="VORBIS")
+    video, sound = write_ogg_video(tmp_path / "film.ogg"), write_ogg_sound(tmp_path / "voice.ogg")
     broken = tmp_path / "broken.ogg"
     broken.write_bytes(b"OggS" + bytes(200))
     film, voice, bad = clips_for([video, sound, broken])

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from pipeline.data.ingest import MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
+from pipeline.data.ingest import MEDIA_EXTENSIONS, media_kind
 from pipeline.errors import MerError
 from pipeline.labels import EMOTIONS
 
@@ -41,7 +41,7 @@ class Item:
     group: str
     english: str = ""
     chinese: str = ""
-    media: Path | None = None  # copied to video/ or audio/ by its extension
+    media: Path | None = None  # copied to video/ or audio/ as `media_kind` says (an Ogg video as .ogv)
 
 
 @dataclass
@@ -114,9 +114,10 @@ def _write_items(items: list[Item], root: Path) -> None:
     for item in items:
         if item.media is None:
             continue
-        kind = "video" if item.media.suffix.lower() in VIDEO_EXTENSIONS else "audio"
+        kind = media_kind(item.media)  # an .ogg: its container decides, and Ogg video is written as .ogv
+        suffix = ".ogv" if kind == "video" and item.media.suffix.lower() == ".ogg" else item.media.suffix.lower()
         (root / kind).mkdir(exist_ok=True)
-        shutil.copyfile(item.media, root / kind / f"{item.name}{item.media.suffix.lower()}")
+        shutil.copyfile(item.media, root / kind / f"{item.name}{suffix}")
     with (root / "track1_train_disdim.csv").open("w", encoding="utf-8", newline="") as fh:
         writer = csv.writer(fh)
         writer.writerow(["name", "discrete", "valence", "group"])

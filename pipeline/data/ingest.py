@@ -6,7 +6,8 @@ Layout (every part optional except that each clip needs media or a subtitle):
     (name,discrete,valence[,group]), track_all_candidates.csv (name[,group]).
 `group` names the speaker (or dialogue) wherever it is given.
 Ingest only reads the layout; it does not decode media (extractors do, and record
-per-clip failures), so ingesting 130k clips takes seconds.
+per-clip failures), so ingesting 130k clips takes seconds. The one file it opens is an .ogg
+in video/, to see whether it holds pictures (`media_kind`).
 """
 
 from __future__ import annotations
@@ -32,6 +33,23 @@ VIDEO_EXTENSIONS = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".flv", ".m4v", ".m
                     ".wmv", ".ogv")
 AUDIO_EXTENSIONS = (".wav", ".flac", ".mp3", ".m4a", ".aac", ".ogg", ".opus")
 MEDIA_EXTENSIONS = VIDEO_EXTENSIONS + AUDIO_EXTENSIONS
+
+
+def media_kind(path: Path) -> str | None:
+    """"video" or "audio" for a file of a suffix ingest reads, None for another suffix. The suffix
+    decides, except for .ogg: Vorbis or Opus sound as a rule, Theora or VP8 video sometimes, so its
+    container does (a video stream makes it video; Ogg keeps cover art in its comments, not as a
+    stream). An .ogg that cannot be read counts as sound, and its store records why. Used by ingest
+    (an .ogg in video/), `mer convert` and `mer predict`, so the three agree."""
+    suffix = path.suffix.lower()
+    if suffix == ".ogg":
+        from pipeline.data.media import MediaError, probe  # PyAV: only when an .ogg needs it
+
+        try:
+            return "video" if probe(path).has_video else "audio"
+        except MediaError:
+            return "audio"
+    return "video" if suffix in VIDEO_EXTENSIONS else "audio" if suffix in AUDIO_EXTENSIONS else None
 
 
 class IngestError(MerError, ValueError):
@@ -66,12 +84,15 @@ def _read_csv(path: Path, required: tuple[str, ...]) -> list[_Row]:
         raise IngestError(f"{path}: not UTF-8 ({err}). Fix: re-save the file as UTF-8") from err
 
 
-def _index_files(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
+def _index_files(folder: Path, extensions: tuple[str, ...], kind: str) -> dict[str, Path]:
+    """Clip name -> file for the files of `folder` whose suffix is in `extensions` and, for an
+    .ogg, whose container holds `kind` (media_kind: only the few .ogg files in video/ are opened)."""
     if not folder.is_dir():
         return {}
     found: dict[str, Path] = {}
     unread: Counter[str] = Counter()
     twins: list[str] = []
+    sound: list[str] = []  # .ogg files in video/ without a picture stream
     # a clip with two files is read from the one whose suffix comes first in `extensions` (the
     # layout's own .mp4 / .wav before a converted copy), whatever the names' sorted order
     rank = {suffix: i for i, suffix in enumerate(extensions)}
@@ -79,6 +100,8 @@ def _index_files(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
     for path in sorted(files, key=lambda p: (rank.get(p.suffix.lower(), len(rank)), p.name)):
         if path.suffix.lower() not in extensions:
             unread[path.suffix.lower() or "(no suffix)"] += 1
+        elif kind == "video" and path.suffix.lower() == ".ogg" and media_kind(path) != "video":
+            sound.append(path.name)
         elif path.stem in found:
             twins.append(path.name)
         else:
@@ -90,6 +113,10 @@ def _index_files(folder: Path, extensions: tuple[str, ...]) -> dict[str, Path]:
         log.warning("%s: %d file(s) share a clip name with another file and are not read: %s (a clip is read from "
                     "its file whose suffix comes first in %s)", folder, len(twins),
                     ", ".join(twins[:10]) + (" ..." if len(twins) > 10 else ""), " ".join(extensions))
+    if sound:
+        log.warning("%s: %d .ogg file(s) hold no video stream (or cannot be read) and are not read as video: %s. "
+                    "Fix: move sound files to the audio folder (params key 'ingest.audio_dir')", folder, len(sound),
+                    ", ".join(sound[:10]) + (" ..." if len(sound) > 10 else ""))
     return found
 
 
@@ -137,8 +164,9 @@ def ingest(cfg: IngestConfig) -> list[Clip]:
     root = Path(cfg.root)
     if not root.is_dir():
         raise IngestError(f"dataset root {root} does not exist. Fix: set params key 'ingest.root'")
-    videos = _index_files(root / cfg.video_dir, VIDEO_EXTENSIONS)
-    audios = _index_files(root / cfg.audio_dir, AUDIO_EXTENSIONS)
+    # an .ogg in video/ is read when it holds a picture stream (Theora, VP8); in audio/ it is sound
+    videos = _index_files(root / cfg.video_dir, (*VIDEO_EXTENSIONS, ".ogg"), "video")
+    audios = _index_files(root / cfg.audio_dir, AUDIO_EXTENSIONS, "audio")
     crops = _index_face_crops(root / cfg.face_dir)
 
     subtitle_path, label_path, cand_path = (root / cfg.subtitle_file, root / cfg.label_file,

@@ -29,8 +29,7 @@ from pipeline.fusion.checkpoint import load_folds
 from pipeline.fusion import screen
 from pipeline.fusion.linear import LinearFusion
 from pipeline.fusion.models import build_fusion
-from pipeline.data.ingest import AUDIO_EXTENSIONS, MEDIA_EXTENSIONS, VIDEO_EXTENSIONS
-from pipeline.data.media import MediaError, probe
+from pipeline.data.ingest import MEDIA_EXTENSIONS, media_kind
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip, write_manifest
 from pipeline.fusion.features import MIN_SPEAKER_CLIPS
@@ -47,20 +46,10 @@ def clips_for(paths: list[Path], english: str = "", chinese: str = "", group: st
         suffix = path.suffix.lower()
         if suffix not in MEDIA_EXTENSIONS:
             raise MerError(f"{path}: not a media file ({', '.join(MEDIA_EXTENSIONS)})")
-        video = str(path) if suffix in VIDEO_EXTENSIONS or (suffix == ".ogg" and _holds_video(path)) else None
-        audio = str(path) if video is None and suffix in AUDIO_EXTENSIONS else None
+        kind = media_kind(path)
+        video, audio = (str(path), None) if kind == "video" else (None, str(path))
         clips.append(Clip(name=path.stem, video=video, audio=audio, english=english, chinese=chinese, group=group))
     return clips
-
-
-def _holds_video(path: Path) -> bool:
-    """An .ogg is Vorbis or Opus sound as a rule, and Theora or VP8 video sometimes: the container
-    says which. (Ogg keeps cover art in its comments, not as a stream, so a picture is no video.)
-    A file that cannot be read counts as sound, and its store records why (the extractors read it)."""
-    try:
-        return probe(path).has_video
-    except MediaError:
-        return False
 
 
 def run_predict(paths: list[Path], params: Params, models: Path, english: str = "",
