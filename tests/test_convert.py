@@ -38,6 +38,19 @@ def test_ravdess_maps_drops_and_keeps_actor(tmp_path):
     assert len(clips) == 4 and all(c.audio and c.group and c.label for c in clips)
 
 
+def test_a_corpus_of_linked_folders_is_read_through_the_links(tmp_path):
+    """A subset put together from links to the corpus's folders reads as the folders themselves (it
+    read as "no files found"); a link back up the tree is walked once, not forever."""
+    tree = _ravdess_tree(tmp_path / "rav")
+    subset = tmp_path / "subset"
+    subset.mkdir()
+    (subset / "Actor_02").symlink_to(tree / "Actor_02", target_is_directory=True)
+    (subset / "Actor_02_again").symlink_to(subset, target_is_directory=True)  # a loop
+    items, _ = convert.ravdess(subset)
+    assert sorted(i.name for i in items) == ["03-01-05-02-01-01-02", "03-01-08-01-02-02-02"]
+    assert all(i.media.is_file() for i in items)
+
+
 def test_ravdess_calm_can_be_dropped(tmp_path):
     items, report = convert.ravdess(_ravdess_tree(tmp_path / "rav"), calm="drop")
     assert "03-01-02-01-02-01-01" not in {i.name for i in items}

@@ -135,7 +135,7 @@ def ravdess(src: Path, calm: str = "neutral") -> tuple[list[Item], Report]:
     if calm not in ("neutral", "drop"):
         raise ConvertError(f"calm must be 'neutral' or 'drop', not {calm!r}")
     report, items = Report(), []
-    files = sorted(p for p in Path(src).rglob("*") if p.is_file())
+    files = _files_under(Path(src))
     if not files:
         raise ConvertError(f"{src}: no files found; point SRC at the RAVDESS folder (Actor_01/...)")
     for path in files:
@@ -195,8 +195,7 @@ def folder(src: Path, labels_csv: Path, label_map_csv: Path) -> tuple[list[Item]
     bad = sorted({m for m in mapping.values() if m not in EMOTIONS and m != "drop"})
     if bad:
         raise ConvertError(f"{label_map_csv}: targets {bad} are not MER classes {list(EMOTIONS)} or 'drop'")
-    media = {p.stem: p for p in sorted(Path(src).rglob("*"))
-             if p.is_file() and p.suffix.lower() in MEDIA_EXTENSIONS}
+    media = {p.stem: p for p in _files_under(Path(src)) if p.suffix.lower() in MEDIA_EXTENSIONS}
     report, items = Report(), []
     for row in _csv_rows(labels_csv, ("name", "label")):
         name, source = row["name"].strip(), row["label"].strip().lower()
@@ -213,6 +212,21 @@ def folder(src: Path, labels_csv: Path, label_map_csv: Path) -> tuple[list[Item]
         items.append(Item(name=name, label=mapping[source], group=(row.get("group") or "").strip(),
                           english=text, media=media.get(name)))
     return _dedupe(items, report), report
+
+
+def _files_under(src: Path) -> list[Path]:
+    """Every file below `src`, sorted, through linked folders too: a corpus put together from links to
+    its parts (`ln -s /data/ravdess/Actor_01 mine/`) is common, and `Path.rglob` does not follow them.
+    A link back to a folder already walked is not walked again."""
+    walked, files = set(), []
+    for folder, subfolders, names in os.walk(src, followlinks=True):
+        real = os.path.realpath(folder)
+        if real in walked:
+            subfolders[:] = []
+            continue
+        walked.add(real)
+        files += [Path(folder) / n for n in names if (Path(folder) / n).is_file()]
+    return sorted(files)
 
 
 def _csv_rows(path: Path, required: tuple[str, ...]) -> Iterator[dict[str, str]]:
