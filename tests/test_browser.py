@@ -133,3 +133,26 @@ def test_browser_stage_writes_the_page(tmp_path):
     rows = json.loads(re.search(r'id="mer-data">(.*?)</script>', page, re.S).group(1))["rows"]
     assert [r[0] for r in rows] == ["a", "b", "c"]
     assert rows[2][COLUMNS.index("thumb")] == f"thumbs/{thumb_name('c')}"
+
+
+@pytest.mark.parametrize("refined, in_folds, use", [(False, False, "unused"), (True, False, "trained"),
+                                                    (True, True, "in_folds")])
+def test_the_page_knows_whether_train_used_the_refined_labels(tmp_path, refined, in_folds, use):
+    """A card said "flagged by refine (left out of training)" with train.use_refined off, when the clip
+    trained on its gold label: the stage reads train's metrics.json, and the page says what happened."""
+    from pipeline.stages.browser import main
+
+    clips, p = tiny_reports(tmp_path)
+    write_manifest(clips, tmp_path / "manifest.jsonl")
+    (tmp_path / "thumbs").mkdir()
+    metrics = tmp_path / "metrics.json"
+    metrics.write_text(json.dumps({"refined_labels": refined, "refined_in_folds": in_folds}))
+    main([str(tmp_path / "manifest.jsonl"), str(tmp_path / "out" / "index.html"), "--proba", str(p["proba"]),
+          "--weights", str(p["weights"]), "--refined", str(p["refined"]), "--thumbs", str(tmp_path / "thumbs"),
+          "--features", str(p["features"]), "--metrics", str(metrics)])
+    page = (tmp_path / "out" / "index.html").read_text(encoding="utf-8")
+    assert json.loads(re.search(r'id="mer-data">(.*?)</script>', page, re.S).group(1))["refine_use"] == use
+    metrics.write_text("{}")
+    with pytest.raises(SystemExit):
+        main([str(tmp_path / "manifest.jsonl"), str(tmp_path / "out" / "index.html"), "--proba", str(p["proba"]),
+              "--weights", str(p["weights"]), "--thumbs", str(tmp_path / "thumbs"), "--metrics", str(metrics)])

@@ -262,3 +262,16 @@ def test_an_ogg_in_the_video_folder_is_read_when_it_holds_pictures(tmp_path, cap
     warned = [r.getMessage() for r in caplog.records]
     assert any("1 .ogg file(s) hold no video stream" in m and "voice.ogg" in m and "'ingest.audio_dir'" in m
                for m in warned), warned
+
+
+def test_a_group_cell_of_spaces_names_no_speaker(tmp_path):
+    """`b, sad, , ` (a blank group): no group, and the subtitle row's group is read instead; it was a
+    group "" shared by every such clip."""
+    root = tmp_path / "ds"
+    root.mkdir()
+    write_csv(root / "track1_train_disdim.csv", ["name", "discrete", "valence", "group"],
+              [["a", "sad", "", "  "], ["b", "happy", "", " "], ["c", "angry", "", " s2 "]])
+    write_csv(root / "subtitle_chieng.csv", ["name", "chinese", "english", "group"],
+              [["a", "", "hi", "s1"], ["b", "", "yo", ""], ["c", "", "no", "s9"]])
+    clips = ingest(IngestConfig(root=str(root)))
+    assert [(c.name, c.group) for c in clips] == [("a", "s1"), ("b", None), ("c", "s2")]

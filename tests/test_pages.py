@@ -129,6 +129,26 @@ def test_a_missing_track_is_shown_apart_from_a_failure(tmp_path):
     assert red == "rgb(207, 34, 46)" and grey == "rgb(89, 99, 110)"  # --bad and --muted
 
 
+@pytest.mark.parametrize("use, said", [
+    ("unused", "refine suggests worried · flagged by refine · (not trained on: train.use_refined is off"),
+    ("trained", "refined worried · flagged by refine · (trained so: flagged clips left out of training)")])
+def test_a_refined_label_says_whether_training_used_it(tmp_path, use, said):
+    """With train.use_refined off (the default) the card does not claim the clip left training."""
+    need_chromium()
+    clip = Clip("x", label="sad", split="labelled")
+    proba = {"kind": "labelled_oof", "candidate": "0", **{e: "0.1" for e in EMOTIONS[:5]}, "surprise": "0.5"}
+    refined = {"name": "x", "label": "sad", "refined": "worried", "changed": True, "dropped": True}
+    path = tmp_path / "index.html"
+    write_page(path, STORES, [clip_row(clip, proba, {s: "0.2" for s in STORES}, STORES, refined, [], None)],
+               refine_use=use)
+    with Browser() as browser:
+        browser.open(path)
+        browser.wait_for(READY)
+        text = browser.evaluate("document.querySelector('.card .labels').textContent")
+        assert browser.errors == []
+    assert text.startswith("gold sad · " + said), text
+
+
 @pytest.mark.slow
 def test_browser_stays_fast_on_10k_clips(tmp_path):
     need_chromium()

@@ -320,6 +320,32 @@ def test_stage_runs_over_tiny_stores(tmp_path: Path, capsys):
     assert summary["pseudo"] > 0
 
 
+def test_a_non_finite_row_is_a_missing_vote_not_a_traceback(tmp_path: Path, caplog):
+    """A NaN in one clip of a feature store or a label store: that clip has no vote from it (as the
+    trainer reads it); scikit-learn stopped the stage with `Input X contains NaN`."""
+    root, clips = _tiny_project(tmp_path)
+    rng = np.random.default_rng(1)
+    vectors = {c.name: rng.normal(size=8) for c in clips}
+    vectors[clips[3].name][2] = np.nan
+    for store in ("feat", "llm_labels"):  # written again, with the broken rows
+        (root / "features" / f"{store}.h5").unlink()
+    _write_store(root / "features" / "feat.h5", "feat", vectors)
+    llm = {c.name: np.eye(6)[EMOTION_INDEX[c.label]] * 0.7 + 0.05 if c.label else np.full(6, 1 / 6) for c in clips}
+    llm[clips[7].name][0] = np.inf
+    _write_store(root / "features" / "llm_labels.h5", "llm_labels", llm)
+    (root / "params.yaml").write_text(yaml.safe_dump({"refine": {"stores": ["feat"], "label_stores": ["llm_labels"],
+                                                                 "k": 3, "lightgbm": {"n_estimators": 5}}}))
+    out = root / "reports" / "refine"
+    with caplog.at_level("WARNING"):
+        refine_stage([str(root / "manifest.jsonl"), str(out / "labels.jsonl"), str(out / "summary.json"),
+                      "--features", str(root / "features"), "--params", str(root / "params.yaml")])
+    rows = {r["name"]: r for r in map(json.loads, (out / "labels.jsonl").read_text().splitlines())}
+    assert "feat/logreg" not in rows[clips[3].name]["votes"] and "feat/logreg" in rows[clips[4].name]["votes"]
+    assert "llm_labels" not in rows[clips[7].name]["votes"] and "llm_labels" in rows[clips[8].name]["votes"]
+    assert sum("1 clips with non-finite values are treated as missing" in r.getMessage() for r in caplog.records) == 2
+    assert "NaN" not in (out / "labels.jsonl").read_text() + (out / "summary.json").read_text()
+
+
 def test_stage_names_the_params_key_of_a_missing_store(tmp_path: Path, capsys):
     root, _ = _tiny_project(tmp_path)
     (root / "params.yaml").write_text(yaml.safe_dump({"refine": {"stores": ["feat", "whisper"]}}))

@@ -96,6 +96,24 @@ def test_epoch_is_never_chosen_on_the_scored_fold(monkeypatch):
     assert not result.speaker_independent  # no groups in these clips
 
 
+def test_folds_are_speaker_independent_only_when_every_scored_clip_names_its_group(tmp_path, caplog):
+    """Some labelled clips without a group: the named ones are kept to one side of each split, the
+    rest are split clip by clip; the run says so (log, metrics, summary) instead of claiming the folds
+    are speaker-independent."""
+    from pipeline.fusion.report import cv_metrics
+
+    clips, features, _ = synthetic(n=90, n_labelled=90)
+    named = [replace(c, group=f"s{i % 6}" if i >= 12 else None) for i, c in enumerate(clips)]
+    with caplog.at_level("WARNING"):
+        result = cross_validate(named, features, small(epochs=1))
+    assert (result.folds_grouped_by, result.speaker_independent, result.labelled_without_group) == ("named", False, 12)
+    assert any("12 of 90 labelled clips name no group (speaker), e.g. c000" in r.getMessage() for r in caplog.records)
+    metrics = cv_metrics(named, result)
+    assert (metrics["speaker_independent"], metrics["labelled_without_group"]) == (False, 12)
+    everyone = cross_validate([replace(c, group=f"s{i % 6}") for i, c in enumerate(clips)], features, small(epochs=1))
+    assert (everyone.speaker_independent, everyone.labelled_without_group) == (True, 0)
+
+
 def test_fixed_epochs_train_on_the_whole_fold_and_only_watch_the_scored_one(monkeypatch):
     """`epoch_choice: fixed` (default): one model per outer fold, trained `epochs` epochs on every
     training clip; the scored fold is evaluated per epoch for the curves and changes nothing."""

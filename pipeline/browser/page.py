@@ -41,9 +41,14 @@ def asset(name: str) -> str:
     return resources.files("pipeline.browser").joinpath("assets", name).read_text(encoding="utf-8")
 
 
-def payload(stores: list[str], rows: list[list], title: str) -> dict:
+REFINE_USES = ("unused", "trained", "in_folds")  # what train did with refine's labels: stages/browser.refine_use
+
+
+def payload(stores: list[str], rows: list[list], title: str, refine_use: str = "unused") -> dict:
+    if refine_use not in REFINE_USES:
+        raise ValueError(f"refine_use {refine_use!r} is not one of {REFINE_USES}")
     return {"title": title, "classes": list(EMOTIONS), "stores": stores, "columns": list(COLUMNS),
-            "scale": SCALE, "page_size": PAGE_SIZE, "rows": rows}
+            "scale": SCALE, "page_size": PAGE_SIZE, "refine_use": refine_use, "rows": rows}
 
 
 def content_policy(script: str) -> str:
@@ -52,18 +57,20 @@ def content_policy(script: str) -> str:
             "img-src 'self' file: data:")
 
 
-def render_page(stores: list[str], rows: list[list], title: str = "MER error browser") -> str:
+def render_page(stores: list[str], rows: list[list], title: str = "MER error browser", refine_use: str = "unused") -> str:
     page, script = asset("browser.html"), asset("browser.js")
     for token, text in (("__MER_CSP__", content_policy(script)), ("/*__MER_STYLE__*/", asset("browser.css")),
-                        ("/*__MER_SCRIPT__*/", script), ("__MER_DATA__", script_json(payload(stores, rows, title)))):
+                        ("/*__MER_SCRIPT__*/", script), ("__MER_DATA__", script_json(payload(stores, rows, title, refine_use)))):
         if page.count(token) != 1:  # filled in this order, data last: nothing in the data is taken for a token
             raise AssertionError(f"assets/browser.html must hold {token} exactly once")
         page = page.replace(token, text)
     return page
 
 
-def write_page(path: Path, stores: list[str], rows: list[list], title: str = "MER error browser") -> int:
-    """Write the page atomically; returns its size in bytes."""
-    text = render_page(stores, rows, title)
+def write_page(path: Path, stores: list[str], rows: list[list], title: str = "MER error browser",
+               refine_use: str = "unused") -> int:
+    """Write the page atomically; returns its size in bytes. `refine_use`: what train did with refine's
+    labels (REFINE_USES), so a card says whether a refined or flagged label was trained on."""
+    text = render_page(stores, rows, title, refine_use)
     write_text_atomic(path, text)
     return len(text.encode("utf-8"))

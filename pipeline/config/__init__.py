@@ -132,14 +132,16 @@ class DawidSkeneConfig:
 
     max_iter: int = 100
     tol: float = 1e-6  # stop when no confusion entry moves more than this
-    smoothing: float = 1.0  # Dirichlet pseudo-count per confusion cell and class prior
+    smoothing: float = 1.0  # Dirichlet pseudo-count per confusion cell and class prior; above 0
     implementation: str = "crowdkit"  # crowdkit (crowd-kit's DawidSkene EM) | numpy (ours, 150x faster): README "Label refinement"
 
     def __post_init__(self) -> None:
         check_values("refine.dawid_skene", [_at_least("max_iter", self.max_iter, 1),
                                             _one_of("implementation", self.implementation, DS_IMPLEMENTATIONS),
                                             ("tol", self.tol, self.tol > 0, "a number above 0"),
-                                            ("smoothing", self.smoothing, self.smoothing >= 0, "0 or more")])
+                                            # 0 would give a (truth, vote) pair never seen probability 0,
+                                            # whose log (0 x -inf) makes every posterior NaN
+                                            ("smoothing", self.smoothing, self.smoothing > 0, "a number above 0")])
 
 
 @dataclass(frozen=True)

@@ -120,6 +120,12 @@ def _index_files(folder: Path, extensions: tuple[str, ...], kind: str) -> dict[s
     return found
 
 
+def _group(values: dict[str, str]) -> str | None:
+    """A row's `group` cell, None when absent or blank: a cell of spaces names no speaker (as "", it
+    was one shared group of every such clip, and the next file's group was never read)."""
+    return (values.get("group") or "").strip() or None
+
+
 def _index_face_crops(folder: Path) -> dict[str, Path]:
     if not folder.is_dir():
         return {}
@@ -210,8 +216,8 @@ def ingest(cfg: IngestConfig) -> list[Clip]:
         label, valence = _parse_label(labels[name], label_path) if name in labels else (None, None)
         # the speaker may be named by the label row, the subtitle row or the candidate row (an
         # unlabelled candidate has only the last two): folds and speaker normalisation use it
-        group = ((labels[name].values.get("group") if name in labels else None) or sub.get("group")
-                 or (candidates[name].values.get("group") if name in candidates else None) or None)
+        group = ((_group(labels[name].values) if name in labels else None) or _group(sub)
+                 or (_group(candidates[name].values) if name in candidates else None))
         clips.append(Clip(
             name=name,
             video=str(videos[name]) if name in videos else None,
@@ -222,7 +228,7 @@ def ingest(cfg: IngestConfig) -> list[Clip]:
             label=label, valence=valence,
             split="labelled" if label is not None else "unlabelled",
             candidate=name in candidates,
-            group=group.strip() if group else None,
+            group=group,
         ))
     # An unlabelled non-candidate with nothing to read is of no use; every other clip stays.
     clips = [c for c in clips if c.label or c.candidate or has_content(c)]

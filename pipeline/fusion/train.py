@@ -64,7 +64,8 @@ class CVResult:
     excluded: list[int] = field(default_factory=list)  # labelled rows with no usable modality: never trained on
     no_modality: np.ndarray | None = None  # (N,) bool: the clip has no usable modality (its prediction is the prior)
     prior: np.ndarray | None = None  # (6,) class frequencies of the cross-validated labelled clips
-    speaker_independent: bool = False  # folds split by the manifest's `group`
+    speaker_independent: bool = False  # folds split by the manifest's `group`, every scored clip naming one
+    labelled_without_group: int = 0  # scored clips naming no group while others do (split clip by clip)
     selected_epochs: list[int] = field(default_factory=list)
     stores: list[str] = field(default_factory=list)  # the stores the models read
     dropped: list[str] = field(default_factory=list)  # stores named in params that carried nothing
@@ -120,11 +121,12 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
                          f"{', '.join(features.stores)}; training needs clips with features and labels")
     labels = [clips[i].label for i in labelled]
     groups = [clips[i].group for i in labelled]
-    speaker_independent = any(g is not None for g in groups)
-    folds_by = "named" if speaker_independent else ""
+    unnamed = [clips[i].name for i, g in zip(labelled, groups) if g is None]
+    speaker_independent = not unnamed  # every scored clip's speaker is kept to one side of each split
+    folds_by = "named" if len(unnamed) < len(groups) else ""
     voices = [features.fold_groups[i] for i in labelled] if features.fold_groups is not None else []
     n_voices = len({g for g in voices if g})
-    if not speaker_independent and n_voices >= cfg.folds:
+    if not folds_by and n_voices >= cfg.folds:
         # no clip names its speaker: fold by pseudo-speaker (the finest voice clustering) instead, so a
         # fold's voices are mostly new to its model (RAVDESS, unnamed: CV 0.79-0.82 this way, 0.80 by
         # the true actors, 0.93 by clip; README "Fusion")
@@ -132,9 +134,13 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
         if not quiet:
             log.info("the manifest has no `group` (speaker): folds are grouped by voice clusters "
                      "(%d pseudo-speakers), an estimate of unseen-speaker folds", n_voices)
-    elif not speaker_independent:
+    elif not folds_by:
         warn("the manifest has no `group` (speaker): folds are not speaker-independent, so the CV score "
              "is optimistic for unseen speakers; add a group column to the label file")
+    elif unnamed:  # each such clip is a fold group of its own: its speaker's other clips may sit across the split
+        warn("%d of %d labelled clips name no group (speaker), e.g. %s: each is split on its own, so the folds are "
+             "speaker-independent only for the others and the CV score may be optimistic; name every labelled "
+             "clip's group", len(unnamed), len(groups), unnamed[0])
     warn_small_classes(labels, cfg.folds, warn)
     gold = np.array([EMOTION_INDEX[x] for x in labels])
     prior = np.bincount(gold, minlength=len(EMOTIONS)).astype(np.float32) / len(gold)
@@ -156,7 +162,7 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
                       refined_in_folds=nested, pseudo_labels=bool(cfg.use_pseudo and (pseudo or nested)),
                       present=features.mask.copy(), model_kind=cfg.model.kind,
                       speaker_normalized=features.speaker_normalized, speaker_groups=features.speaker_groups,
-                      folds_grouped_by=folds_by)
+                      folds_grouped_by=folds_by, labelled_without_group=len(unnamed) if folds_by == "named" else 0)
     lab_rows = np.array(labelled)
     pred_rows = np.array(unlabelled, dtype=int)[unl_usable]
     for k, (tr, va) in enumerate(folds):

@@ -7,6 +7,7 @@ error browser".
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from pipeline.manifest import read_manifest
@@ -26,12 +27,27 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--refined", type=Path, help="refine's labels.jsonl")
     parser.add_argument("--thumbs", type=Path, required=True, help="the thumbs stage's folder")
     parser.add_argument("--features", type=Path, default=Path("features"), help="folder of <store>.failures.jsonl")
+    parser.add_argument("--metrics", type=Path, help="train's metrics.json: whether it trained on the refined labels")
     args = parser.parse_args(argv)
     clips = read_manifest(args.manifest)
     thumbs = existing_thumbs(clips, args.thumbs, args.page.parent)
     stores, rows = clip_rows(clips, args.proba, args.weights, args.refined, args.features, thumbs)
-    size = write_page(args.page, stores, rows)
+    size = write_page(args.page, stores, rows, refine_use=refine_use(args.metrics))
     print(f"{len(rows)} clips, {len(thumbs)} thumbnails, page {size / 1024:.0f} KiB -> {args.page}")
+
+
+def refine_use(metrics: Path | None) -> str:
+    """What train did with refine's labels, for the page's wording: "trained" (train.use_refined, one
+    refinement on every label), "in_folds" (each training fold refined again without its scored
+    clips, so its changes differ from the file's), "unused" (gold labels trained; the default)."""
+    if metrics is None:
+        return "unused"
+    try:
+        values = json.loads(metrics.read_text(encoding="utf-8"))
+        refined, in_folds = values["refined_labels"], values["refined_in_folds"]
+    except (OSError, ValueError, KeyError) as err:
+        raise FileNotFoundError(f"{metrics}: no refined_labels / refined_in_folds ({err}); run `dvc repro train`") from err
+    return "unused" if not refined else "in_folds" if in_folds else "trained"
 
 
 if __name__ == "__main__":

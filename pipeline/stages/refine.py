@@ -24,9 +24,10 @@ def main(argv: list[str] | None = None) -> None:
     cfg = refine_config(load_params(args.params))
     result = refine(read_manifest(args.manifest), cfg, args.features)
     summary = write_outputs(result, cfg, args.labels, args.summary)
-    print(f"{summary['changed']} of {summary['labelled']} labels changed and {summary['dropped']} flagged to leave "
-          f"training ({cfg.method}, mode {cfg.mode}), {summary['pseudo']} of {summary['unlabelled']} unlabelled clips "
-          f"pseudo-labelled -> {args.labels}")
+    # train decides whether these are trained on (train.use_refined / use_pseudo, off by default)
+    print(f"{summary['changed']} of {summary['labelled']} labels changed and {summary['dropped']} flagged "
+          f"({cfg.method}, mode {cfg.mode}), {summary['pseudo']} of {summary['unlabelled']} unlabelled clips "
+          f"pseudo-labelled -> {args.labels}; train reads them with train.use_refined / use_pseudo")
 
 
 if __name__ == "__main__":

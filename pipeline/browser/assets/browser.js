@@ -6,6 +6,12 @@
 (() => {
   const data = JSON.parse(document.getElementById("mer-data").textContent);
   const CLASSES = data.classes, STORES = data.stores, SCALE = data.scale, PAGE = data.page_size;
+  const REFINE_USE = data.refine_use;
+  const REFINE_NOTE = {
+    unused: "(not trained on: train.use_refined is off, the gold label trained)",
+    trained: "(trained so: flagged clips left out of training)",
+    in_folds: "(on every label; each training fold refined again without the clips it scores)",
+  };
   const SORTS = ["loss-desc", "loss-asc", "conf-asc", "conf-desc", "name"];
   const SPLITS = ["all", "labelled", "unlabelled", "candidate"];
   const MISSING = ["any", "none", "some", ...STORES];
@@ -134,8 +140,10 @@
     badges.forEach((text) => body.append(el("span", { class: "badge", text })));
     const labels = el("p", { class: "labels" });
     if (clip.gold !== null) labels.append("gold ", el("b", { text: CLASSES[clip.gold] }), " · ");
-    if (clip.refined !== null) labels.append("refined ", el("b", { text: CLASSES[clip.refined] }), " · ");
-    if (clip.dropped) labels.append("flagged by refine (left out of training) · ");
+    // what the refine stage said, and whether training followed it (train's metrics.json)
+    if (clip.refined !== null) labels.append(REFINE_USE === "unused" ? "refine suggests " : "refined ", el("b", { text: CLASSES[clip.refined] }), " · ");
+    if (clip.dropped) labels.append("flagged by refine · ");
+    if ((clip.refined !== null || clip.dropped) && REFINE_NOTE[REFINE_USE]) labels.append(el("span", { class: "note", text: REFINE_NOTE[REFINE_USE] }), " · ");
     labels.append("predicted ", el("b", { text: CLASSES[clip.pred] }), " " + pct(clip.confidence));
     if (clip.loss !== null) labels.append(" · loss " + clip.loss.toFixed(2) + " nats");
     body.append(labels);
