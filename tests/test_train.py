@@ -267,6 +267,32 @@ def test_ablation_rows_are_scored_on_the_same_clips():
     assert "| clips scored | by the prior |" in to_markdown(rows)
 
 
+def test_ablation_rows_for_a_single_model_one_store_and_a_store_too_small_to_fold():
+    """`kind: single`: its own store first, no "without" rows (the crash: "single without good" had no
+    `good`); one store with features: one row, not four identical ones under other kinds' names; a
+    store on too few labelled clips to fold is a row that says so, not the end of the table."""
+    from pipeline.fusion.ablation import run_ablation, to_markdown
+    from pipeline.fusion.train import select
+
+    clips, features, _ = synthetic(n=72, n_labelled=72)
+    from pipeline.fusion.train import config_with
+
+    rows = run_ablation(clips, features, config_with(small(epochs=5), kind="single", single="good"))
+    assert [r["variant"] for r in rows] == ["single: good", "ecmf (all)", "mer_baseline (all)", "concat (all)",
+                                            "single: noise_a", "single: noise_b"]
+    assert rows[0]["weighted_f1"] > 0.8 > rows[-1]["weighted_f1"]
+
+    (only,) = run_ablation(clips, select(features, ["good"]), small(epochs=1))
+    assert only["variant"].startswith("single: good (the one store with features")
+
+    features.mask[2:, 2] = False  # noise_b on 2 labelled clips: 3 folds cannot be made of them
+    rows = run_ablation(clips, features, small(epochs=1))
+    by_name = {r["variant"]: r for r in rows}
+    assert "2 labelled clips cannot make 3 folds" in by_name["single: noise_b"]["skipped"]
+    assert by_name["ecmf (all)"]["weighted_f1"] > by_name["ecmf without good"]["weighted_f1"] + 0.2 and len(rows) == 9
+    assert "| single: noise_b | not trained: " in to_markdown(rows)
+
+
 def test_an_ensemble_averages_its_members_per_fold(monkeypatch):
     """`train.ensemble: 2`: two models per outer fold with their own seeds, each trained on the
     fold's training clips only; the out-of-fold answer is the mean of the two."""

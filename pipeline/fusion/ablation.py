@@ -14,6 +14,7 @@ from dataclasses import replace
 import numpy as np
 
 from pipeline.config import TrainConfig
+from pipeline.errors import TrainError
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip
 from pipeline.fusion.report import classification_metrics
@@ -25,25 +26,45 @@ log = logging.getLogger(__name__)
 
 
 def variants(cfg: TrainConfig, stores: list[str]) -> list[tuple[str, TrainConfig, list[str]]]:
-    """(row name, config, stores) for every row of the table."""
+    """(row name, config, stores) for every row of the table, the configured model first.
+
+    One store with features: one row, as every fusion kind trains as `single` on it (train.py);
+    rows of each kind would repeat it under other names. `train.model.kind: single`: no "without"
+    rows, since the model reads its one store whatever the others are."""
+    singles = [(f"single: {s}", config_with(cfg, kind="single", single=s), [s]) for s in stores]
+    if len(stores) == 1:
+        return [(f"single: {stores[0]} (the one store with features: every fusion kind trains as this)",
+                 *singles[0][1:])]
+    if cfg.model.kind == "single":
+        first = [(name, variant, kept) for name, variant, kept in singles if kept == [cfg.model.single]]
+        return [*first, *[(f"{kind} (all)", config_with(cfg, kind=kind), stores) for kind in FUSION_MODELS],
+                *[row for row in singles if row not in first]]
     rows = [(f"{cfg.model.kind} (all)", cfg, stores)]
-    if len(stores) > 1:
-        rows += [(f"{cfg.model.kind} without {s}", cfg, [x for x in stores if x != s]) for s in stores]
+    rows += [(f"{cfg.model.kind} without {s}", cfg, [x for x in stores if x != s]) for s in stores]
     rows += [(f"{kind} (all)", config_with(cfg, kind=kind), stores)
              for kind in FUSION_MODELS if kind != cfg.model.kind]
-    rows += [(f"single: {s}", config_with(cfg, kind="single", single=s), [s]) for s in stores]
-    return rows
+    return rows + singles
 
 
 def run_ablation(clips: list[Clip], features: Features, cfg: TrainConfig,
                  refined: dict | None = None, pseudo: dict | None = None, fold_refiner=None) -> list[dict]:
+    """One row per variant. A variant that cannot train (its stores' labelled clips make no folds)
+    is a row that says why, not the end of the table; the configured model's own failure stops it,
+    as it stops train."""
     scored = [i for i, c in enumerate(clips) if c.label and features.mask[i].any()]
     gold = np.array([EMOTIONS.index(clips[i].label) for i in scored])
     rows = []
     for name, variant, stores in variants(cfg, features.stores):
-        result = cross_validate(clips, select(features, stores), replace(variant, stores=stores), refined, pseudo,
-                                quiet=bool(rows), fold_lines=False,  # dataset warnings once, then a line per row
-                                fold_refiner=fold_refiner)
+        try:
+            result = cross_validate(clips, select(features, stores), replace(variant, stores=stores), refined, pseudo,
+                                    quiet=bool(rows), fold_lines=False,  # dataset warnings once, then a line per row
+                                    fold_refiner=fold_refiner)
+        except TrainError as err:
+            if not rows:
+                raise
+            log.warning("ablate: %s: not trained: %s", name, err)
+            rows.append({"variant": name, "stores": stores, "skipped": str(err), "scored": len(scored)})
+            continue
         answer = dict(zip(result.labelled, result.oof_probs.argmax(1)))
         prior = int(result.prior.argmax())
         metrics = classification_metrics(gold, np.array([answer.get(i, prior) for i in scored]))
@@ -58,7 +79,12 @@ def run_ablation(clips: list[Clip], features: Features, cfg: TrainConfig,
 
 
 def to_markdown(rows: list[dict]) -> str:
+    def cells(r: dict) -> list:
+        if "skipped" in r:  # no scores: the reason in their place
+            return [r["variant"], f"not trained: {r['skipped']}", "", "", "", r["scored"], "", ""]
+        return [r["variant"], f"{r['weighted_f1']:.4f}", f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}",
+                f"{r['fold_std']:.4f}", r["scored"], r["prior"], r["seconds_per_fold"]]
+
     return markdown_table(
         ["variant", "weighted F1", "accuracy", "macro F1", "fold std", "clips scored", "by the prior", "s/fold"],
-        ([r["variant"], f"{r['weighted_f1']:.4f}", f"{r['accuracy']:.4f}", f"{r['macro_f1']:.4f}",
-          f"{r['fold_std']:.4f}", r["scored"], r["prior"], r["seconds_per_fold"]] for r in rows))
+        (cells(r) for r in rows))
