@@ -513,6 +513,25 @@ def test_the_input_norm_applied_once_gives_the_same_outputs_to_the_bit(kind):
     assert torch.equal(again[0], expected[0][0])
 
 
+@pytest.mark.parametrize("batch", [5, 64])
+def test_the_projector_draws_the_bits_each_store_by_itself_would(batch):
+    """One GELU and one dropout over every store's tokens: the same values, random bits included, as
+    each store's own Linear, GELU and dropout one after another (so no trained number moves)."""
+    from pipeline.fusion.models import set_dropout_generator
+
+    torch.manual_seed(0)
+    model = build_fusion({"a": 7, "b": 3, "c": 11}, FusionConfig(kind="ecmf", width=6, heads=2, dropout=0.3)).train()
+    x = {s: torch.randn(batch, d) for s, d in (("a", 7), ("b", 3), ("c", 11))}
+    set_dropout_generator(model, torch.Generator().manual_seed(5))
+    expected = [model.project.proj[s](x[s]) for s in ("a", "b", "c")]  # LayerNorm, Linear, GELU, dropout each
+    set_dropout_generator(model, torch.Generator().manual_seed(5))
+    got = model.project(x)
+    assert torch.equal(got, torch.stack(expected, dim=1))
+    assert (got == 0).float().mean().item() == pytest.approx(0.3, abs=0.1)  # dropout did drop
+    model.eval()
+    assert torch.equal(model.project(x), torch.stack([model.project.proj[s](x[s]) for s in ("a", "b", "c")], dim=1))
+
+
 def test_a_model_whose_input_norm_has_parameters_gets_its_inputs_as_they_are():
     model = build_fusion({"audio": 7}, FusionConfig(kind="concat", width=8))
     model.project.proj["audio"][0] = torch.nn.LayerNorm(7)  # the earlier projector (bench-train's reference rows)
