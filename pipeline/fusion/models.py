@@ -141,8 +141,8 @@ class _Projector(nn.Module):
         # each store's LayerNorm (unless applied once per clip already) and Linear, then the GELU and
         # the dropout once over all tokens: the values and random bits of doing them store by store
         # (test), in fewer ops (an ECMF fold on the five video stores: 0.92x, README "Fusion")
-        skip = 1 if self.inputs_normalized else 0  # the LayerNorm was applied to the whole store already
-        linear = [self.proj[n][1](inputs[n] if skip else self.proj[n][0](inputs[n])) for n in self.names]
+        normalized = self.inputs_normalized  # the LayerNorm was applied to the whole store already
+        linear = [self.proj[n][1](inputs[n] if normalized else self.proj[n][0](inputs[n])) for n in self.names]
         activation, dropout = self.proj[self.names[0]][2:]  # every store's are alike
         hidden = activation(torch.stack(linear, dim=1))  # (B, M, W)
         # (bench-train's reference row swaps in torch's dropout, which draws its own way)
