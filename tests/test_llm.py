@@ -103,6 +103,21 @@ def test_a_subtitle_cannot_spell_a_chat_control_token(smol):
     assert json.loads(quoted) == hostile and not set("<>[]") & set(quoted)
 
 
+def test_cache_keys_change_only_for_subtitles_quoted_differently():
+    """Since < > [ ] are escaped in the prompt, a subtitle holding them is a new question (its earlier
+    answer came from another prompt); every other subtitle keeps its key and its cached answer."""
+    import hashlib
+
+    from pipeline.llm.base import template_hash
+
+    def earlier(text):
+        parts = [{"model": "m"}, template_hash("t"), "labels", text, {}]
+        return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
+
+    assert LLMCache.key({"model": "m"}, "t", "labels", "plain words") == earlier("plain words")
+    assert LLMCache.key({"model": "m"}, "t", "labels", "a <b> [c]") != earlier("a <b> [c]")
+
+
 def test_cache_keys_values_and_wal(tmp_path):
     cache = LLMCache(tmp_path / "c.sqlite")
     base = ({"model": "m"}, "template", "labels", "hi")

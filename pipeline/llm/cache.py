@@ -11,7 +11,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from pipeline.llm.base import template_hash
+from pipeline.llm.base import template_hash, user_message
 
 
 class LLMCache:
@@ -31,7 +31,11 @@ class LLMCache:
 
         The text, not the clip: greedy answers depend on the prompt alone, so clips that share
         a subtitle, in one batch or across batches, runs and datasets, share one answer."""
-        parts = [identity, template_hash(template), kind, text, settings or {}]
+        # a subtitle with < > [ ] is quoted differently since those became \\u escapes (base.user_message):
+        # its key holds the new quoted form, so an answer to the earlier prompt is asked again; every
+        # other key is what it was, and its cached answer stays
+        asked = user_message(text) if set("<>[]") & set(text) else text
+        parts = [identity, template_hash(template), kind, asked, settings or {}]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
     def get(self, key: str) -> Any | None:
