@@ -66,7 +66,7 @@ def test_predict_cli_json_and_clear_errors(trained, tmp_path, capsys, monkeypatc
     assert "train first" in capsys.readouterr().err
 
 
-def test_predict_enriches_the_subtitle_for_a_text_enriched_model(tmp_path):
+def test_predict_enriches_the_subtitle_for_a_text_enriched_model(tmp_path, caplog):
     """A model trained on `text_enriched`: predict asks the LLM of params `llm` first."""
     from conftest import build_dataset
     from llm_server import FakeLLMServer, Reply, subtitle_of
@@ -88,14 +88,33 @@ def test_predict_enriches_the_subtitle_for_a_text_enriched_model(tmp_path):
     server.respond = lambda body, call: Reply("Sounds delighted.")
     try:
         params = Params(engine=EngineConfig(device="cpu"), train=cfg, text_enriched=ExtractorSpec("toy"),
-                        llm=EnrichConfig(backend="endpoint", backend_options={"base_url": server.url, "model": "m"},
+                        llm=EnrichConfig(backend="endpoint", backend_options={"base_url": server.url, "model": "m",
+                                                                              "retries": 0},
                                          cache_path=str(tmp_path / "cache.sqlite")))
         clip = write_clip(tmp_path / "new.mp4", seconds=0.6)
         results = run_predict([clip], params, tmp_path / "models", english="We won!")
+        asked = [json.loads(subtitle_of(b).splitlines()[2]) for b in server.requests]
+        server.respond = lambda body, call: Reply("", status=500)  # the LLM is down: said, not silent
+        with caplog.at_level("WARNING"):
+            run_predict([clip], params, tmp_path / "models", english="We lost.")
     finally:
         server.stop()
-    assert [json.loads(subtitle_of(b).splitlines()[2]) for b in server.requests] == ["We won!"]
+    assert asked == ["We won!"]
     assert results[0]["missing_modalities"] == {} and list(results[0]["modality_weights"]) == ["text_enriched"]
+    assert any("text_enriched: enrichment failed for 1 subtitle(s), encoded as their plain subtitle" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_two_files_of_one_stem_are_two_clips(trained, tmp_path):
+    """`a/x.mp4 b/x.mp4`: two clips, each answered from its own file (it stopped: "clip 'x' written twice")."""
+    params, models = trained
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    first = write_clip(tmp_path / "a" / "x.mp4", seconds=0.6, tone_hz=300.0)
+    second = write_clip(tmp_path / "b" / "x.mp4", seconds=0.6, audio=None)
+    results = run_predict([first, second, first], params, models, english="fine")
+    assert [r["clip"] for r in results] == [str(first), str(second), str(first)]
+    assert [r["missing_modalities"] for r in results] == [{}, {"prosody": "no_audio_track"}, {}]
 
 
 def test_predict_without_text_and_a_clip_with_nothing_usable(trained, tmp_path, capsys, monkeypatch):

@@ -39,7 +39,11 @@ log = logging.getLogger(__name__)
 
 
 def clips_for(paths: list[Path], english: str = "", chinese: str = "", group: str | None = None) -> list[Clip]:
-    clips = []
+    """One clip per path. Its name is the file's stem, made unique (`x`, `x~2`) where two paths share
+    one (`a/x.mp4 b/x.mp4`, `x.mp4 x.wav`): the stores key clips by name (it stopped with "clip 'x'
+    written twice"). The output names each clip by its path."""
+    clips: list[Clip] = []
+    taken: set[str] = set()
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found")
@@ -48,7 +52,12 @@ def clips_for(paths: list[Path], english: str = "", chinese: str = "", group: st
             raise MerError(f"{path}: not a media file ({', '.join(MEDIA_EXTENSIONS)})")
         kind = media_kind(path)
         video, audio = (str(path), None) if kind == "video" else (None, str(path))
-        clips.append(Clip(name=path.stem, video=video, audio=audio, english=english, chinese=chinese, group=group))
+        name, n = path.stem, 1
+        while name in taken:
+            n += 1
+            name = f"{path.stem}~{n}"
+        taken.add(name)
+        clips.append(Clip(name=name, video=video, audio=audio, english=english, chinese=chinese, group=group))
     return clips
 
 
@@ -88,8 +97,13 @@ def _spec_and_manifest(store: str, params: Params, clips: list[Clip], manifest: 
     if store == ENRICHED_STORE and params.text_enriched is not None and params.llm.enabled:
         rows, enriched = manifest.with_name("enriched.jsonl"), manifest.with_name("manifest_enriched.jsonl")
         enrich_from_params(clips, replace(params.llm, max_failed_fraction=1.0), rows,
-                           resolve_device(params.engine.device))  # a failed call leaves the plain subtitle
-        write_manifest(enriched_manifest(clips, read_enriched(rows)), enriched)
+                           resolve_device(params.engine.device))
+        answers = read_enriched(rows)
+        failed = [f"{r['name']}/{r['language']}: {r['status']}" for r in answers if r["status"] != "ok"]
+        if failed:  # the enrich stage does the same within its max_failed_fraction; said here, not silent
+            log.warning("%s: enrichment failed for %d subtitle(s), encoded as their plain subtitle instead, as the "
+                        "enrich stage does: %s", store, len(failed), "; ".join(failed[:3]) + (" ..." if len(failed) > 3 else ""))
+        write_manifest(enriched_manifest(clips, answers), enriched)
         return store_spec(params, store, ENRICHED_STORE), enriched
     if params.section_spec(store) is not None:
         return store_spec(params, store, store), manifest
