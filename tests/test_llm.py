@@ -118,6 +118,19 @@ def test_cache_keys_change_only_for_subtitles_quoted_differently():
     assert LLMCache.key({"model": "m"}, "t", "labels", "a <b> [c]") != earlier("a <b> [c]")
 
 
+def test_scores_are_probabilities_whatever_their_size():
+    """An answer of six 1e308 scores summed to inf and became six zeros (then NaN labels after the
+    prior's calibration); scores of any size give a distribution, all-zero scores are refused."""
+    from pipeline.llm.base import parse_scores
+
+    huge = json.dumps({e: 1e308 for e in EMOTIONS})
+    assert np.allclose(parse_scores(huge, EMOTIONS), 1 / 6)
+    assert np.allclose(parse_scores(json.dumps({**{e: 0 for e in EMOTIONS}, "sad": 3}), EMOTIONS),
+                       np.eye(6)[EMOTIONS.index("sad")])
+    with pytest.raises(ValueError, match="all scores are zero"):
+        parse_scores(json.dumps({e: 0 for e in EMOTIONS}), EMOTIONS)
+
+
 def test_cache_keys_values_and_wal(tmp_path):
     cache = LLMCache(tmp_path / "c.sqlite")
     base = ({"model": "m"}, "template", "labels", "hi")
@@ -209,6 +222,29 @@ def test_extraction_records_garbage_as_clip_failure_and_cache_skips_calls(server
     with pytest.raises(ExtractionFailed, match="1 of 8"):
         run_extraction("llm", spec, replace(engine, max_failed_fraction=0.1), manifest,
                        tmp_path / "llm.h5", restart=True, progress=False)
+
+
+def test_label_rows_are_distributions_or_failures(server, manifest, engine, tmp_path, monkeypatch):
+    """Scores of 1e308 read as a distribution (they were zeros, then NaN after calibration); a backend
+    row that is no distribution fails its clips, never cached, never a label."""
+    from pipeline.llm.endpoint import EndpointLLM
+
+    server.respond = lambda body, call: Reply(json.dumps({e: 1e308 for e in EMOTIONS}))
+    options = {"backend": "endpoint", "cache_path": str(tmp_path / "cache.sqlite"),
+               "backend_options": {"base_url": server.url, "model": "fake", **FAST}}
+    spec = ExtractorSpec("llm_zero_shot", options)
+    summary = run_extraction("llm", spec, engine, manifest, tmp_path / "llm.h5", progress=False)
+    with StoreReader(tmp_path / "llm.h5") as reader:
+        probs, mask = reader.read("utterance", reader.names)
+    assert summary.failed == 0 and mask.all() and np.allclose(probs, 1 / 6)
+
+    monkeypatch.setattr(EndpointLLM, "label_probs", lambda self, batch, labels: np.zeros((len(batch), len(labels))))
+    options["cache_path"] = str(tmp_path / "other.sqlite")
+    with pytest.raises(ExtractionFailed):
+        run_extraction("llm", ExtractorSpec("llm_zero_shot", options), engine, manifest, tmp_path / "zeros.h5",
+                       progress=False)
+    failures = [json.loads(line) for line in (tmp_path / "zeros.failures.jsonl").read_text().splitlines()]
+    assert failures and all("not a distribution" in f["error"] for f in failures)
 
 
 def test_contextual_calibration_divides_out_the_label_prior(server, engine, tmp_path):

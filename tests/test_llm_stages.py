@@ -91,7 +91,7 @@ def test_llm_metrics_against_gold(tmp_path, capsys):
     _label_store(tmp_path / "llm_labels.h5", {**{c.name: onehot[p] for c, p in zip(clips, predicted)},
                                               "unlabelled": onehot["angry"]})
     m = label_store_metrics(clips, tmp_path / "llm_labels.h5")
-    assert (m["labelled"], m["scored"], m["no_subtitle"]) == (7, 6, 1)
+    assert (m["labelled"], m["scored"], m["no_subtitle"], m["failed"]) == (7, 6, 1, 0)
     assert m["accuracy"] == pytest.approx(4 / 6, abs=1e-4)
     assert m["per_class"]["happy"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
     assert m["per_class"]["sad"]["precision"] == 0.5 and m["per_class"]["sad"]["recall"] == 1.0
@@ -104,3 +104,9 @@ def test_llm_metrics_against_gold(tmp_path, capsys):
     with pytest.raises(SystemExit):
         llm_eval_stage.main([str(tmp_path / "m.jsonl"), str(tmp_path / "none.h5"), str(tmp_path / "x.json")])
     assert "run `dvc repro none` first" in capsys.readouterr().err
+
+    clips.append(Clip("broke", english="z", label="sad"))  # asked, but the LLM failed: not "no subtitle"
+    (tmp_path / "llm_labels.failures.jsonl").write_text(json.dumps({"id": "broke", "kind": "extractor_error"}) + "\n")
+    failed = label_store_metrics(clips, tmp_path / "llm_labels.h5")
+    assert (failed["labelled"], failed["scored"], failed["no_subtitle"], failed["failed"]) == (8, 6, 1, 1)
+    assert failed["weighted_f1"] == m["weighted_f1"]

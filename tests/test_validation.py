@@ -173,7 +173,7 @@ def test_a_store_no_clip_has_is_valid_and_read_as_missing(tmp_path, capsys):
         assert seqs == [None] and not seq_mask.any()
     labelled = [Clip(name="a", audio="x.wav", label="sad")]
     assert label_store_metrics(labelled, tmp_path / "llm_labels.h5") == {"labelled": 1, "scored": 0,
-                                                                          "no_subtitle": 1}
+                                                                          "no_subtitle": 1, "failed": 0}
     mer(["store-info", str(tmp_path / "llm_labels.h5")])
     assert "clips: 0 (no clip had this store's modality" in capsys.readouterr().out
 

@@ -193,6 +193,10 @@ class LLMZeroShotLabels(Extractor):
             if probs.shape != (len(prompts), len(EMOTIONS)):
                 raise LLMError(f"{self.llm.backend} returned {probs.shape} probabilities "
                                f"for {len(prompts)} prompts")
+            if not (np.isfinite(probs).all() and (probs >= 0).all() and np.allclose(probs.sum(axis=1), 1, atol=1e-3)):
+                # never cached: a row of zeros or NaN would become NaN labels after calibration
+                raise LLMError(f"{self.llm.backend} returned label probabilities that are not a distribution "
+                               f"(non-finite, negative or not summing to 1) for {len(prompts)} prompts")
             answer = {prompt: dict(zip(EMOTIONS, map(float, row))) for prompt, row in zip(prompts, probs)}
             for q in misses:
                 found[q] = answer[(q.language, q.text)]

@@ -98,6 +98,7 @@ def parse_scores(content: str, labels: tuple[str, ...]) -> np.ndarray:
     if any(isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0
            for v in values):
         raise ValueError(f"scores must be numbers >= 0, got {values}")
-    if sum(values) <= 0:
+    if max(values) <= 0:
         raise ValueError("all scores are zero")
-    return np.asarray(values, np.float64) / sum(values)
+    scaled = np.asarray(values, np.float64) / max(values)  # first: six scores of 1e308 summed to inf (all zeros)
+    return scaled / scaled.sum()

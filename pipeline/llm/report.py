@@ -3,12 +3,15 @@
 `reports/llm/metrics.json` (a DVC metric) holds, over the labelled clips that have a
 subtitle: accuracy, weighted F1 (the MER2025 metric), macro F1, per-class precision /
 recall / F1 / support, the confusion matrix, and the majority-class baseline on the same
-clips, so a number can be read against chance. Labelled clips without a subtitle are
-counted (`no_subtitle`) but not scored: the LLM never saw them.
+clips, so a number can be read against chance. Labelled clips the store lacks are counted
+but not scored: `failed` where the extraction recorded a failure (the LLM errored or answered
+garbage: `<store>.failures.jsonl` beside the store), `no_subtitle` for the rest (the LLM was
+never asked).
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any
 
@@ -29,16 +32,17 @@ def label_store_metrics(clips: list[Clip], store: str | Path, key: str = "uttera
         if reader.disabled:
             return {"enabled": False, "labelled": len(labelled), "scored": 0}
         probs, present = reader.read(key, [c.name for c in labelled])
-    if not present.any():  # no labelled clip has a subtitle (or the store is empty): nothing to score
-        return {"labelled": len(labelled), "scored": 0, "no_subtitle": len(labelled)}
+    failed = _failed_names(Path(store))
+    lacking = [c.name for c, p in zip(labelled, present) if not p]
+    counts = {"labelled": len(labelled), "scored": int(present.sum()),
+              "no_subtitle": sum(n not in failed for n in lacking), "failed": sum(n in failed for n in lacking)}
+    if not present.any():  # no labelled clip has a label in the store: nothing to score
+        return counts
     if probs.shape[1:] != (len(EMOTIONS),):
         raise StoreError(f"{store}: key {key!r} has shape {probs.shape[1:]}, expected ({len(EMOTIONS)},)")
     gold = np.array([EMOTION_INDEX[c.label] for c in labelled], dtype=np.int64)[present]
     predicted = probs[present].argmax(axis=1)
     classes = list(range(len(EMOTIONS)))
-    counts = {"labelled": len(labelled), "scored": int(present.sum()), "no_subtitle": int((~present).sum())}
-    if not len(gold):
-        return counts
     precision, recall, f1, support = precision_recall_fscore_support(
         gold, predicted, labels=classes, zero_division=0)
     majority = np.bincount(gold, minlength=len(EMOTIONS)).argmax()
@@ -61,3 +65,11 @@ def label_store_metrics(clips: list[Clip], store: str | Path, key: str = "uttera
     }
     return rounded(out)
 
+
+
+def _failed_names(store: Path) -> set[str]:
+    """The clips the extraction of `store` recorded as failed (its `<stem>.failures.jsonl`)."""
+    path = store.with_name(f"{store.stem}.failures.jsonl")
+    if not path.is_file():
+        return set()
+    return {json.loads(line)["id"] for line in path.read_text(encoding="utf-8").splitlines() if line.strip()}

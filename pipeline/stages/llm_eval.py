@@ -25,7 +25,8 @@ def main(argv: list[str] | None = None) -> None:
     if metrics.get("enabled") is False:
         print(f"LLM labels: llm.enabled is false, nothing scored -> {args.metrics}")
         return
-    print(f"LLM labels on {metrics['scored']} labelled clips: accuracy {metrics.get('accuracy', 'n/a')}, "
+    failed = f" ({metrics['failed']} failed, not scored)" if metrics.get("failed") else ""
+    print(f"LLM labels on {metrics['scored']} labelled clips{failed}: accuracy {metrics.get('accuracy', 'n/a')}, "
           f"weighted F1 {metrics.get('weighted_f1', 'n/a')} (majority class "
           f"{metrics.get('majority_class', {}).get('weighted_f1', 'n/a')}) -> {args.metrics}")
 
