@@ -55,6 +55,7 @@ def _with(change: dict, tmp_path: Path) -> Path:
     ({"refine.stores": ["prosdy"]}, "refine.stores"),
     ({"refine.lightgbm": {"num_leaves": 1}}, "refine.lightgbm.num_leaves"),
     ({"refine.dawid_skene": {"smoothing": 0}}, "refine.dawid_skene.smoothing"),
+    ({"extract.llm2": {"extractor": "llm_zero_shot"}}, "extract.llm2"),
     ({"llm.language": "french"}, "llm.language"),
     ({"llm.backend_options": {"model_pth": "/x"}}, "llm.backend_options"),
     ({"text_enriched.options": {"backend": "e5", "langage": "english"}}, "text_enriched.options"),

@@ -248,6 +248,15 @@ class Params:
     text_enriched: ExtractorSpec | None = None  # the text_enriched store; None: no enrichment store
     llm_labels: ExtractorSpec | None = None  # the LLM zero-shot label store; None: no such store
 
+    def __post_init__(self) -> None:
+        # an LLM store under `extract` would follow llm.enabled, which its extract@<key> stage cannot
+        # declare (one foreach for every store): toggling it would not rerun that stage
+        for store, spec in self.extract.items():
+            if spec.extractor in LLM_EXTRACTORS:
+                raise ConfigError(f"params key 'extract.{store}' uses the LLM extractor {spec.extractor!r}; LLM "
+                                  "labels have their own section and stage: move its settings under `llm_labels` "
+                                  "(which follows llm.enabled)")
+
     def section_spec(self, store: str) -> ExtractorSpec | None:
         return {ENRICHED_STORE: self.text_enriched, LLM_LABELS_STORE: self.llm_labels}.get(store)
 
@@ -256,9 +265,8 @@ class Params:
         return list(self.extract) + [s for s in SECTION_STORES if self.section_spec(s) is not None]
 
     def llm_stores(self) -> list[str]:
-        """The stores an LLM makes: the enriched text, the zero-shot labels, any `extract` key using an LLM."""
-        return [s for s in self.store_names()
-                if s in SECTION_STORES or self.extract[s].extractor in LLM_EXTRACTORS]
+        """The stores an LLM makes: the enriched text and the zero-shot labels (never an `extract` key)."""
+        return [s for s in self.store_names() if s in SECTION_STORES]
 
     def stores_read(self, key: str) -> tuple[list[str], list[str]]:
         """(stores read, stores left out) for a consumer key of CONSUMERS: with `llm.enabled` false
