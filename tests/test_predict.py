@@ -9,6 +9,7 @@ from pipeline.config import EnrichConfig, EngineConfig, ExtractorSpec, FusionCon
 from pipeline.extract.engine import run_extraction
 from pipeline.data.ingest import ingest
 from pipeline.manifest import write_manifest
+from pipeline.errors import MerError
 from pipeline.fusion.predict import run_predict
 from pipeline.fusion.train import cross_validate, load_features
 
@@ -103,6 +104,25 @@ def test_predict_enriches_the_subtitle_for_a_text_enriched_model(tmp_path, caplo
     assert results[0]["missing_modalities"] == {} and list(results[0]["modality_weights"]) == ["text_enriched"]
     assert any("text_enriched: enrichment failed for 1 subtitle(s), encoded as their plain subtitle" in r.getMessage()
                for r in caplog.records)
+
+
+def test_predict_refuses_stores_made_with_other_settings(trained, tmp_path):
+    """The same width, other values (prosody's pitch floor changed in params after training): the
+    models would read features they never saw, so predict stops and names the option."""
+    from dataclasses import replace as changed
+
+    from pipeline.fusion.checkpoint import store_settings
+
+    params, models = trained
+    settings = {s: store_settings(tmp_path / "f" / f"{s}.h5") for s in ("prosody", "words")}
+    for path in models.glob("fold*.pt"):  # as the train stage saves them
+        torch.save({**torch.load(path, weights_only=True), "store_settings": settings}, path)
+    clip = write_clip(tmp_path / "new.mp4", seconds=0.6, tone_hz=300.0)
+    assert run_predict([clip], params, models, english="hi")[0]["prediction"] == "model"
+    other = changed(params, extract={**params.extract, "prosody": ExtractorSpec("numpy_prosody", {"fmin": 80.0})})
+    with pytest.raises(MerError, match=r"store 'prosody': the models .* other settings \(fmin: 65\.0 -> 80\.0\); "
+                                       r"restore the params .* or retrain"):
+        run_predict([clip], other, models, english="hi")
 
 
 def test_two_files_of_one_stem_are_two_clips(trained, tmp_path):

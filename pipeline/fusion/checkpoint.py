@@ -4,6 +4,7 @@ the trainer and read by `mer predict`: plain tensors and primitives only, so
 
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 
 from pipeline.config import TrainConfig
 from pipeline.fusion.features import Features
+from pipeline.store import StoreReader
 
 
 def fold_checkpoint(fold: dict, cfg: TrainConfig, features: Features, k: int, prior: np.ndarray,
@@ -45,3 +47,29 @@ def load_folds(models: Path) -> list[dict]:
     if not paths:
         raise FileNotFoundError(f"no fold*.pt in {models}; train first (`dvc repro train`)")
     return [torch.load(p, weights_only=True, map_location="cpu") for p in paths]
+
+
+def store_settings(path: Path) -> str:
+    """What a store's values depend on, as canonical JSON: its extractor, model and options (the
+    store's fingerprint inputs without the library versions, which move values by float noise at
+    most). "" for a store without them (switched off, or written before they were kept). The
+    train stage saves them per store in every checkpoint; `mer predict` compares its fresh stores."""
+    with StoreReader(path) as reader:
+        inputs = reader.attrs.get("fingerprint_inputs_json")
+    if not inputs:
+        return ""
+    settings = json.loads(inputs)
+    settings.pop("versions", None)
+    return json.dumps(settings, sort_keys=True)
+
+
+def settings_change(trained: str, now: str) -> str:
+    """The options that differ between two `store_settings` (empty when they agree or one is unknown)."""
+    if not trained or not now or trained == now:
+        return ""
+    before, after = json.loads(trained), json.loads(now)
+    keys = sorted({*before.get("params", {}), *after.get("params", {})})
+    changed = [f"{k}: {before.get('params', {}).get(k)!r} -> {after.get('params', {}).get(k)!r}" for k in keys
+               if before.get("params", {}).get(k) != after.get("params", {}).get(k)]
+    changed += [f"{k} differs" for k in ("extractor", "model") if before.get(k) != after.get(k)]
+    return "; ".join(changed) or "its settings differ"

@@ -25,7 +25,7 @@ from pipeline.config import ENRICHED_STORE, ExtractorSpec, FusionConfig, Params,
 from pipeline.errors import MerError, TrainError
 from pipeline.llm.enrich import enrich_from_params, enriched_manifest, read_enriched
 from pipeline.extract.engine import resolve_device, run_extraction, write_disabled
-from pipeline.fusion.checkpoint import load_folds
+from pipeline.fusion.checkpoint import load_folds, settings_change, store_settings
 from pipeline.fusion import screen
 from pipeline.fusion.linear import LinearFusion
 from pipeline.fusion.models import build_fusion
@@ -83,6 +83,12 @@ def run_predict(paths: list[Path], params: Params, models: Path, english: str = 
                 write_disabled(store, spec, Path(tmp) / f"{store}.h5", None)
             else:
                 run_extraction(store, spec, engine, store_manifest, Path(tmp) / f"{store}.h5", progress=False)
+            change = settings_change(folds[0].get("store_settings", {}).get(store, ""),
+                                     store_settings(Path(tmp) / f"{store}.h5"))
+            if change:  # the same width, other values: the models would read features they never saw
+                raise MerError(f"store {store!r}: the models in {models} were trained on it made with other "
+                               f"settings ({change}); restore the params they were trained with, or retrain "
+                               "(`dvc repro train`)")
             for line in (Path(tmp) / f"{store}.failures.jsonl").read_text().splitlines():
                 row = json.loads(line)
                 failures.setdefault(row["id"], {})[store] = row["kind"]

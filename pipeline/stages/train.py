@@ -66,6 +66,7 @@ def fold_refiner(clips: list[Clip], params: Params, features: Path) -> Callable[
 def main(argv: list[str] | None = None) -> None:
     import torch
 
+    from pipeline.fusion.checkpoint import store_settings
     from pipeline.fusion.models import check_kind
     from pipeline.fusion.report import write_reports
     from pipeline.fusion.features import voice_store
@@ -92,9 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     args.models.mkdir(parents=True, exist_ok=True)
     for old in args.models.glob("fold*.pt"):
         old.unlink()
+    # what each store's values depend on: `mer predict` refuses fresh stores made otherwise
+    settings = {store: store_settings(Path(args.features) / f"{store}.h5") for store in result.stores}
     for ckpt in result.checkpoints:  # fold<k>.pt, or fold<k>-<member>.pt for an ensemble; predict averages them all
         suffix = f"-{ckpt['member']}" if cfg.ensemble > 1 or ckpt["head"] == "linear" else ""
-        torch.save(ckpt, args.models / f"fold{ckpt['fold']}{suffix}.pt")
+        torch.save({**ckpt, "store_settings": settings}, args.models / f"fold{ckpt['fold']}{suffix}.pt")
     metrics = write_reports(clips, result, args.reports)
     cands = metrics["candidates"]
     notes = [f"{metrics['n_labelled']} labelled clips scored out of fold"]
