@@ -99,6 +99,34 @@ def test_interrupted_run_resumes_without_redoing(manifest, engine, tmp_path, mon
     assert (tmp_path / "t.h5").read_bytes() == (tmp_path / "ref" / "t.h5").read_bytes()
 
 
+def test_an_interrupted_run_resumed_on_another_device_redoes_its_clips(manifest, engine, tmp_path, monkeypatch):
+    """A GPU's values differ from the CPU's in their last bits: segments made on cuda are not mixed
+    into a store a cpu run finishes (the store would say `cpu` for every row)."""
+    import h5py
+    from toy_extractors import ToyExtractor
+
+    original = ToyExtractor.extract_batch
+    calls = []
+
+    def interrupted(self, items):
+        if len(calls) >= 3:
+            raise KeyboardInterrupt
+        calls.extend(items)
+        return original(self, items)
+
+    monkeypatch.setattr(ToyExtractor, "extract_batch", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        run_extraction("toy", ExtractorSpec("toy", {}), engine, manifest, tmp_path / "t.h5", progress=False)
+    segments = [p for p in tmp_path.rglob("*.h5") if p != tmp_path / "t.h5"]
+    assert segments and all(h5py.File(p, "r").attrs["device"] == "cpu" for p in segments)
+    for path in segments:  # as if that run had been on a GPU
+        with h5py.File(path, "r+") as fh:
+            fh.attrs["device"] = "cuda"
+    monkeypatch.setattr(ToyExtractor, "extract_batch", original)
+    summary = run_extraction("toy", ExtractorSpec("toy", {}), engine, manifest, tmp_path / "t.h5", progress=False)
+    assert (summary.done, summary.skipped) == (8, 0)
+
+
 def test_changed_params_after_interrupt_stop_with_message(manifest, engine, tmp_path):
     spec = ExtractorSpec("toy", {"fail_on": "0000000"})  # 2 clips done, 6 failed
     with pytest.raises(ExtractionFailed):

@@ -7,8 +7,8 @@ reads). A rerun with the same fingerprint, code and device finds the store by it
 path (`mer extract` again) or in DVC's cache (`Reuse.locate`), takes every clip whose digest is
 unchanged, and extracts only new or changed clips. In any doubt it takes nothing: every clip
 is extracted. A store at the path that is not the described file is not trusted (its clips are
-extracted again); segments record each clip's digest and the code, so a clip replaced after an
-interrupted run is extracted again; an older version's segments count as done but are
+extracted again); segments record each clip's digest, the code and the device, so a clip
+replaced after an interrupted run, or a run resumed on another device, is extracted again; an older version's segments count as done but are
 described with no digest, so the next run redoes them.
 """
 
@@ -97,11 +97,15 @@ class ReusingStoreWriter(StoreWriter):
             return set(reader.names)
         if reader.attrs.get("code") != self.reuse.code:
             return set()
+        # an interrupted run resumed on another device: its rows are redone, never mixed into one store
+        # (a segment written before segments named their device is taken as this run's)
+        if reader.attrs.get("device", self.reuse.device) != self.reuse.device:
+            return set()
         return {n for n in reader.names if made_from.get(n) == self.reuse.clips.get(n)}
 
     def _segment_attrs(self, names: list[str]) -> dict[str, str]:
         return {"clip_digests_json": json.dumps({n: self.reuse.clips.get(n) for n in names}, sort_keys=True),
-                "code": self.reuse.code}
+                "code": self.reuse.code, "device": self.reuse.device}
 
     def _earlier_rows(self) -> list[tuple[StoreReader, set[str]]]:
         reader, self._previous_reader = self._previous_reader, None
