@@ -131,7 +131,8 @@ def test_a_missing_track_is_shown_apart_from_a_failure(tmp_path):
 
 @pytest.mark.parametrize("use, said", [
     ("unused", "refine suggests worried · flagged by refine · (not trained on: train.use_refined is off"),
-    ("trained", "refined worried · flagged by refine · (trained so: flagged clips left out of training)")])
+    ("trained", "refined worried · flagged by refine · (trained so: flagged clips left out of training)"),
+    ("unknown", "refined worried · flagged by refine · predicted surprise")])  # made without metrics.json
 def test_a_refined_label_says_whether_training_used_it(tmp_path, use, said):
     """With train.use_refined off (the default) the card does not claim the clip left training."""
     need_chromium()

@@ -41,10 +41,10 @@ def asset(name: str) -> str:
     return resources.files("pipeline.browser").joinpath("assets", name).read_text(encoding="utf-8")
 
 
-REFINE_USES = ("unused", "trained", "in_folds")  # what train did with refine's labels: stages/browser.refine_use
+REFINE_USES = ("unknown", "unused", "trained", "in_folds")  # what train did with refine's labels: stages/browser.refine_use
 
 
-def payload(stores: list[str], rows: list[list], title: str, refine_use: str = "unused") -> dict:
+def payload(stores: list[str], rows: list[list], title: str, refine_use: str = "unknown") -> dict:
     if refine_use not in REFINE_USES:
         raise ValueError(f"refine_use {refine_use!r} is not one of {REFINE_USES}")
     return {"title": title, "classes": list(EMOTIONS), "stores": stores, "columns": list(COLUMNS),
@@ -57,7 +57,7 @@ def content_policy(script: str) -> str:
             "img-src 'self' file: data:")
 
 
-def render_page(stores: list[str], rows: list[list], title: str = "MER error browser", refine_use: str = "unused") -> str:
+def render_page(stores: list[str], rows: list[list], title: str = "MER error browser", refine_use: str = "unknown") -> str:
     page, script = asset("browser.html"), asset("browser.js")
     for token, text in (("__MER_CSP__", content_policy(script)), ("/*__MER_STYLE__*/", asset("browser.css")),
                         ("/*__MER_SCRIPT__*/", script), ("__MER_DATA__", script_json(payload(stores, rows, title, refine_use)))):
@@ -68,7 +68,7 @@ def render_page(stores: list[str], rows: list[list], title: str = "MER error bro
 
 
 def write_page(path: Path, stores: list[str], rows: list[list], title: str = "MER error browser",
-               refine_use: str = "unused") -> int:
+               refine_use: str = "unknown") -> int:
     """Write the page atomically; returns its size in bytes. `refine_use`: what train did with refine's
     labels (REFINE_USES), so a card says whether a refined or flagged label was trained on."""
     text = render_page(stores, rows, title, refine_use)

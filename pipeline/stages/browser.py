@@ -39,9 +39,10 @@ def main(argv: list[str] | None = None) -> None:
 def refine_use(metrics: Path | None) -> str:
     """What train did with refine's labels, for the page's wording: "trained" (train.use_refined, one
     refinement on every label), "in_folds" (each training fold refined again without its scored
-    clips, so its changes differ from the file's), "unused" (gold labels trained; the default)."""
-    if metrics is None:
-        return "unused"
+    clips, so its changes differ from the file's), "unused" (gold labels trained; the default),
+    "unknown" without `--metrics`."""
+    if metrics is None:  # not told: the cards say what refine did, not whether training followed
+        return "unknown"
     try:
         values = json.loads(metrics.read_text(encoding="utf-8"))
         refined, in_folds = values["refined_labels"], values["refined_in_folds"]

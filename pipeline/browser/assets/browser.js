@@ -7,7 +7,7 @@
   const data = JSON.parse(document.getElementById("mer-data").textContent);
   const CLASSES = data.classes, STORES = data.stores, SCALE = data.scale, PAGE = data.page_size;
   const REFINE_USE = data.refine_use;
-  const REFINE_NOTE = {
+  const REFINE_NOTE = {  // unknown (the page was made without train's metrics.json): no note
     unused: "(not trained on: train.use_refined is off, the gold label trained)",
     trained: "(trained so: flagged clips left out of training)",
     in_folds: "(on every label; each training fold refined again without the clips it scores)",
