@@ -227,7 +227,10 @@ def test_stores_are_chosen_in_params_alone(exp_repo: Path):
     ckpt = __import__("torch").load(exp_repo / "models" / "fusion" / "fold0.pt", weights_only=True)
     assert ckpt["stores"] == ["prosody", "whisper"]
     assert set(ckpt["store_settings"]) == {"prosody", "whisper"}  # what mer predict checks its fresh stores against
-    assert json.loads(ckpt["store_settings"]["prosody"])["params"]["n_mfcc"] == 13
+    from pipeline.fusion.checkpoint import store_settings  # ...the settings of the store files train read
+
+    assert ckpt["store_settings"]["prosody"] == store_settings(exp_repo / "features" / "prosody.h5")
+    assert json.loads(ckpt["store_settings"]["prosody"])["extractor"] == "numpy_prosody"
 
     params = yaml.safe_load((exp_repo / "params.yaml").read_text())
     params["extract"]["prosody8"] = {"extractor": "numpy_prosody", "options": {"n_mfcc": 8}}
