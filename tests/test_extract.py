@@ -69,7 +69,9 @@ def test_failure_threshold_keeps_finished_work(manifest, engine, tmp_path):
     assert len(list((tmp_path / ".partial" / "t").glob("part-*.h5"))) == 2  # flush_every=1
 
 
-def test_interrupted_run_resumes_without_redoing(manifest, engine, tmp_path, monkeypatch):
+def _interrupt_after_three(monkeypatch) -> tuple[list[str], object]:
+    """The toy extractor records what it extracts and raises KeyboardInterrupt (Ctrl-C) once it has
+    extracted 3 clips; returns (those clips, the original extract_batch)."""
     from toy_extractors import ToyExtractor
 
     calls = []
@@ -82,6 +84,13 @@ def test_interrupted_run_resumes_without_redoing(manifest, engine, tmp_path, mon
         return original(self, items)
 
     monkeypatch.setattr(ToyExtractor, "extract_batch", counting)
+    return calls, original
+
+
+def test_interrupted_run_resumes_without_redoing(manifest, engine, tmp_path, monkeypatch):
+    from toy_extractors import ToyExtractor
+
+    calls, original = _interrupt_after_three(monkeypatch)
     spec = ExtractorSpec("toy", {})
     with pytest.raises(KeyboardInterrupt):
         run_extraction("toy", spec, engine, manifest, tmp_path / "t.h5", progress=False)
@@ -105,16 +114,7 @@ def test_an_interrupted_run_resumed_on_another_device_redoes_its_clips(manifest,
     import h5py
     from toy_extractors import ToyExtractor
 
-    original = ToyExtractor.extract_batch
-    calls = []
-
-    def interrupted(self, items):
-        if len(calls) >= 3:
-            raise KeyboardInterrupt
-        calls.extend(items)
-        return original(self, items)
-
-    monkeypatch.setattr(ToyExtractor, "extract_batch", interrupted)
+    _, original = _interrupt_after_three(monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         run_extraction("toy", ExtractorSpec("toy", {}), engine, manifest, tmp_path / "t.h5", progress=False)
     segments = [p for p in tmp_path.rglob("*.h5") if p != tmp_path / "t.h5"]

@@ -47,10 +47,9 @@ def clips_for(paths: list[Path], english: str = "", chinese: str = "", group: st
     for path in paths:
         if not path.is_file():
             raise FileNotFoundError(f"{path} not found")
-        suffix = path.suffix.lower()
-        if suffix not in MEDIA_EXTENSIONS:
-            raise MerError(f"{path}: not a media file ({', '.join(MEDIA_EXTENSIONS)})")
         kind = media_kind(path)
+        if kind is None:
+            raise MerError(f"{path}: not a media file ({', '.join(MEDIA_EXTENSIONS)})")
         video, audio = (str(path), None) if kind == "video" else (None, str(path))
         name, n = path.stem, 1
         while name in taken:

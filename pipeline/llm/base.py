@@ -22,7 +22,8 @@ Messages = list[dict[str, str]]
 # subtitle, so no subtitle spells a token that ends its turn or opens a system one, whatever the
 # backend. Backends tokenise the rendered chat with special tokens parsed, and servers behind an
 # endpoint do the same; the JSON string still reads back as the very subtitle.
-_CONTROL_ESCAPES = str.maketrans({"<": "\\u003c", ">": "\\u003e", "[": "\\u005b", "]": "\\u005d"})
+CONTROL_CHARS = "<>[]"
+_CONTROL_ESCAPES = str.maketrans({c: f"\\u{ord(c):04x}" for c in CONTROL_CHARS})
 
 
 def user_message(text: str) -> str:

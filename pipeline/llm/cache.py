@@ -11,7 +11,7 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from pipeline.llm.base import template_hash, user_message
+from pipeline.llm.base import CONTROL_CHARS, template_hash, user_message
 
 
 class LLMCache:
@@ -34,7 +34,7 @@ class LLMCache:
         # a subtitle with < > [ ] is quoted differently since those became \\u escapes (base.user_message):
         # its key holds the new quoted form, so an answer to the earlier prompt is asked again; every
         # other key is what it was, and its cached answer stays
-        asked = user_message(text) if set("<>[]") & set(text) else text
+        asked = user_message(text) if set(CONTROL_CHARS) & set(text) else text
         parts = [identity, template_hash(template), kind, asked, settings or {}]
         return hashlib.sha256(json.dumps(parts, sort_keys=True, ensure_ascii=False).encode()).hexdigest()
 
