@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ SCHEMA_VERSION = 1
 PRESENT_KEY = "present"  # optional per-clip scalar: 0 = the clip lacks this modality (no face, silence)
 _STR = h5py.string_dtype(encoding="utf-8")
 _BLOCK = 1024  # clips copied per block when writing or merging
+log = logging.getLogger(__name__)
 
 
 class FingerprintMismatch(MerError, RuntimeError):
@@ -231,8 +233,8 @@ class StoreReader:
     def read(self, key: str, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
         """Per-clip array `key` aligned to `names` (zeros where absent) and a presence mask.
 
-        The mask is 1 where the clip is in the store and, if the extractor wrote a
-        `present` flag, that flag is set (a clip with no face is stored but not present).
+        The mask is 1 where the clip is in the store, its `present` flag (if written) is set (a clip
+        with no face is stored but not present) and its row is finite: a NaN row is absent, zeroed, said.
         """
         if key in self.sequence_keys:
             raise StoreError(f"{self.path}: {key!r} is a sequence; use read_sequences()")
@@ -250,8 +252,12 @@ class StoreReader:
             out[dst[order]] = node[src[order]]
             mask[dst] = True
         if PRESENT_KEY in self.keys and key != PRESENT_KEY:
-            present, _ = self.read(PRESENT_KEY, names)
-            mask &= present.astype(bool)
+            mask &= self.read(PRESENT_KEY, names)[0].astype(bool)
+        if (bad := mask & ~np.isfinite(out).all(axis=tuple(range(1, out.ndim)))).any():
+            log.warning("%s: %d clips with non-finite values are treated as missing this modality",
+                        self.path, int(bad.sum()))
+            mask &= ~bad
+            out[bad] = 0
         return out, mask
 
     def read_sequences(self, key: str, names: list[str]) -> tuple[list[np.ndarray | None], np.ndarray]:
@@ -280,12 +286,6 @@ class _LazyRow(Mapping[str, np.ndarray]):
 
     def __len__(self) -> int:
         return len(self._reader.keys)
-
-
-def read_features(path: str | Path, key: str, names: list[str]) -> tuple[np.ndarray, np.ndarray]:
-    """Shortcut: `StoreReader(path).read(key, names)`."""
-    with StoreReader(path) as reader:
-        return reader.read(key, names)
 
 
 class StoreWriter:

@@ -4,8 +4,7 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.store import (FingerprintMismatch, StoreError, StoreIdentity, StoreReader, StoreWriter,
-                            read_features)
+from pipeline.store import FingerprintMismatch, StoreError, StoreIdentity, StoreReader, StoreWriter
 
 
 def identity(**params):
@@ -97,8 +96,28 @@ def test_incomplete_rows_are_invisible(tmp_path):
     write_all(path, rows(3), ["c0", "c1", "c2"])
     with h5py.File(path, "r+") as f:
         f["complete"][1] = 0
-    values, mask = read_features(path, "utterance", ["c0", "c1"])
+    with StoreReader(path) as reader:
+        values, mask = reader.read("utterance", ["c0", "c1"])
     np.testing.assert_array_equal(mask, [True, False])
+
+
+def test_non_finite_rows_are_absent_and_said(tmp_path, caplog):
+    """Every reader (trainer, refine, bench rows) sees a NaN or infinite row as a missing clip."""
+    import h5py
+
+    path = tmp_path / "s.h5"
+    write_all(path, rows(5), ["c0", "c1", "c2", "c3", "c4"])
+    with h5py.File(path, "r+") as f:
+        f["data"]["utterance"][1, 0] = np.nan
+        f["data"]["utterance"][3, 2] = np.inf
+    with StoreReader(path) as reader:
+        values, mask = reader.read("utterance", ["c3", "c4", "c1", "gone"])
+        empty, none = reader.read("utterance", [])
+    np.testing.assert_array_equal(mask, [False, True, False, False])
+    assert np.isfinite(values).all() and not values[[0, 2, 3]].any()
+    np.testing.assert_array_equal(values[1], [4, 4, 4])
+    assert empty.shape[0] == 0 and none.shape == (0,)
+    assert "s.h5: 2 clips with non-finite values are treated as missing" in caplog.text
 
 
 def test_unreadable_store_names_file(tmp_path):

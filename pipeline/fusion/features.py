@@ -29,7 +29,7 @@ import torch
 
 from pipeline.errors import TrainError
 from pipeline.manifest import Clip
-from pipeline.store import StoreReader, read_features
+from pipeline.store import StoreReader
 
 log = logging.getLogger(__name__)
 
@@ -81,9 +81,9 @@ def speaker_groupings(clips: list[Clip], mode: str, voices: Path | None) -> tupl
         raise FileNotFoundError(f"{voices} not found: params key 'train.speaker_stores' names {voices.stem!r}; "
                                 f"run `dvc repro extract@{voices.stem}` or set train.speaker_stores: []")
     else:
-        embeddings, present = read_features(voices, "utterance", [c.name for c in clips])  # empty: none present
+        with StoreReader(voices) as reader:  # empty: none present; a non-finite row: not present
+            embeddings, present = reader.read("utterance", [c.name for c in clips])
         embeddings = embeddings.reshape(len(clips), -1)
-        present &= np.isfinite(embeddings).all(axis=1)
         groupings, what = voice_groupings(embeddings, present, MIN_SPEAKER_CLIPS, [c.label for c in clips])
         if groupings:
             return groupings, "voice clusters", f"{why}, so speakers are found by voice: {what}"
@@ -125,11 +125,6 @@ def load_features(clips: list[Clip], stores: list[str], feature_dir: str | Path 
                 raise TrainError(f"{path}: vectors of width {values.shape[1]}, but the model was trained on "
                                  f"{dims[store]}; re-extract with the params the model was trained with")
             values = np.zeros((len(names), dims[store]), np.float32)
-        finite = np.isfinite(values).all(axis=1)
-        if (mask & ~finite).any():
-            log.warning("%s: %d clips with non-finite values are treated as missing this modality",
-                        path, int((mask & ~finite).sum()))
-        mask = mask & finite
         if not mask.any() and dims is None:
             log.warning("store %r carries nothing (no clip has its modality): training goes on without it",
                         store)

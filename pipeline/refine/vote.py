@@ -139,7 +139,6 @@ def _trained_sources(clips: list[Clip], cfg: RefineConfig, store: str, path: Pat
     with StoreReader(path) as reader:
         X, mask = reader.read(cfg.key, names)
     X = X.reshape(len(names), -1).astype(np.float64)
-    X, mask = _finite_only(path, X, mask)
     if not mask.any():
         return _carries_nothing(store, "stores", skipped)
     out = []
@@ -156,17 +155,6 @@ def _trained_sources(clips: list[Clip], cfg: RefineConfig, store: str, path: Pat
     return out
 
 
-def _finite_only(path: Path, values: np.ndarray, mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """A row with a NaN or an infinity is missing, as the trainer reads it (fusion/features.py): said,
-    then zeroed, so no classifier sees it (scikit-learn stopped the stage with a traceback)."""
-    finite = np.isfinite(values).all(axis=1)
-    if (mask & ~finite).any():
-        log.warning("%s: %d clips with non-finite values are treated as missing this modality",
-                    path, int((mask & ~finite).sum()))
-    mask = mask & finite
-    return np.where(mask[:, None], values, 0.0), mask
-
-
 def _carries_nothing(store: str, key: str, skipped: dict[str, str]) -> list:
     """A store no clip has (e.g. LLM labels on a dataset without subtitles) gives no votes: said once."""
     log.warning("refine: store %r (params key refine.%s) carries nothing: no clip has its modality", store, key)
@@ -178,14 +166,12 @@ def _label_store(clips: list[Clip], cfg: RefineConfig, store: str, path: Path) -
     """(probabilities renormalised to sum 1, present) of a store of ready-made labels."""
     with StoreReader(path) as reader:
         probs, mask = reader.read(cfg.key, [c.name for c in clips])
-    if probs.ndim == 2:
-        probs, mask = _finite_only(path, probs.astype(np.float64), mask)
     if not mask.any():
         return np.zeros((len(clips), len(EMOTIONS))), mask
     if probs.shape[1:] != (len(EMOTIONS),):
         raise ConfigError(f"params key 'refine.label_stores': {store!r} key {cfg.key!r} has shape "
                           f"{probs.shape[1:]}, expected ({len(EMOTIONS)},) probabilities over {EMOTIONS}")
-    total = probs.sum(axis=1, keepdims=True).astype(np.float64)
+    total = probs.astype(np.float64).sum(axis=1, keepdims=True)
     present = mask & (total[:, 0] > 0)
     return np.where(present[:, None], probs / np.where(total > 0, total, 1.0), 0.0), present
 
