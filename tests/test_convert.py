@@ -8,7 +8,7 @@ from fixtures_media import write_wav
 from pipeline.data import convert
 from pipeline.config import IngestConfig
 from pipeline.data.ingest import ingest
-from pipeline.data.splits import fold_indices
+from pipeline.data.splits import fold_groups, fold_indices
 
 
 def _ravdess_tree(root):
@@ -156,5 +156,17 @@ def test_folds_without_groups_are_stratified():
     labels = ["a"] * 50 + ["b"] * 50
     for train, val in fold_indices(labels, [None] * 100, k=5):
         assert sum(labels[i] == "a" for i in val) == 10
-    with pytest.raises(ValueError, match="groups cannot make 5"):
-        fold_indices(labels, ["g1", "g2"] * 50, k=5)
+
+
+
+def test_fewer_groups_than_folds_hold_one_group_out_each():
+    """2 speakers and k 5: two folds, each validating one speaker (it stopped the run); one speaker
+    alone: the clips are split (stratified), as nothing else can be held out."""
+    labels = ["a"] * 50 + ["b"] * 50
+    groups = ["g1", "g2"] * 50
+    folds = fold_indices(labels, groups, k=5)
+    assert [sorted({groups[i] for i in val}) for _, val in folds] in (
+        [["g1"], ["g2"]], [["g2"], ["g1"]])
+    assert fold_groups(groups, 5) == 2 and fold_groups(["g"] * 100, 5) == 1 and fold_groups([None] * 3, 5) == 5
+    one = fold_indices(labels, ["g"] * 100, k=5)
+    assert len(one) == 5 and all(sum(labels[i] == "a" for i in val) == 10 for _, val in one)

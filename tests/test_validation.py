@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import logging
 import subprocess
 import sys
 from pathlib import Path
@@ -210,10 +211,39 @@ def test_folds_that_cannot_be_made_name_train_folds():
     from pipeline.config import FusionConfig, TrainConfig
     from pipeline.fusion.train import Features, cross_validate
 
-    clips = [Clip(name=f"c{i}", english="x", label="sad", split="labelled", group="one") for i in range(6)]
-    features = Features([c.name for c in clips], {"a": np.ones((6, 2), np.float32)}, np.ones((6, 1), bool), ["a"])
-    with pytest.raises(TrainError, match=r"1 groups cannot make 3.*'train\.folds' \(now 3\)"):
+    clips = [Clip(name=f"c{i}", english="x", label="sad", split="labelled", group=f"g{i}") for i in range(2)]
+    features = Features([c.name for c in clips], {"a": np.ones((2, 2), np.float32)}, np.ones((2, 1), bool), ["a"])
+    with pytest.raises(TrainError, match=r"2 labelled clips cannot make 3 folds.*'train\.folds' \(now 3\)"):
         cross_validate(clips, features, TrainConfig(stores=["a"], model=FusionConfig(width=8), folds=3))
+
+
+@pytest.mark.parametrize("speakers", [3, 1])
+def test_fewer_speakers_than_folds_still_train_and_say_so(speakers, caplog):
+    """3 named speakers at 5 folds: 3 folds, each holding one speaker out (it stopped the run with
+    "3 groups cannot make 5 group-aware folds"); 1 speaker: its clips are split, and the result says
+    the folds are not speaker-independent."""
+    from pipeline.config import FusionConfig, TrainConfig
+    from pipeline.fusion.train import Features, cross_validate
+
+    rng = np.random.default_rng(0)
+    n = 60
+    labels = ["sad", "happy"] * (n // 2)
+    clips = [Clip(name=f"c{i}", label=labels[i], split="labelled", group=f"actor{i % speakers}") for i in range(n)]
+    x = rng.normal(size=(n, 4)).astype(np.float32) + np.array([[2.0 * (lab == "sad")] for lab in labels], np.float32)
+    features = Features([c.name for c in clips], {"a": x}, np.ones((n, 1), bool), ["a"])
+    cfg = TrainConfig(stores=["a"], model=FusionConfig(width=8), folds=5, epochs=2, ensemble=1,
+                      self_training=False, screen_stores=False)
+    with caplog.at_level(logging.WARNING):
+        result = cross_validate(clips, features, cfg, fold_lines=False)
+    assert np.isfinite(result.oof_probs).all() and len(result.labelled) == n
+    if speakers == 3:
+        assert len(result.fold_scores) == 3 and result.speaker_independent
+        assert result.folds_grouped_by == "named"
+        assert "name 3 speakers (groups), fewer than params key 'train.folds' (5): each of 3 folds" in caplog.text
+    else:
+        assert len(result.fold_scores) == 5 and not result.speaker_independent
+        assert result.folds_grouped_by == "one speaker"
+        assert "every labelled clip names one speaker (group 'actor0')" in caplog.text
 
 
 def test_params_sections_are_typed():

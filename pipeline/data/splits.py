@@ -6,6 +6,12 @@ splits by it. Clips without a group count as groups of their own.
 
 Stratification needs a class with at least k clips; when every class is smaller (a tiny
 dataset), the folds are drawn without it (KFold / GroupKFold, shuffled) and a warning says so.
+
+Fewer speakers than folds (SAVEE's 4 actors, TESS's 2, at the default 5 folds): one speaker is
+held out per fold instead (k = the number of groups, leave-one-speaker-out), as the folds the
+params ask for cannot be made and a user running defaults expects a run, not a stop (it stopped
+with "4 groups cannot make 5 group-aware folds"). One speaker alone: no split can hold a speaker
+out, so clips are split. `fold_groups` says which happened; the trainer warns and reports it.
 """
 
 from __future__ import annotations
@@ -27,22 +33,31 @@ def group_ids(groups: list[str | None]) -> np.ndarray:
     return np.array([g if g is not None else f"__clip_{i}" for i, g in enumerate(groups)])
 
 
+def fold_groups(groups: list[str | None], k: int) -> int:
+    """How many folds a split of clips with these `groups` makes for `k` asked: k without groups;
+    min(k, the number of groups) with them (a clip naming none is a group of its own); 1 when the
+    clips name one group only, which the split then ignores (clips are split)."""
+    return min(k, len(set(group_ids(groups)))) if any(g is not None for g in groups) else k
+
+
 def fold_indices(labels: list[str], groups: list[str | None], k: int = 5,
                  seed: int = 0, warn: bool = True) -> list[tuple[np.ndarray, np.ndarray]]:
-    """k (train, validation) index pairs, stratified by label and, when present, grouped."""
+    """(train, validation) index pairs, stratified by label and, when present, grouped: k of them,
+    or one per group when the clips name fewer (module docstring)."""
     from sklearn.model_selection import GroupKFold, KFold, StratifiedGroupKFold, StratifiedKFold
 
     y = np.asarray(labels)
     if len(y) < k:
         raise ValueError(f"{len(y)} labelled clips cannot make {k} folds")
+    if (grouped := fold_groups(groups, k)) == 1:  # one speaker: nothing to hold out but clips
+        groups = [None] * len(groups)
+    else:
+        k = grouped
     stratify = max(Counter(labels).values()) >= k
     if not stratify and warn:
         log.warning("every class has fewer than %d clips: folds are not stratified by class", k)
     if any(g is not None for g in groups):
         ids = group_ids(groups)
-        n_groups = len(set(ids))
-        if n_groups < k:
-            raise ValueError(f"{n_groups} groups cannot make {k} group-aware folds")
         if not stratify:
             return list(GroupKFold(n_splits=k, shuffle=True, random_state=seed).split(np.zeros(len(y)), y, ids))
         return _quiet_split(StratifiedGroupKFold(n_splits=k, shuffle=True, random_state=seed), y, ids)
@@ -73,7 +88,7 @@ def training_folds(labels: list[str], groups: list[str | None], k: int, seed: in
 def inner_split(labels: list[str], groups: list[str | None], folds: int, seed: int,
                 fold: int) -> tuple[np.ndarray, np.ndarray]:
     """(inner train, inner validation) positions within one outer training fold: about 1/`folds` held out."""
-    k = min(folds, len(set(group_ids(groups))), len(labels))
+    k = min(folds, len(labels))  # fewer groups: fold_indices holds one out per fold, or splits one group's clips
     if k < 2:
         raise TrainError(f"fold {fold}: {len(labels)} training clips cannot be split to choose the epoch; "
                          "lower params key 'train.folds' or label more clips")

@@ -45,7 +45,7 @@ def cv_metrics(clips: list[Clip], result: CVResult) -> dict:
     metrics["n_labelled"] = len(result.labelled)
     metrics["excluded_no_modality"] = len(result.excluded)
     metrics["speaker_independent"] = bool(result.speaker_independent)
-    metrics["folds_grouped_by"] = result.folds_grouped_by or None  # named | voice clusters | null: by clip
+    metrics["folds_grouped_by"] = result.folds_grouped_by or None  # named | voice clusters | one speaker | null: by clip
     metrics["labelled_without_group"] = result.labelled_without_group  # named folds: scored clips split on their own
     metrics["refined_labels"] = bool(result.refined_labels)  # trained on refined labels
     metrics["pseudo_labels"] = bool(result.pseudo_labels)  # trained on pseudo-labelled clips too

@@ -40,7 +40,7 @@ from pipeline.fusion import screen
 from pipeline.fusion.member import predict, train_device, train_fold, weighted_f1  # noqa: F401 - re-exported
 from pipeline.fusion.targets import confident_targets, describe, target_changes, training_targets, trains
 from pipeline.labels import EMOTIONS, EMOTION_INDEX
-from pipeline.data.splits import inner_split, training_folds, warn_small_classes
+from pipeline.data.splits import fold_groups, inner_split, training_folds, warn_small_classes
 from pipeline.fusion.features import Features, Standardizer, load_features, select  # noqa: F401 - re-exported
 from pipeline.manifest import Clip
 
@@ -76,7 +76,7 @@ class CVResult:
     model_kind: str = ""  # the fusion kind trained: train.model.kind, or `single` when one store carries features
     speaker_normalized: bool = False  # the stores were standardised per speaker (train.speaker_norm)
     speaker_groups: str = ""  # by what: "named" (the dataset's groups) | "voice clusters"
-    folds_grouped_by: str = ""  # "named" (the manifest's groups) | "voice clusters" | "" (by clip)
+    folds_grouped_by: str = ""  # "named" (the manifest's groups) | "voice clusters" | "one speaker" | "" (by clip)
     label_changes: list[dict] = field(default_factory=list)  # per fold, with refined / pseudo labels: targets.target_changes
     kept_stores: list[list[str]] = field(default_factory=list)  # per fold: the stores its models read (screen.py)
     self_trained: list[int | None] = field(default_factory=list)  # per fold: teacher's pseudo-labels trained; None: skipped
@@ -124,6 +124,13 @@ def cross_validate(clips: list[Clip], features: Features, cfg: TrainConfig,
     unnamed = [clips[i].name for i, g in zip(labelled, groups) if g is None]
     speaker_independent = not unnamed  # every scored clip's speaker is kept to one side of each split
     folds_by = "named" if len(unnamed) < len(groups) else ""
+    if folds_by and (n_folds := fold_groups(groups, cfg.folds)) == 1:
+        warn("train: every labelled clip names one speaker (group %r): no fold can hold a speaker out, so clips are "
+             "split and the CV score is optimistic for unseen speakers; label clips of a second speaker", groups[0])
+        speaker_independent, folds_by = False, "one speaker"
+    elif folds_by and n_folds < cfg.folds:
+        warn("train: the labelled clips name %d speakers (groups), fewer than params key 'train.folds' (%d): "
+             "each of %d folds holds one speaker out", n_folds, cfg.folds, n_folds)
     voices = [features.fold_groups[i] for i in labelled] if features.fold_groups is not None else []
     n_voices = len({g for g in voices if g})
     if not folds_by and n_voices >= cfg.folds:

@@ -105,6 +105,8 @@ def main(argv: list[str] | None = None) -> None:
         notes.append(f"{metrics['excluded_no_modality']} left out: no usable modality")
     if metrics["folds_grouped_by"] == "voice clusters":
         notes.append("folds grouped by voice clusters (no group column)")
+    elif metrics["folds_grouped_by"] == "one speaker":
+        notes.append("folds NOT speaker-independent (every labelled clip names one speaker)")
     elif metrics["labelled_without_group"]:
         notes.append(f"folds speaker-independent only for the clips that name a group "
                      f"({metrics['labelled_without_group']} labelled clips name none)")
