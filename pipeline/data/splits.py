@@ -81,8 +81,7 @@ def training_folds(labels: list[str], groups: list[str | None], k: int, seed: in
     try:
         return fold_indices(labels, groups, k=k, seed=seed, warn=warn)
     except ValueError as err:
-        raise TrainError(f"{what}: {err}; lower params key 'train.folds' (now {k}) or label clips of more "
-                         "speakers") from None
+        raise TrainError(f"{what}: {err}; lower params key 'train.folds' (now {k}) or label more clips") from None
 
 
 def inner_split(labels: list[str], groups: list[str | None], folds: int, seed: int,
