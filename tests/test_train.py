@@ -728,9 +728,12 @@ def test_screening_masks_the_stores_that_predict_nothing_on_the_training_fold():
     shuffled = np.random.default_rng(2).permutation(y[rows])
     noise = screen.screen(features, rows, shuffled, [None] * 150, c=0.05, seed=0)
     assert noise.none_passed and len(noise.kept) == 1 and "no store predicts" in screen.describe(noise)
-    # too few speakers to split the training fold: every store stays, and the reason is given
+    # fewer speakers than inner folds: one speaker held out per inner fold (it kept every store untested)
     two = screen.screen(features, rows, y[rows], ["a", "b"] * 75, c=0.05, seed=0)
-    assert two.kept == features.stores and "cannot be split" in two.why
+    assert two.kept == ["good"] and not two.why
+    # too few clips to split the training fold: every store stays, and the reason is given
+    few = screen.screen(features, rows[:2], y[rows[:2]], [None] * 2, c=0.05, seed=0)
+    assert few.kept == features.stores and "cannot be split" in few.why
 
 
 def test_screened_folds_train_without_the_noise_and_predict_masks_the_same(tmp_path):

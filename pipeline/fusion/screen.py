@@ -16,8 +16,9 @@ more); the store stays when its out-of-fold log loss is below that of the
 inner training part's class frequencies on the same clips by more than MIN_GAIN_SE standard
 errors of the per-clip difference. A log loss, not an F1, so a store that shifts
 probabilities the right way without changing the argmax still counts. When no
-store passes, the one with the lowest log loss stays. When the fold's clips cannot be split
-(too few groups or clips), every store stays, and the log says so.
+store passes, the one with the lowest log loss stays. Fewer speakers than inner folds: one
+speaker is held out per inner fold (data/splits.py). When the fold's clips cannot be split (too
+few clips), every store stays, and the log says so.
 
 Masking, not removing: a screened-out store is hidden from the fold's models as a missing
 modality is (its mask column off), except on a clip that has none of the kept stores, which
