@@ -66,7 +66,7 @@ class TrainConfig:
     self_training: bool = False  # per outer fold, a teacher's confident answers on the clips it predicts (its
     self_training_threshold: float = 0.7  # scored clips, labels unread, and the candidates) train as pseudo-labels
     self_training_teacher: str = "linear"  # linear: the fold's linear member, fitted first on its labelled clips | fold: its models
-    self_training_min_clips: int = 200  # a fold with fewer labelled training clips does not self-train
+    self_training_min_clips: int = 150  # a fold with fewer labelled training clips does not self-train
     self_training_max_ratio: float = 1.0  # pseudo-labels per labelled training clip at most, each class its share; 0: no cap
     mixup: float = 0.0  # mixup's Beta(alpha, alpha) for the fusion members' batches (pipeline/fusion/member.py); 0: off
     device: str = "cpu"
