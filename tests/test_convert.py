@@ -158,7 +158,6 @@ def test_folds_without_groups_are_stratified():
         assert sum(labels[i] == "a" for i in val) == 10
 
 
-
 def test_fewer_groups_than_folds_hold_one_group_out_each():
     """2 speakers and k 5: two folds, each validating one speaker (it stopped the run); one speaker
     alone: the clips are split (stratified), as nothing else can be held out."""
