@@ -1,10 +1,11 @@
 """The experiment scripts behind the README's figures (experiments/): each one the README cites is in
-the repository, each one there is cited, and seeds.py and nested.py run on a tiny bench-heldout
-project and measure what it holds (the others need real corpora or minutes of training: by hand)."""
+the repository, each one there is cited, and seeds.py, nested.py and rotate.py run on a tiny
+bench-heldout project and measure what it holds (the others need real corpora or minutes of training: by hand)."""
 
 from __future__ import annotations
 
 import csv
+import dataclasses
 import re
 import subprocess
 import sys
@@ -17,7 +18,7 @@ import yaml
 from test_refine import _write_store
 
 from pipeline.labels import EMOTIONS
-from pipeline.manifest import Clip, write_manifest
+from pipeline.manifest import Clip, read_manifest, write_manifest
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -110,3 +111,35 @@ def test_nested_one_model_set_trains_once_on_every_labelled_clip_and_answers_the
     assert trainer.training_folds is before
     again = trainer.cross_validate(clips, features, cfg, quiet=True, fold_lines=False)
     assert len(again.fold_scores) == 3
+
+
+def test_rotate_makes_other_speakers_the_candidates_on_the_same_stores(tmp_path):
+    """rotate.py: the named groups' clips become candidates (their labels only in truth.csv), the
+    source's candidates are labelled with their truth, the stores are the source's own, and the
+    bench's LR references are printed for the new split."""
+    source = tmp_path / "source"
+    _bench_project(source)
+    out = _run("experiments/rotate.py", str(source), str(tmp_path / "rotated"), "spk0,spk1")
+    rotated = tmp_path / "rotated"
+    before = {c.name: c for c in read_manifest(source / "project" / "data" / "manifest.jsonl")}
+    after = {c.name: c for c in read_manifest(rotated / "project" / "data" / "manifest.jsonl")}
+    with (source / "truth.csv").open(encoding="utf-8") as fh:
+        source_truth = {r["name"]: r["discrete"] for r in csv.DictReader(fh)}
+    with (rotated / "truth.csv").open(encoding="utf-8") as fh:
+        truth = {r["name"]: r["discrete"] for r in csv.DictReader(fh)}
+    assert sorted(truth) == sorted(n for n, c in before.items() if c.group in ("spk0", "spk1"))
+    assert all(truth[n] == before[n].label for n in truth)
+    assert all(after[n].candidate and after[n].label is None and after[n].split == "unlabelled" for n in truth)
+    assert all(after[n].label == source_truth[n] and not after[n].candidate for n in source_truth)
+    assert all(after[n].group == before[n].group for n in before)
+    assert (rotated / "project" / "features").resolve() == (source / "project" / "features").resolve()
+    rows = dict(re.findall(r"  (.+): weighted F1 (\d\.\d+)", out))
+    assert float(rows["signal + LR, speaker-normalised (named)"]) > 0.8, out  # the signal, per speaker
+    assert float(rows["noise + LR"]) < 0.4, out
+    assert out.startswith(f"{rotated}: 72 candidates")
+
+    clips = [dataclasses.replace(c, group=None) for c in before.values()]  # as --unnamed writes them
+    write_manifest(clips, source / "project" / "data" / "manifest.jsonl")
+    done = subprocess.run([sys.executable, "experiments/rotate.py", str(source), str(tmp_path / "r2"), "spk0"],
+                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 1 and "the manifest names no group; give --group-from-name" in done.stderr
