@@ -19,6 +19,7 @@ the references the default is compared with. Nothing here trains a fusion: seeds
 from __future__ import annotations
 
 import argparse
+import csv
 import dataclasses
 import logging
 import re
@@ -46,13 +47,14 @@ def rotate(source: Path, out: Path, groups: set[str], group_from_name: str = "")
                              "first group is the speaker, e.g. '-(\\d\\d)$' for RAVDESS file names)")
         return found.group(1)
 
-    missing = groups - {group_of(c.name, c.group) for c in clips}
+    group = {c.name: group_of(c.name, c.group) for c in clips}
+    missing = groups - set(group.values())
     if missing:
         raise SystemExit(f"no clip of group(s) {sorted(missing)} in {folder / 'data' / 'manifest.jsonl'}")
     rotated, new_truth = [], {}
     for clip in clips:
         label = clip.label or truth.get(clip.name)
-        if group_of(clip.name, clip.group) in groups:
+        if group[clip.name] in groups:
             new_truth[clip.name] = label
             rotated.append(dataclasses.replace(clip, label=None, split="unlabelled", candidate=True))
         elif label:  # a clip of the source with no label anywhere stays unlabelled
@@ -65,8 +67,10 @@ def rotate(source: Path, out: Path, groups: set[str], group_from_name: str = "")
     if not (project / "features").exists():
         (project / "features").symlink_to((folder / "features").resolve(), target_is_directory=True)
     write_manifest(rotated, project / "data" / "manifest.jsonl")
-    with (out / "truth.csv").open("w", encoding="utf-8") as fh:
-        fh.write("name,discrete\n" + "".join(f"{n},{label}\n" for n, label in new_truth.items()))
+    with (out / "truth.csv").open("w", encoding="utf-8", newline="") as fh:  # as the bench writes it
+        writer = csv.writer(fh)
+        writer.writerow(["name", "discrete"])
+        writer.writerows(new_truth.items())
     return new_truth
 
 

@@ -17,6 +17,7 @@ import yaml
 
 from test_refine import _write_store
 
+from pipeline.bench.heldout import _csv as read_truth  # the bench's own truth.csv reader
 from pipeline.labels import EMOTIONS
 from pipeline.manifest import Clip, read_manifest, write_manifest
 
@@ -123,10 +124,7 @@ def test_rotate_makes_other_speakers_the_candidates_on_the_same_stores(tmp_path)
     rotated = tmp_path / "rotated"
     before = {c.name: c for c in read_manifest(source / "project" / "data" / "manifest.jsonl")}
     after = {c.name: c for c in read_manifest(rotated / "project" / "data" / "manifest.jsonl")}
-    with (source / "truth.csv").open(encoding="utf-8") as fh:
-        source_truth = {r["name"]: r["discrete"] for r in csv.DictReader(fh)}
-    with (rotated / "truth.csv").open(encoding="utf-8") as fh:
-        truth = {r["name"]: r["discrete"] for r in csv.DictReader(fh)}
+    source_truth, truth = read_truth(source / "truth.csv"), read_truth(rotated / "truth.csv")
     assert sorted(truth) == sorted(n for n, c in before.items() if c.group in ("spk0", "spk1"))
     assert all(truth[n] == before[n].label for n in truth)
     assert all(after[n].candidate and after[n].label is None and after[n].split == "unlabelled" for n in truth)
